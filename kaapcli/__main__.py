@@ -1,0 +1,5 @@
+import sys
+
+from kaapcli.cli.app import main
+
+sys.exit(main())

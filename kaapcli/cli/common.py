@@ -1,0 +1,242 @@
+"""Shared CLI pieces: option bundles, the stdout sink, the stderr reporter, running a batch.
+
+Every batch command is declared with :func:`batch_command`, which adds the same
+``--workers --shard --force --dry-run --format -q --debug`` options to it (so they
+mean the same everywhere) and hands the command a :class:`RunOptions`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from kaapcli.exitcodes import ExitCode, UsageError
+
+if TYPE_CHECKING:  # keeps the engine import out of --help
+    from kaapcli.core.batch import BatchSummary, ItemResult, Operator
+
+
+class Format(str, Enum):
+    paths = "paths"
+    jsonl = "jsonl"
+
+
+Inputs = Annotated[list[str], typer.Argument(
+    help="DICOM files, directories (recursed, sorted) or - to read paths from stdin.", show_default=False)]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("KAAPCLI_DEBUG", "") not in ("", "0", "false", "no")
+
+
+@dataclass
+class RunOptions:
+    """The options every batch command shares."""
+
+    workers: int | None = None
+    shard: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    format: Format = Format.paths
+    quiet: bool = False
+    debug: bool = False
+
+    def batch(self) -> Any:
+        from kaapcli.core.batch import BatchOptions, parse_shard
+
+        return BatchOptions(workers=self.workers, shard=parse_shard(self.shard) if self.shard else None,
+                            force=self.force, dry_run=self.dry_run, debug=self.debug)
+
+
+def _run_options_parameters() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter("workers", kw, default=None, annotation=Annotated[int | None, typer.Option(
+            "--workers", "-w", min=1, envvar="KAAPCLI_WORKERS",
+            help="Worker processes (default: the number of cores).", rich_help_panel="Batch options")]),
+        inspect.Parameter("shard", kw, default=None, annotation=Annotated[str | None, typer.Option(
+            "--shard", metavar="I/N", envvar="KAAPCLI_SHARD",
+            help="Process only shard I of N (stable hash of each item; 1-based).",
+            rich_help_panel="Batch options")]),
+        inspect.Parameter("force", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--force", help="Rebuild outputs even when up to date.", rich_help_panel="Batch options")]),
+        inspect.Parameter("dry_run", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--dry-run", "-n", help="Report what would be done; write nothing.", rich_help_panel="Batch options")]),
+        inspect.Parameter("format", kw, default=Format.paths, annotation=Annotated[Format, typer.Option(
+            "--format", help="stdout: output paths, or one JSON record per input item.",
+            rich_help_panel="Batch options")]),
+        inspect.Parameter("quiet", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--quiet", "-q", help="No progress or summary on stderr (errors still shown).",
+            rich_help_panel="Batch options")]),
+        inspect.Parameter("debug", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--debug", envvar="KAAPCLI_DEBUG", help="Show tracebacks.", rich_help_panel="Batch options")]),
+    ]
+
+
+def batch_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the shared batch options; it receives them as ``run: RunOptions``."""
+    extra = _run_options_parameters()
+    names = [p.name for p in extra]
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations in fn's module
+    params = [p.replace(annotation=hints.get(p.name, p.annotation))
+              for p in sig.parameters.values() if p.name != "run"]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run = RunOptions(**{name: kwargs.pop(name) for name in names})
+        run.debug = run.debug or debug_enabled()
+        return fn(*args, run=run, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params + extra}
+    del wrapper.__wrapped__  # typer must see the new signature, not the original
+    return wrapper
+
+
+# --------------------------------------------------------------------------- stderr
+
+class Reporter:
+    """People-facing output on stderr: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.live = (not quiet and self.console.is_terminal and not self.console.is_dumb_terminal
+                     and os.environ.get("TERM") != "dumb")
+        self.progress: Any = None
+        self.task: Any = None
+        self.label = label
+
+    def __enter__(self) -> Reporter:
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=self.console, transient=True,
+                                     redirect_stdout=False, redirect_stderr=False)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def total(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, total=n)
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def line(self, text: str, style: str = "") -> None:
+        if self.live:
+            self.console.print(text, style=style or None, markup=False, soft_wrap=True)
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def error(self, text: str) -> None:
+        self.line(f"error: {text}", "red")
+
+    def warning(self, text: str) -> None:
+        if not self.quiet:
+            self.line(f"warning: {text}", "yellow")
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.line(text)
+
+
+# --------------------------------------------------------------------------- stdout
+
+class Sink:
+    """The one place data goes to stdout: output paths, or JSON records."""
+
+    def __init__(self, fmt: Format, reporter: Reporter | None = None):
+        self.fmt = fmt
+        # When stdout and stderr are the same terminal, data lines go through the live console so the
+        # bar is redrawn below them; when stdout is a pipe, it gets plain lines only.
+        self.via_console = reporter is not None and reporter.live and sys.stdout.isatty()
+        self.reporter = reporter
+
+    def write_line(self, text: str) -> None:
+        if self.via_console and self.reporter is not None:
+            self.reporter.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def record(self, obj: dict[str, Any]) -> None:
+        self.write_line(json.dumps(obj, ensure_ascii=False, default=str))
+
+    def result(self, result: ItemResult) -> None:
+        if self.fmt is Format.jsonl:
+            self.record(result.record())
+        elif result.status == "ok" or result.reason == "up-to-date":
+            for path in result.outputs:
+                self.write_line(path)
+
+
+def fail(message: str, code: ExitCode = ExitCode.USAGE, hint: str = "") -> NoReturn:
+    from kaapcli.exitcodes import KaapcliError
+
+    raise KaapcliError(message, code=code, hint=hint)
+
+
+# --------------------------------------------------------------------------- running a batch
+
+def run_batch(op: Operator, inputs: Sequence[str], out: Path | None, run: RunOptions,
+              label: str | None = None) -> NoReturn:
+    """Collect inputs, run ``op`` through the batch engine, render, and exit with its code."""
+    from kaapcli.core import fsio
+
+    summary = execute(op, fsio.collect_inputs(inputs), out, run, label or op.name)
+    raise typer.Exit(int(summary.exit_code))
+
+
+def execute(op: Operator, files: list[Path], out: Path | None, run: RunOptions, label: str,
+            items: list[Any] | None = None) -> BatchSummary:
+    from kaapcli.core import batch
+
+    if run.shard:
+        batch.parse_shard(run.shard)  # validate before any work
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: output exists and is not a directory")
+    with Reporter(label, run.quiet) as reporter:
+        sink = Sink(run.format, reporter)
+
+        def on_result(result: ItemResult) -> None:
+            reporter.advance()
+            if result.status == "failed":
+                reporter.error(result.message)
+            for warning in result.warnings:
+                reporter.warning(f"{result.input}: {warning}")
+            if run.dry_run and result.message and result.status != "failed":
+                reporter.info(f"{result.input}: {result.message}")
+            sink.result(result)
+
+        summary = batch.run_batch(op, files, out, run.batch(), items=items,
+                                  on_total=reporter.total, on_result=on_result)
+    if summary.interrupted:
+        reporter.error("interrupted")
+    reporter.info(summary.line())
+    return summary

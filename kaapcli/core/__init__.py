@@ -1,0 +1,1 @@
+"""The kaapcli library: typed functions returning results; never imports typer or rich."""

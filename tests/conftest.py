@@ -1,0 +1,78 @@
+"""Shared fixtures: run the CLI as a user does, make mock data, check objects with dciodvfy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DCMTK_BIN = Path("/usr/bin")  # pynetdicom installs its own `storescu` etc. on PATH: use DCMTK's explicitly
+
+
+def kaapcli(*args: str | os.PathLike[str], input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kaapcli ARGS`` and return the completed process (text stdout/stderr)."""
+    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    full_env.pop("KAAPCLI_DEBUG", None) if env is None or "KAAPCLI_DEBUG" not in env else None
+    return subprocess.run([sys.executable, "-m", "kaapcli", *map(str, args)], input=input, text=True,
+                          capture_output=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def dcmtk(name: str) -> str:
+    path = DCMTK_BIN / name
+    if not path.exists():
+        pytest.skip(f"DCMTK {name} not installed (apt-get install dcmtk)")
+    return str(path)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines dciodvfy (dicom3tools) prints for one file."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy not installed (apt-get install dicom3tools)")
+    proc = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pydicom_test_files() -> list[Path]:
+    """Every file of pydicom's bundled test data (many vendors and syntaxes, some broken)."""
+    import pydicom.data
+
+    root = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def mock_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CT study: 1 study, 2 series of 8 slices, 64x64 (read-only: copy before modifying)."""
+    out = tmp_path_factory.mktemp("mock_ct")
+    proc = kaapcli("mock", "-o", out, "--series", "2", "--slices", "8", "--rows", "64", "--columns", "64",
+                   "--seed", "7", "-q")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def mock_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three CT studies (three patients), one series of 6 slices each, 32x32."""
+    out = tmp_path_factory.mktemp("mock_studies")
+    proc = kaapcli("mock", "-o", out, "--studies", "3", "--slices", "6", "--rows", "32", "--columns", "32",
+                   "--seed", "3", "-q")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def dicom_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.dcm") if not p.name.startswith("."))
