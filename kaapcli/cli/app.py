@@ -25,7 +25,7 @@ app = typer.Typer(
     help="Kaapana's DICOM processing operators as one Unix toolkit: each command reads files or "
          "directories and writes a directory.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )

@@ -287,15 +287,13 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _process_one(op: Operator, item: Item, ctx: Context, check_accept: bool) -> ItemResult:
+def _process_one(op: Operator, item: Item, ctx: Context) -> ItemResult:
     label = item.label
     nbytes = 0
     try:
         nbytes = sum(p.stat().st_size for p in item.paths)
     except OSError:
         pass
-    if check_accept and not _accept(op, item.paths[0]):
-        return ItemResult(label, "skipped", message="not an input of this command", reason="not-input")
     try:
         outcome = op.process(item, ctx)
     except KaapcliError as exc:
@@ -320,10 +318,10 @@ def _process_one(op: Operator, item: Item, ctx: Context, check_accept: bool) -> 
                       reason="operator" if outcome.skipped else "")
 
 
-def _process_chunk(op: Operator, items: list[Item], ctx: Context, check_accept: bool) -> list[ItemResult]:
+def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemResult]:
     results = []
     for item in items:
-        result = _process_one(op, item, ctx, check_accept)
+        result = _process_one(op, item, ctx)
         result.key = item.key
         results.append(result)
     return results
@@ -380,7 +378,14 @@ class _Pool:
 def plan_items(op: Operator, files: list[Path], pool: _Pool, on_result: ResultHook) -> list[Item]:
     """Turn input files into items: one per file, or grouped by ``op.group_key``."""
     if not getattr(op, "grouped", False):
-        return [Item(str(p), (p,)) for p in files]
+        items = []
+        for path in files:  # a 132-byte sniff per file: cheap enough to do here, and counts stay exact
+            if _accept(op, path):
+                items.append(Item(str(path), (path,)))
+            else:
+                on_result(ItemResult(str(path), "skipped", message="not an input of this command",
+                                     reason="not-input"))
+        return items
     groups: dict[str, list[Path]] = {}
     size = _chunk_size(len(files), pool.workers)
     for chunk in pool.run(_scan_chunk, _chunks(files, size), op):
@@ -421,11 +426,8 @@ def run_batch(
     ctx = Context(out=out, dry_run=opts.dry_run, debug=opts.debug)
     fingerprint = options_fingerprint(op)
     manifest = Manifest(out, op.name, opts.shard) if out is not None else None
-    grouped = items is not None or getattr(op, "grouped", False)
     try:
         with _Pool(min(workers, max(1, len(files), len(items or ())))) as pool:
-            if on_total and not grouped:
-                on_total(len(files))
             if items is None:
                 items = plan_items(op, files, pool, emit)
             todo: list[Item] = []
@@ -441,10 +443,10 @@ def run_batch(
                                     nfiles=len(item.paths)))
                 else:
                     todo.append(item)
-            if on_total and grouped:
+            if on_total:
                 on_total(len(todo) + len(summary.results))
             size = _chunk_size(len(todo), pool.workers)
-            for chunk in pool.run(_process_chunk, _chunks(todo, size), op, ctx, not grouped):
+            for chunk in pool.run(_process_chunk, _chunks(todo, size), op, ctx):
                 for result in chunk:
                     if manifest is not None and result.status == "ok" and result.outputs and not opts.dry_run:
                         manifest.record(result.key, fingerprint, result.outputs)

@@ -1,0 +1,1 @@
+complete --command kaapcli --no-files --arguments "(env _KAAPCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) kaapcli)" --condition "env _KAAPCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) kaapcli"
