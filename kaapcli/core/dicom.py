@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kaapcli.core import fsio
-from kaapcli.exitcodes import DataError
+from kaapcli.exitcodes import DataError, UsageError
 
 
 def read(path: Path, *, stop_before_pixels: bool = False, specific_tags: Iterable[Any] | None = None,
@@ -72,3 +74,65 @@ def save(ds: Any, dest: Path) -> int:
     with fsio.atomic_write(dest) as fh:
         ds.save_as(fh, enforce_file_format=True)
         return int(fh.tell())
+
+
+# --------------------------------------------------------------------------- tag paths
+
+ALL_ITEMS = -1  # the ``[*]`` item index: every item of a sequence
+
+_TAG_NUMBER = re.compile(r"\(?\s*(?:0x)?([0-9a-fA-F]{4})\s*[,|]\s*(?:0x)?([0-9a-fA-F]{4})\s*\)?"
+                         r"|(?:0x)?([0-9a-fA-F]{8})")
+_PATH_STEP = re.compile(r"(?P<tag>[^\[\]]+?)\s*(?:\[\s*(?P<index>\d+|\*)\s*\])?")
+
+
+@dataclass(frozen=True)
+class TagStep:
+    """One step of a tag path: a tag and, for a sequence, an item index (``None`` = the element itself)."""
+
+    tag: int
+    index: int | None = None
+
+
+def parse_tag(text: str) -> int:
+    """A tag from a keyword (``PatientName``) or a number: ``(0010,0010)``, ``0010,0010``,
+    ``0x0010,0x0010``, ``0010|0010`` (ITK/Kaapana) or ``00100010``.  Raises UsageError."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    text = text.strip()
+    tag = tag_for_keyword(text)
+    if tag is not None:
+        return int(tag)
+    match = _TAG_NUMBER.fullmatch(text)
+    if match is None:
+        raise UsageError(f"{text!r} is not a DICOM keyword or tag",
+                         hint="use a keyword like PatientName or a tag like (0010,0010)")
+    group, element, packed = match.groups()
+    return int(Tag(int(packed, 16)) if packed else Tag(int(group, 16), int(element, 16)))
+
+
+def parse_tag_path(text: str) -> tuple[TagStep, ...]:
+    """A tag or a sequence path like ``ReferencedSeriesSequence[0].SeriesInstanceUID``
+    (tags in any :func:`parse_tag` form; ``[*]`` = every item).  Raises UsageError."""
+    steps: list[TagStep] = []
+    parts = text.strip().split(".")
+    for n, part in enumerate(parts):
+        match = _PATH_STEP.fullmatch(part.strip())
+        if match is None:
+            raise UsageError(f"{text!r}: cannot parse {part!r}",
+                             hint="a path looks like ReferencedSeriesSequence[0].SeriesInstanceUID")
+        index = match["index"]
+        step = TagStep(parse_tag(match["tag"]), None if index is None else ALL_ITEMS if index == "*" else int(index))
+        if n < len(parts) - 1 and step.index is None:
+            raise UsageError(f"{text!r}: sequence {match['tag']!r} needs an item index like [0] or [*]")
+        steps.append(step)
+    return tuple(steps)
+
+
+def tag_label(tag: int) -> str:
+    """``(0010,0010) PatientName`` (or just the number for private and unknown tags)."""
+    from pydicom.datadict import keyword_for_tag
+
+    keyword = keyword_for_tag(tag)
+    number = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return f"{number} {keyword}" if keyword else number
