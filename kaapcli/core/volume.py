@@ -1,0 +1,542 @@
+"""DICOM series → SimpleITK volumes: stack splitting, geometry checks, rescale, NIfTI/NRRD writing.
+
+The one home of image geometry.  A series is read as *frames* (one per single-frame file,
+one per frame of an enhanced/legacy multi-frame object), frames are split into *stacks*
+(same orientation, image type, echo, matrix; duplicated positions split by acquisition or
+temporal position), and a stack becomes one :class:`Volume`: a SimpleITK image in LPS world
+space whose voxel (i, j, k) is column i, row j of the k-th slice sorted along the slice
+normal (``row cosine × column cosine``), exactly as ITK, MITK and Kaapana lay them out.
+
+A stack with irregular spacing, missing slices or a gantry tilt is refused with a
+:class:`DataError` naming the reason, unless ``resample=True`` puts it on a regular grid.
+
+Public API (stable; other operators import it):
+
+- ``split_stacks(paths) -> list[Stack]``: headers only, no pixel decoding.
+- ``load_series(paths, *, resample=False) -> list[Volume]``: every stack of a series.
+- ``load_stack(stack, *, resample=False) -> Volume``.
+- ``write_image(image, dest, *, level=6) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer.
+- ``to_nifti(image)`` / ``nifti_affine(image)``: the NIfTI view (RAS affine) of a SimpleITK image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaapcli.core import dicom, fsio
+from kaapcli.exitcodes import DataError
+
+ORIENTATION_TOL = 1e-3  # direction cosines closer than this are the same orientation
+POSITION_TOL = 1e-2  # mm: slice positions and in-plane offsets closer than this are equal
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2-D image plane of a series: where it is, what it is, and where its pixels live."""
+
+    path: Path
+    index: int  # 0-based frame index within its file (0 for single-frame objects)
+    sop_uid: str
+    sop_class: str
+    position: tuple[float, float, float]  # ImagePositionPatient: centre of the first pixel, LPS mm
+    orientation: tuple[float, float, float, float, float, float]  # ImageOrientationPatient
+    spacing: tuple[float, float]  # PixelSpacing: (between rows, between columns) mm
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    image_type: str
+    echo: str  # echo number / effective echo time, "" when not MR
+    acquisition: str  # acquisition number / temporal position: splits stacks with duplicated positions
+    stack_id: str  # FrameContentSequence StackID of enhanced objects
+
+    @property
+    def normal(self) -> np.ndarray:
+        o = np.asarray(self.orientation, dtype=float)
+        return np.cross(o[:3], o[3:])
+
+
+@dataclass
+class Stack:
+    """Frames of one series forming one volume, sorted along the slice normal."""
+
+    series_uid: str
+    frames: list[Frame]
+    suffix: str = ""  # "" when the series holds one stack; else e.g. "_e2", "_a3", "_sag"
+
+    @property
+    def label(self) -> str:
+        return self.series_uid + self.suffix
+
+
+@dataclass
+class Volume:
+    """One stack as a SimpleITK image (LPS, rescaled values) plus what it came from.
+
+    ``frames[k]`` is the source of slice k, unless ``resampled`` (then ``frames`` are the
+    sorted source frames and slices are interpolated between them).
+    """
+
+    image: Any  # SimpleITK.Image
+    series_uid: str
+    suffix: str
+    frames: list[Frame]
+    header: Any  # pydicom Dataset of the first frame's file, without pixel data
+    warnings: list[str] = field(default_factory=list)
+    resampled: bool = False
+
+
+# --------------------------------------------------------------------------- reading frames
+
+def _seq_item(ds: Any, keyword: str) -> Any:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _fg_attr(groups: Sequence[Any], seq_keyword: str, attr: str) -> Any:
+    """``attr`` from the first functional group (per-frame, then shared) holding ``seq_keyword``."""
+    for group in groups:
+        if group is None:
+            continue
+        item = _seq_item(group, seq_keyword)
+        if item is not None and attr in item:
+            return item.get(attr)
+    return None
+
+
+def _floats(value: Any, n: int, what: str, path: Path) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: invalid {what}: {value!r}") from None
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise DataError(f"{path}: invalid {what}: {value!r}")
+    return out
+
+
+def frames_of(ds: Any, path: Path) -> list[Frame]:
+    """The image planes of one dataset, with their geometry (classic, enhanced and RT Dose objects)."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" not in ds:
+        raise DataError(f"{path}: not an image (no pixel data; SOP class {ds.get('SOPClassUID', '?')})")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DataError(f"{path}: colour images ({ds.get('PhotometricInterpretation', '?')}) cannot become a "
+                        "scalar volume")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    nframes = int(ds.get("NumberOfFrames") or 1)
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    image_type = "\\".join(str(v) for v in (ds.get("ImageType") or []))
+    base_echo = str(ds.get("EchoNumbers", "") or "")
+    base_acq = str(ds.get("AcquisitionNumber", "") or ds.get("TemporalPositionIdentifier", "") or "")
+    sop_uid, sop_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+    frames = []
+    for f in range(nframes):
+        groups = [per_frame[f] if per_frame is not None and f < len(per_frame) else None, shared]
+        if per_frame is not None or shared is not None:
+            ipp = _fg_attr(groups, "PlanePositionSequence", "ImagePositionPatient")
+            iop = _fg_attr(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spacing = _fg_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
+            slope = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+            echo = _fg_attr(groups, "MREchoSequence", "EffectiveEchoTime")
+            temporal = _fg_attr(groups, "FrameContentSequence", "TemporalPositionIndex")
+            stack_id = _fg_attr(groups, "FrameContentSequence", "StackID")
+        else:
+            ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), None
+            slope = intercept = echo = temporal = stack_id = None
+        ipp = ipp if ipp is not None else ds.get("ImagePositionPatient")
+        iop = iop if iop is not None else ds.get("ImageOrientationPatient")
+        spacing = spacing if spacing is not None else ds.get("PixelSpacing")
+        if ipp is None or iop is None:
+            raise DataError(f"{path}: no ImagePositionPatient/ImageOrientationPatient: not a slice of a volume")
+        position = _floats(ipp, 3, "ImagePositionPatient", path)
+        offsets = ds.get("GridFrameOffsetVector")  # RT Dose: frames along the normal from the one position
+        orientation = _floats(iop, 6, "ImageOrientationPatient", path)
+        if offsets is not None and nframes > 1:
+            normal = np.cross(orientation[:3], orientation[3:])
+            position = tuple(float(v) for v in np.asarray(position) + float(offsets[f]) * normal)
+        pixel_spacing = _floats(spacing, 2, "PixelSpacing", path) if spacing is not None else (1.0, 1.0)
+        if min(pixel_spacing) <= 0:
+            raise DataError(f"{path}: invalid PixelSpacing {pixel_spacing}")
+        if slope is None:
+            slope = ds.get("RescaleSlope", ds.get("DoseGridScaling", 1))
+        if intercept is None:
+            intercept = ds.get("RescaleIntercept", 0)
+        frames.append(Frame(
+            path=path, index=f, sop_uid=sop_uid, sop_class=sop_class, position=position,  # type: ignore[arg-type]
+            orientation=orientation, spacing=pixel_spacing, rows=rows, columns=columns,  # type: ignore[arg-type]
+            slope=float(slope if slope not in (None, "") else 1), intercept=float(intercept or 0),
+            image_type=image_type, echo=str(echo) if echo is not None else base_echo,
+            acquisition=str(temporal) if temporal is not None else base_acq,
+            stack_id=str(stack_id or "")))
+    return frames
+
+
+# --------------------------------------------------------------------------- stacks
+
+def _orientation_label(orientation: Sequence[float]) -> str:
+    normal = np.abs(np.cross(orientation[:3], orientation[3:]))
+    axis = int(np.argmax(normal))
+    if normal[axis] < 0.999:
+        return "obl"
+    return ("sag", "cor", "ax")[axis]
+
+
+def _split_duplicates(frames: list[Frame]) -> list[list[Frame]]:
+    """Frames of one orientation; when positions repeat, split by acquisition / temporal position."""
+    normal = frames[0].normal
+    positions = np.round(np.array([np.dot(f.position, normal) for f in frames]) / POSITION_TOL)
+    if len(set(positions.tolist())) == len(frames):
+        return [frames]
+    groups: dict[str, list[Frame]] = {}
+    for f in frames:
+        groups.setdefault(f.acquisition, []).append(f)
+    return [groups[k] for k in sorted(groups, key=_natural)]
+
+
+def _natural(text: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def group_frames(series_uid: str, frames: list[Frame]) -> list[Stack]:
+    """Split the frames of one series into stacks and name them (suffix only when there are several)."""
+    clusters: list[tuple[tuple[Any, ...], np.ndarray, list[Frame]]] = []
+    for f in frames:
+        key = (f.image_type, f.echo, f.stack_id, f.rows, f.columns)
+        o = np.asarray(f.orientation)
+        for ckey, corient, members in clusters:
+            if ckey == key and np.max(np.abs(corient - o)) < ORIENTATION_TOL:
+                members.append(f)
+                break
+        else:
+            clusters.append((key, o, [f]))
+    stacks: list[tuple[dict[str, str], list[Frame]]] = []
+    for (image_type, echo, stack_id, _r, _c), orient, members in clusters:
+        parts = _split_duplicates(members)
+        for part in parts:
+            desc = {"orientation": _orientation_label(orient), "echo": echo, "stack": stack_id,
+                    "type": image_type.split("\\")[2] if image_type.count("\\") >= 2 else image_type,
+                    "acquisition": part[0].acquisition if len(parts) > 1 else ""}
+            stacks.append((desc, part))
+    result = []
+    varying = {k for k in ("orientation", "type", "echo", "stack", "acquisition")
+               if len({d[k] for d, _ in stacks}) > 1}
+    prefix = {"orientation": "", "type": "", "echo": "e", "stack": "s", "acquisition": "a"}
+    seen: dict[str, int] = {}
+    for desc, part in stacks:
+        suffix = "".join(f"_{prefix[k]}{fsio.safe_name(desc[k], 'x')}" for k in sorted(varying, key=list(prefix).index))
+        if len(stacks) > 1 and not suffix:
+            suffix = "_1"
+        if suffix in seen:  # same description twice (e.g. two oblique stacks): number them
+            seen[suffix] += 1
+            suffix = f"{suffix}_{seen[suffix]}"
+        else:
+            seen[suffix] = 1
+        normal = part[0].normal
+        part = sorted(part, key=lambda f: (float(np.dot(f.position, normal)), f.index))
+        result.append(Stack(series_uid, part, suffix))
+    return result
+
+
+def split_stacks(paths: Sequence[Path]) -> list[Stack]:
+    """The stacks of the image series in ``paths`` (headers only).  Raises DataError on a bad file.
+
+    Files of several series are grouped per SeriesInstanceUID first; stacks are returned in a
+    stable order (series in input order, then stack order).
+    """
+    by_series: dict[str, list[Frame]] = {}
+    for path in paths:
+        ds = dicom.read(path, stop_before_pixels=True)
+        uid = str(dicom.require(ds, "SeriesInstanceUID"))
+        by_series.setdefault(uid, []).extend(frames_of(ds, path))
+    return [stack for uid, frames in by_series.items() for stack in group_frames(uid, frames)]
+
+
+# --------------------------------------------------------------------------- geometry
+
+@dataclass
+class Geometry:
+    """A stack's grid: positions along the normal and what is wrong with them, if anything."""
+
+    origin: np.ndarray
+    direction: np.ndarray  # 3x3, columns: row cosine, column cosine, normal
+    spacing: tuple[float, float, float]  # (columns, rows, slices) mm
+    distances: np.ndarray  # per frame, along the normal
+    positions: np.ndarray  # per frame, ImagePositionPatient
+    problem: str = ""  # "" when the frames form a regular grid
+
+
+def stack_geometry(stack: Stack) -> Geometry:
+    frames = stack.frames
+    first = frames[0]
+    o = np.asarray(first.orientation, dtype=float)
+    row, col = o[:3], o[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01 or abs(np.dot(row, col)) > 0.01:
+        raise DataError(f"series {stack.label}: ImageOrientationPatient {tuple(o)} is not two orthogonal unit "
+                        "vectors")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    positions = np.array([f.position for f in frames], dtype=float)
+    d = positions @ normal
+    dx, dy = first.spacing[1], first.spacing[0]
+    problem = ""
+    if len(frames) == 1:
+        dz = float(first_value(first, "SliceThickness") or 1.0)
+    else:
+        gaps = np.diff(d)
+        if np.any(gaps < POSITION_TOL):
+            i = int(np.argmin(gaps))
+            raise DataError(f"series {stack.label}: {int(np.sum(gaps < POSITION_TOL))} duplicated slice position(s), "
+                            f"e.g. {d[i]:.2f} mm along the normal",
+                            hint="the series mixes acquisitions kaapcli cannot tell apart")
+        dz = float(np.median(gaps))
+        tol = max(POSITION_TOL, 0.01 * dz)
+        offsets = positions - positions[0] - np.outer(d - d[0], normal)  # in-plane shift of each slice
+        shear = float(np.max(np.linalg.norm(offsets, axis=1)))
+        if shear > tol:
+            angle = math.degrees(math.atan2(shear, d[-1] - d[0]))
+            problem = f"gantry tilt or sheared stack ({angle:.2f} degrees)"
+        elif np.max(np.abs(gaps - dz)) > tol:
+            ratio = gaps / dz
+            missing = int(np.sum(np.rint(ratio[ratio > 1.5]) - 1))
+            if missing and np.allclose(ratio, np.rint(ratio), atol=0.05):
+                i = int(np.argmax(gaps))
+                problem = (f"{missing} missing slice(s) (gap of {gaps[i]:.2f} mm after {d[i]:.2f} mm, "
+                           f"spacing {dz:.2f} mm)")
+            else:
+                problem = f"irregular slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)"
+    direction = np.column_stack([row, col, normal])
+    return Geometry(positions[0], direction, (dx, dy, dz), d, positions, problem)
+
+
+def first_value(frame: Frame, keyword: str) -> Any:
+    ds = dicom.read(frame.path, stop_before_pixels=True, specific_tags=[keyword])
+    return ds.get(keyword)
+
+
+# --------------------------------------------------------------------------- pixels
+
+def _decode(path: Path) -> tuple[Any, np.ndarray]:
+    """Header (without pixel data) and stored pixel array of one file, (frames, rows, columns)."""
+    ds = dicom.read(path)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is bad data for this file
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", ts) or "unknown transfer syntax"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot decode pixel data ({name}): {reason}") from None
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
+    arr = np.asarray(arr)
+    return ds, arr.reshape((-1, *arr.shape[-2:]))
+
+
+def _read_pixels(paths: Sequence[Path]) -> dict[Path, tuple[Any, np.ndarray]]:
+    # Threads overlap file I/O and the decoders that release the GIL (numpy, pylibjpeg, zlib).
+    workers = min(8, max(1, len(paths)))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(paths, pool.map(_decode, paths), strict=True))
+
+
+def _rescale(stored: list[np.ndarray], frames: list[Frame]) -> np.ndarray:
+    """Apply each frame's slope/intercept; integral results as int16 (or wider if needed), else float32."""
+    integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
+    integral = integral and all(np.issubdtype(a.dtype, np.integer) for a in stored)
+    if integral:
+        lo = min(int(a.min()) * int(f.slope) + int(f.intercept) if f.slope >= 0 else int(a.max()) * int(f.slope)
+                 + int(f.intercept) for a, f in zip(stored, frames, strict=True))
+        hi = max(int(a.max()) * int(f.slope) + int(f.intercept) if f.slope >= 0 else int(a.min()) * int(f.slope)
+                 + int(f.intercept) for a, f in zip(stored, frames, strict=True))
+        for dtype in (np.int16, np.uint16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                break
+        else:
+            dtype = np.float32
+        out = np.empty((len(stored), *stored[0].shape), dtype=dtype)
+        for k, (a, f) in enumerate(zip(stored, frames, strict=True)):
+            if f.slope == 1 and f.intercept == 0:
+                out[k] = a
+            else:
+                out[k] = a.astype(np.int64) * int(f.slope) + int(f.intercept)
+        return out
+    out = np.empty((len(stored), *stored[0].shape), dtype=np.float32)
+    for k, (a, f) in enumerate(zip(stored, frames, strict=True)):
+        out[k] = a.astype(np.float64) * f.slope + f.intercept
+    return out
+
+
+def load_stack(stack: Stack, *, resample: bool = False,
+               pixels: dict[Path, tuple[Any, np.ndarray]] | None = None) -> Volume:
+    """Decode and rescale one stack into a SimpleITK image (see the module docstring for the layout)."""
+    import SimpleITK as sitk
+
+    geometry = stack_geometry(stack)
+    warnings = []
+    if geometry.problem and not resample:
+        raise DataError(f"series {stack.label}: {geometry.problem}",
+                        hint="use --resample to resample onto a regular grid")
+    paths = list(dict.fromkeys(f.path for f in stack.frames))
+    if pixels is None:
+        pixels = _read_pixels(paths)
+    stored = []
+    for f in stack.frames:
+        arr = pixels[f.path][1]
+        if f.index >= arr.shape[0] or arr.shape[1:] != (f.rows, f.columns):
+            raise DataError(f"{f.path}: pixel data holds {arr.shape[0]} frame(s) of {arr.shape[1:]}, header says "
+                            f"frame {f.index + 1} of {f.rows}x{f.columns}")
+        stored.append(arr[f.index])
+    values = _rescale(stored, stack.frames)
+    if geometry.problem:
+        values, geometry = _regularize(values, geometry)
+        warnings.append(f"{geometry.problem}: resampled onto a regular {geometry.spacing[2]:.3f} mm grid")
+    image = sitk.GetImageFromArray(values)
+    image.SetOrigin(tuple(float(v) for v in geometry.origin))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
+    image.SetDirection(tuple(float(v) for v in geometry.direction.flatten()))
+    header = pixels[stack.frames[0].path][0]
+    return Volume(image, stack.series_uid, stack.suffix, stack.frames, header, warnings, bool(geometry.problem))
+
+
+def load_series(paths: Sequence[Path], *, resample: bool = False) -> list[Volume]:
+    """Every stack of the series in ``paths`` as a :class:`Volume` (each file read once)."""
+    pixels = _read_pixels(list(paths))
+    by_series: dict[str, list[Frame]] = {}
+    for path, (ds, _arr) in pixels.items():
+        uid = str(dicom.require(ds, "SeriesInstanceUID")) if "SeriesInstanceUID" in ds else ""
+        if not uid:
+            raise DataError(f"{path}: missing SeriesInstanceUID")
+        by_series.setdefault(uid, []).extend(frames_of(ds, path))
+    stacks = [s for uid, frames in by_series.items() for s in group_frames(uid, frames)]
+    return [load_stack(s, resample=resample, pixels=pixels) for s in stacks]
+
+
+def _regularize(values: np.ndarray, g: Geometry) -> tuple[np.ndarray, Geometry]:
+    """Resample slices at irregular / sheared positions onto a regular grid along the normal.
+
+    Each target slice blends (linearly, by distance) the two source slices around it, each
+    shifted in-plane (linear interpolation) by its offset from the first slice, so a gantry
+    tilt becomes a straight stack.  Voxels no source slice covers get the volume minimum.
+    """
+    import SimpleITK as sitk
+
+    d = g.distances
+    dz = g.spacing[2]
+    n = int(round((d[-1] - d[0]) / dz)) + 1
+    row, col, normal = g.direction[:, 0], g.direction[:, 1], g.direction[:, 2]
+    fill = float(values.min())
+    src = values.astype(np.float32)
+    cache: dict[int, np.ndarray] = {}
+
+    def aligned(i: int) -> np.ndarray:
+        if i not in cache:
+            offset = g.positions[i] - g.origin - (d[i] - d[0]) * normal  # in-plane shear of slice i
+            shift = (float(np.dot(offset, row)), float(np.dot(offset, col)))
+            if max(abs(shift[0]), abs(shift[1])) < POSITION_TOL:
+                cache[i] = src[i]
+            else:
+                img = sitk.GetImageFromArray(src[i])
+                img.SetSpacing(g.spacing[:2])
+                moved = sitk.Resample(img, img, sitk.TranslationTransform(2, (-shift[0], -shift[1])),
+                                      sitk.sitkLinear, fill)
+                cache[i] = sitk.GetArrayFromImage(moved)
+        return cache[i]
+
+    out = np.empty((n, *values.shape[1:]), dtype=np.float32)
+    for k in range(n):
+        t = d[0] + k * dz
+        b = int(min(np.searchsorted(d, t - 1e-6), len(d) - 1))
+        a = max(b - 1, 0)
+        if b == 0 or abs(d[b] - t) < 1e-6:
+            out[k] = aligned(b)
+        else:
+            w = (t - d[a]) / (d[b] - d[a])
+            out[k] = (1 - w) * aligned(a) + w * aligned(b)
+    if np.issubdtype(values.dtype, np.integer):
+        out = np.rint(out).astype(values.dtype)
+    distances = d[0] + np.arange(n) * dz
+    positions = g.origin + np.outer(distances - d[0], normal)
+    return out, Geometry(g.origin, g.direction, g.spacing, distances, positions, g.problem)
+
+
+# --------------------------------------------------------------------------- writing
+
+def nifti_affine(image: Any) -> np.ndarray:
+    """The 4x4 RAS affine of a SimpleITK image (ITK is LPS: x and y flip sign)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def to_nifti(image: Any) -> Any:
+    """A nibabel Nifti1Image of a 3-D SimpleITK image (sform and qform = scanner, code 1)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    data = np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
+    img = nib.Nifti1Image(data, nifti_affine(image))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    return img
+
+
+def gzip_bytes(data: bytes, level: int = 6, block: int = 8 << 20) -> bytes:
+    """gzip in independent members compressed on threads (zlib releases the GIL).
+
+    A multi-member gzip file is standard (RFC 1952) and read by gzip, zlib's gzread (ITK),
+    nibabel and dcm2niix alike.
+    """
+    blocks = [data[i:i + block] for i in range(0, len(data), block)] or [b""]
+    if len(blocks) == 1:
+        return gzip.compress(data, compresslevel=level, mtime=0)
+
+    def member(chunk: bytes) -> bytes:
+        return gzip.compress(chunk, compresslevel=level, mtime=0)
+
+    with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)) as pool:
+        return b"".join(pool.map(member, blocks))
+
+
+def write_image(image: Any, dest: Path, *, level: int = 6) -> int:
+    """Write a SimpleITK image atomically; format from the suffix (.nii.gz .nii .nrrd .nhdr-less .mha)."""
+    import SimpleITK as sitk
+
+    name = dest.name
+    if name.endswith((".nii.gz", ".nii")):
+        data = to_nifti(image).to_bytes()
+        if name.endswith(".gz"):
+            data = gzip_bytes(data, level)
+        return fsio.write_bytes(dest, data)
+    # Other formats through ITK: a hidden temporary name (keeping the suffix ITK picks the format by).
+    fsio.ensure_dir(dest.parent)
+    suffix = "".join(dest.suffixes[-1:])
+    tmp = dest.parent / f".{dest.stem}.{secrets.token_hex(4)}{fsio.TMP_SUFFIX}{suffix}"
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest.stat().st_size
+
+
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "frames_of", "group_frames", "gzip_bytes", "load_series",
+           "load_stack", "nifti_affine", "split_stacks", "stack_geometry", "to_nifti", "write_image"]
