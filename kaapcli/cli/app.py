@@ -70,8 +70,12 @@ def default_map(command: click.Command, defaults: dict[str, Any]) -> dict[str, A
 def _register_commands() -> None:
     for info in sorted(pkgutil.iter_modules(kaapcli.cli.__path__), key=lambda m: m.name):
         if info.name not in NOT_COMMANDS and not info.name.startswith("_"):
-            module = importlib.import_module(f"kaapcli.cli.{info.name}")
-            module.register(app)
+            try:
+                module = importlib.import_module(f"kaapcli.cli.{info.name}")
+                module.register(app)
+            except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
+                sys.stderr.write(f"kaapcli: warning: commands of {info.name} unavailable: "
+                                 f"{type(exc).__name__}: {exc}\n")
 
 
 _register_commands()
