@@ -141,7 +141,7 @@ class MockOperator(BaseOperator):
         """Build and write some instances of one series; returns their paths relative to ``write_to``."""
         spec = self.spec
         study = self.study_context(study_index)
-        base = f"kaapcli-mock/{spec.seed}/{study_index}/{series_index}"
+        base = f"kaapcli-mock/{spec.seed}/{study_index}/{series_index}/{spec.modality}"  # PET/CT: one study
         series_uid = dicom.uid_from(base + "/series")
         rel_dir = Path(study["PatientID"]) / study["StudyInstanceUID"] / series_uid
         written = []
