@@ -25,6 +25,7 @@ import gzip
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -330,15 +331,15 @@ def first_value(frame: Frame, keyword: str) -> Any:
 # --------------------------------------------------------------------------- pixels
 
 def _decode(path: Path) -> tuple[Any, np.ndarray]:
-    """Header (without pixel data) and stored pixel array of one file, (frames, rows, columns)."""
+    """Header (without pixel data) and stored pixels (frames, rows, columns) of one file."""
     ds = dicom.read(path)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - every decoder failure is bad data for this file
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", ts) or "unknown transfer syntax"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot decode pixel data ({name}): {reason}") from None
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+        raise DataError(f"{path}: cannot decode pixel data ({name}): {reason or type(exc).__name__}") from None
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             del ds[keyword]
@@ -346,11 +347,16 @@ def _decode(path: Path) -> tuple[Any, np.ndarray]:
     return ds, arr.reshape((-1, *arr.shape[-2:]))
 
 
-def _read_pixels(paths: Sequence[Path]) -> dict[Path, tuple[Any, np.ndarray]]:
-    # Threads overlap file I/O and the decoders that release the GIL (numpy, pylibjpeg, zlib).
-    workers = min(8, max(1, len(paths)))
-    with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(paths, pool.map(_decode, paths), strict=True))
+Pixels = dict[Path, tuple[Any, np.ndarray]]
+
+
+def read_pixels(paths: Sequence[Path]) -> tuple[Pixels, list[str]]:
+    """Decode files on threads (I/O and the numpy/pylibjpeg decoders overlap); pydicom's warnings as lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(min(8, max(1, len(paths)))) as pool:
+            pixels = dict(zip(paths, pool.map(_decode, paths), strict=True))
+    return pixels, list(dict.fromkeys(f"pydicom: {str(w.message).splitlines()[0]}" for w in caught))
 
 
 def _rescale(stored: list[np.ndarray], frames: list[Frame]) -> np.ndarray:
@@ -381,19 +387,18 @@ def _rescale(stored: list[np.ndarray], frames: list[Frame]) -> np.ndarray:
     return out
 
 
-def load_stack(stack: Stack, *, resample: bool = False,
-               pixels: dict[Path, tuple[Any, np.ndarray]] | None = None) -> Volume:
+def load_stack(stack: Stack, *, resample: bool = False, pixels: Pixels | None = None) -> Volume:
     """Decode and rescale one stack into a SimpleITK image (see the module docstring for the layout)."""
     import SimpleITK as sitk
 
     geometry = stack_geometry(stack)
-    warnings = []
     if geometry.problem and not resample:
         raise DataError(f"series {stack.label}: {geometry.problem}",
                         hint="use --resample to resample onto a regular grid")
     paths = list(dict.fromkeys(f.path for f in stack.frames))
+    notes: list[str] = []
     if pixels is None:
-        pixels = _read_pixels(paths)
+        pixels, notes = read_pixels(paths)
     stored = []
     for f in stack.frames:
         arr = pixels[f.path][1]
@@ -404,18 +409,18 @@ def load_stack(stack: Stack, *, resample: bool = False,
     values = _rescale(stored, stack.frames)
     if geometry.problem:
         values, geometry = _regularize(values, geometry)
-        warnings.append(f"{geometry.problem}: resampled onto a regular {geometry.spacing[2]:.3f} mm grid")
+        notes.append(f"{geometry.problem}: resampled onto a regular {geometry.spacing[2]:.3f} mm grid")
     image = sitk.GetImageFromArray(values)
     image.SetOrigin(tuple(float(v) for v in geometry.origin))
     image.SetSpacing(tuple(float(v) for v in geometry.spacing))
     image.SetDirection(tuple(float(v) for v in geometry.direction.flatten()))
     header = pixels[stack.frames[0].path][0]
-    return Volume(image, stack.series_uid, stack.suffix, stack.frames, header, warnings, bool(geometry.problem))
+    return Volume(image, stack.series_uid, stack.suffix, stack.frames, header, notes, bool(geometry.problem))
 
 
 def load_series(paths: Sequence[Path], *, resample: bool = False) -> list[Volume]:
     """Every stack of the series in ``paths`` as a :class:`Volume` (each file read once)."""
-    pixels = _read_pixels(list(paths))
+    pixels, notes = read_pixels(list(paths))
     by_series: dict[str, list[Frame]] = {}
     for path, (ds, _arr) in pixels.items():
         uid = str(dicom.require(ds, "SeriesInstanceUID")) if "SeriesInstanceUID" in ds else ""
@@ -423,7 +428,10 @@ def load_series(paths: Sequence[Path], *, resample: bool = False) -> list[Volume
             raise DataError(f"{path}: missing SeriesInstanceUID")
         by_series.setdefault(uid, []).extend(frames_of(ds, path))
     stacks = [s for uid, frames in by_series.items() for s in group_frames(uid, frames)]
-    return [load_stack(s, resample=resample, pixels=pixels) for s in stacks]
+    volumes = [load_stack(s, resample=resample, pixels=pixels) for s in stacks]
+    if volumes:
+        volumes[0].warnings[:0] = notes
+    return volumes
 
 
 def _regularize(values: np.ndarray, g: Geometry) -> tuple[np.ndarray, Geometry]:

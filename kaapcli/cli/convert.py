@@ -1,0 +1,47 @@
+"""``kaapcli convert``: DICOM image series → NIfTI / NRRD volumes with a JSON sidecar."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, run_batch
+
+
+class VolumeFormat(str, Enum):
+    nii_gz = "nii.gz"
+    nii = "nii"
+    nrrd = "nrrd"
+
+
+@batch_command
+def convert(
+    inputs: Inputs,
+    out: OutDir,
+    to: Annotated[VolumeFormat, typer.Option(
+        "--to", "-t", help="Volume file format (--format is the shared stdout option).")] = VolumeFormat.nii_gz,
+    name: Annotated[str, typer.Option(
+        "--name", help="Output name template of {DICOM keywords}, may hold '/' for subdirectories.")]
+        = "{SeriesInstanceUID}",
+    resample: Annotated[bool, typer.Option(
+        "--resample", help="Resample irregular spacing, missing slices or gantry tilt onto a regular grid "
+                           "instead of refusing the series.")] = False,
+    *,
+    run: RunOptions,
+) -> None:
+    """Convert each DICOM image series to one volume per stack, plus a JSON sidecar of acquisition tags.
+
+    Files: OUT/<name>.<to> and OUT/<name>.json.  A series holding several stacks (orientations,
+    echoes, acquisitions, image types) gives one volume per stack, named <name>_<stack>.
+    Values are rescaled (int16 when integral, float32 otherwise).  Voxel order is ITK's
+    (columns, rows, slices along the normal); world geometry equals dcm2niix's.
+    """
+    from kaapcli.core.convert import ConvertOperator
+
+    run_batch(ConvertOperator(fmt=to.value, name_template=name, resample=resample), inputs, out, run)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(convert)
