@@ -1,0 +1,525 @@
+"""The DIMSE service user: C-ECHO, C-STORE (send), C-FIND, C-GET and C-MOVE over pynetdicom.
+
+Sending never decodes: files go out as their encoded bytes (``STORE_SEND_CHUNKED_DATASET``) in a
+presentation context proposed for exactly their SOP class and transfer syntax; only when the peer
+refuses that syntax for an uncompressed file is the file read and re-encoded in an accepted one.
+Every status is checked, and every failure says which peer and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kaapcli.core import dicom
+from kaapcli.core.batch import ItemResult
+from kaapcli.core.net.peers import Peer, Timeouts
+from kaapcli.core.net.query import Query
+from kaapcli.exitcodes import ExitCode, KaapcliError, UnavailableError
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+MAX_PDU = 4 * 1024 * 1024
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE)
+
+ResultHook = Callable[[ItemResult], None]
+
+
+# --------------------------------------------------------------------------- pynetdicom plumbing
+
+class _ErrorLog(logging.Handler):
+    """Keeps pynetdicom's error lines per thread, to explain a failed association in one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: dict[int, list[str]] = defaultdict(list)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = self.lines[record.thread or 0]
+        lines.append(record.getMessage())
+        del lines[:-8]
+
+    def pop(self, thread: int | None) -> list[str]:
+        return self.lines.pop(thread or 0, [])
+
+
+_errors = _ErrorLog()
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs to stderr by itself; kaapcli reports failures its own way (one line each)."""
+    logger = logging.getLogger("pynetdicom")
+    if _errors not in logger.handlers:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(_errors)
+        logger.setLevel(logging.ERROR)
+        logger.propagate = False
+
+
+def make_ae(calling_aet: str, timeouts: Timeouts) -> Any:
+    from pynetdicom import AE, _config
+
+    quiet_pynetdicom()
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a file path is streamed as it is encoded on disk
+    ae = AE(ae_title=calling_aet)
+    ae.connection_timeout = timeouts.connect
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts.acse, timeouts.dimse, timeouts.network
+    ae.maximum_pdu_size = MAX_PDU
+    return ae
+
+
+def _why(lines: list[str]) -> str:
+    text = " ".join(lines)
+    low = text.lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if "timed out" in low or "timeout" in low:
+        return "no answer (timed out)"
+    if "rejected" in low:
+        detail = [line for line in lines if line.startswith(("Result:", "Reason:"))]
+        return "association rejected" + (f" ({'; '.join(detail)})" if detail else "")
+    if "no accepted presentation contexts" in low:
+        return "no presentation context accepted"
+    if "unknown pdu" in low or "invalid a-associate" in low:
+        return "the peer does not speak DICOM upper layer (unexpected reply)"
+    if "aborted" in low:
+        return "association aborted by the peer"
+    for line in lines:
+        if "error" in line.lower() and ":" in line:
+            return f"cannot connect: {line.split(':', 1)[1].strip()}"
+    return "association failed"
+
+
+def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, **kwargs: Any) -> Any:
+    """An established association, or UnavailableError naming the peer and what happened."""
+    if contexts is not None:
+        ae.requested_contexts = contexts
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, **kwargs)
+    except OSError as exc:  # e.g. the host name does not resolve
+        raise UnavailableError(f"{peer}: cannot connect: {exc.strerror or exc}") from exc
+    # The association and its DUL run in their own threads; their error lines explain the failure.
+    if assoc.is_established:
+        _errors.pop(assoc.ident)
+        return assoc
+    if assoc.ident is not None:
+        assoc.join(2.0)  # let its threads finish logging why
+    lines = _errors.pop(assoc.ident) + _errors.pop(assoc.dul.ident)
+    if assoc.is_rejected:
+        lines.append("rejected")
+    raise UnavailableError(f"{peer}: {_why(lines)}")
+
+
+def status_text(status: Any, table: str = "storage") -> tuple[str, str]:
+    """(category, one-line description) of a DIMSE response status dataset."""
+    from pynetdicom import status as st
+
+    code = int(status.Status)
+    tables = {"storage": st.STORAGE_SERVICE_CLASS_STATUS, "find": st.QR_FIND_SERVICE_CLASS_STATUS,
+              "move": st.QR_MOVE_SERVICE_CLASS_STATUS, "get": st.QR_GET_SERVICE_CLASS_STATUS}
+    category = st.code_to_category(code)
+    meaning = tables[table].get(code, ("", ""))[1] or category
+    comment = str(status.get("ErrorComment", "") or "").strip()
+    return category, f"0x{code:04X} {meaning}" + (f" ({comment})" if comment else "")
+
+
+# --------------------------------------------------------------------------- echo
+
+def echo(peer: Peer, calling_aet: str, timeouts: Timeouts) -> dict[str, Any]:
+    from pynetdicom.sop_class import Verification
+
+    ae = make_ae(calling_aet, timeouts)
+    ae.add_requested_context(Verification)
+    start = time.perf_counter()
+    assoc = associate(ae, peer)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    if not status:
+        raise UnavailableError(f"{peer}: no C-ECHO response (association aborted or timed out)")
+    return {"peer": peer.address, "ok": int(status.Status) == 0, "ms": ms, "status": f"0x{int(status.Status):04X}"}
+
+
+# --------------------------------------------------------------------------- send
+
+@dataclass(frozen=True)
+class Instance:
+    """What sending needs to know of a file, read from its header only."""
+
+    path: Path
+    sop_class: str
+    sop_instance: str
+    syntax: str
+    nbytes: int
+    has_meta: bool  # a Part 10 file with file meta: can be streamed as it is
+
+
+def scan(path: Path) -> Instance:
+    """SOP class, SOP instance and transfer syntax of a file: file meta only when there is one."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    size = path.stat().st_size
+    try:
+        meta = read_file_meta_info(path)
+        values = [meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                                        "TransferSyntaxUID")]
+        if all(values):
+            return Instance(path, *(str(v) for v in values), size, True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    sop_class, sop_instance = dicom.require(ds, "SOPClassUID"), dicom.require(ds, "SOPInstanceUID")
+    syntax = IMPLICIT_LE if ds.original_encoding[0] else EXPLICIT_LE
+    if ds.original_encoding[1] is False:
+        syntax = EXPLICIT_BE
+    return Instance(path, str(sop_class), str(sop_instance), syntax, size, False)
+
+
+def plan(instances: list[Instance], associations: int = 1) -> list[list[Instance]]:
+    """Split instances into association jobs: at most 128 contexts each, ``associations`` jobs per group."""
+    by_class: dict[str, list[Instance]] = defaultdict(list)
+    for inst in instances:
+        by_class[inst.sop_class].append(inst)
+    groups: list[list[Instance]] = []
+    current: list[Instance] = []
+    for members in by_class.values():
+        if current and len(contexts_for(current + members)) > MAX_CONTEXTS:
+            groups.append(current)
+            current = []
+        current = current + members
+    if current:
+        groups.append(current)
+    jobs: list[list[Instance]] = []
+    for group in groups:
+        n = max(1, min(associations, len(group)))
+        size = -(-len(group) // n)
+        jobs.extend(group[i:i + size] for i in range(0, len(group), size))
+    return jobs
+
+
+def contexts_for(instances: list[Instance]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs to propose: each file's own syntax, plus Explicit and Implicit VR
+    Little Endian as fallbacks for uncompressed files (the peer may accept only one of them)."""
+    pairs: dict[tuple[str, str], None] = {}
+    for inst in instances:
+        pairs[(inst.sop_class, inst.syntax)] = None
+        if inst.syntax in UNCOMPRESSED:
+            pairs[(inst.sop_class, EXPLICIT_LE)] = None
+            pairs[(inst.sop_class, IMPLICIT_LE)] = None
+    return list(pairs)
+
+
+@dataclass
+class SendJob:
+    peer: Peer
+    calling_aet: str
+    timeouts: Timeouts
+    instances: list[Instance]
+    on_result: ResultHook
+    stop: threading.Event
+    acknowledged: Callable[[Instance, str], None] | None = None
+    results: list[ItemResult] = field(default_factory=list)
+
+    def emit(self, result: ItemResult) -> None:
+        self.results.append(result)
+        self.on_result(result)
+
+    def fail_rest(self, rest: list[Instance], message: str, code: ExitCode) -> None:
+        for inst in rest:
+            self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code)))
+
+    def run(self, assoc: Any) -> None:
+        """Send every instance on an established association; every status checked."""
+        from pydicom import dcmread
+
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        try:
+            for i, inst in enumerate(self.instances):
+                if self.stop.is_set():
+                    return  # interrupted: the rest is simply not sent (and not in the ledger)
+                if (inst.sop_class, inst.syntax) in accepted and inst.has_meta:
+                    payload: Any = inst.path  # streamed without decoding
+                elif inst.syntax in UNCOMPRESSED and any((inst.sop_class, ts) in accepted for ts in UNCOMPRESSED):
+                    payload = dcmread(inst.path, force=True)  # the peer wants another uncompressed encoding
+                else:
+                    self.emit(self._refused(inst))
+                    continue
+                try:
+                    status = assoc.send_c_store(payload)
+                except (ValueError, AttributeError, RuntimeError) as exc:
+                    if not assoc.is_established:
+                        self.fail_rest(self.instances[i:], f"not sent: {self.peer}: association lost ({exc})",
+                                       ExitCode.UNAVAILABLE)
+                        return
+                    self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: cannot send: {exc}",
+                                         code=int(ExitCode.DATAERR)))
+                    continue
+                if not status:
+                    self.fail_rest(self.instances[i:], f"no C-STORE response from {self.peer} "
+                                   "(association aborted or timed out)", ExitCode.UNAVAILABLE)
+                    return
+                self.emit(self._result(inst, status))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _refused(self, inst: Instance) -> ItemResult:
+        from pydicom.uid import UID
+
+        return ItemResult(str(inst.path), "failed", code=int(ExitCode.ITEMS_FAILED),
+                          message=f"{inst.path}: {self.peer} accepts no presentation context for "
+                                  f"{UID(inst.sop_class).name} in {UID(inst.syntax).name}")
+
+    def _result(self, inst: Instance, status: Any) -> ItemResult:
+        category, text = status_text(status)
+        if category in ("Success", "Warning"):
+            if self.acknowledged is not None:
+                self.acknowledged(inst, category.lower())
+            warnings = [f"C-STORE warning {text}"] if category == "Warning" else []
+            return ItemResult(str(inst.path), "ok", warnings=warnings, nbytes=inst.nbytes)
+        return ItemResult(str(inst.path), "failed", message=f"{inst.path}: C-STORE failed: {text}",
+                          code=int(ExitCode.ITEMS_FAILED))
+
+
+def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: Timeouts, associations: int = 1,
+         on_result: ResultHook, acknowledged: Callable[[Instance, str], None] | None = None,
+         stop: threading.Event | None = None) -> list[ItemResult]:
+    """C-STORE ``instances`` over up to ``associations`` parallel associations.
+
+    Raises UnavailableError when no association at all could be established (a dead or refusing peer);
+    otherwise returns one result per instance (an association lost midway fails its remaining files).
+    """
+    from pynetdicom.presentation import build_context
+
+    stop = stop or threading.Event()
+    lock = threading.Lock()
+
+    def locked(result: ItemResult) -> None:
+        with lock:
+            on_result(result)
+
+    jobs = [SendJob(peer, calling_aet, timeouts, chunk, locked, stop, acknowledged)
+            for chunk in plan(instances, associations)]
+
+    def connect(job: SendJob) -> Any:
+        ae = make_ae(calling_aet, timeouts)
+        contexts = [build_context(sop, [ts]) for sop, ts in contexts_for(job.instances)]
+        return associate(ae, peer, contexts)
+
+    def run(job: SendJob) -> UnavailableError | None:
+        try:
+            assoc = connect(job)
+        except UnavailableError as exc:
+            return exc
+        job.run(assoc)
+        return None
+
+    # The first association alone: a dead peer is one error, not one per file.
+    first = connect(jobs[0]) if jobs else None
+    with ThreadPoolExecutor(max(1, associations)) as pool:
+        futures = [pool.submit(jobs[0].run, first)] if first is not None else []
+        futures += [pool.submit(run, job) for job in jobs[1:]]
+        try:
+            errors = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+    for job, error in zip(jobs[1:], errors[1:], strict=True):
+        if error is not None:
+            job.fail_rest(job.instances, f"not sent: {error.message}", ExitCode.UNAVAILABLE)
+    return [r for job in jobs for r in job.results]
+
+
+# --------------------------------------------------------------------------- find
+
+def find(peer: Peer, query: Query, *, calling_aet: str, timeouts: Timeouts) -> Iterator[dict[str, Any]]:
+    """C-FIND (Patient Root for the patient level, Study Root otherwise): matches as DICOM JSON."""
+    from pynetdicom.sop_class import (
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    model = (PatientRootQueryRetrieveInformationModelFind if query.level == "patient"
+             else StudyRootQueryRetrieveInformationModelFind)
+    ae = make_ae(calling_aet, timeouts)
+    ae.add_requested_context(model)
+    assoc = associate(ae, peer)
+    count = 0
+    try:
+        responses = assoc.send_c_find(query.identifier(), model, msg_id=1)
+        for status, identifier in responses:
+            if not status:
+                raise UnavailableError(f"{peer}: no C-FIND response (association aborted or timed out)")
+            category, text = status_text(status, "find")
+            if category == "Pending" and identifier is not None:
+                if query.limit is not None and count >= query.limit:
+                    assoc.send_c_cancel(1, query_model=model)
+                    continue  # drain until the final response
+                count += 1
+                record = identifier.to_json_dict()
+                record.pop("00080052", None)  # QueryRetrieveLevel: not part of the match
+                yield record
+            elif category not in ("Success", "Cancel", "Pending"):
+                raise KaapcliError(f"{peer}: C-FIND failed: {text}", code=ExitCode.UNAVAILABLE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+# --------------------------------------------------------------------------- get / move
+
+# Storage classes proposed for C-GET when the peer does not tell which ones the data uses.
+COMMON_STORAGE = (
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",
+    "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.2",
+    "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.88.11",
+    "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.104.1",
+    "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1",
+)
+
+
+@dataclass
+class RetrieveOutcome:
+    """Sub-operation counts of one C-GET/C-MOVE/WADO request and the files that arrived."""
+
+    request: str
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    files: list[Path] = field(default_factory=list)
+    status: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.message and len(self.files) >= self.completed + self.warning
+
+    def record(self) -> dict[str, Any]:
+        return {"request": self.request, "completed": self.completed, "failed": self.failed,
+                "warning": self.warning, "received": len(self.files), "status": self.status,
+                "ok": self.ok, "message": self.message}
+
+
+def _counts(outcome: RetrieveOutcome, status: Any) -> None:
+    for attr, keyword in (("completed", "NumberOfCompletedSuboperations"),
+                          ("failed", "NumberOfFailedSuboperations"), ("warning", "NumberOfWarningSuboperations")):
+        value = status.get(keyword)
+        if value is not None:
+            setattr(outcome, attr, int(value))
+
+
+def _final(outcome: RetrieveOutcome, responses: Any, peer: Peer, kind: str) -> None:
+    final = None
+    for status, _identifier in responses:
+        if not status:
+            raise UnavailableError(f"{peer}: no C-{kind.upper()} response (association aborted or timed out)")
+        final = status
+    if final is None:
+        raise UnavailableError(f"{peer}: no C-{kind.upper()} response")
+    _counts(outcome, final)
+    category, text = status_text(final, kind)
+    outcome.status = text
+    if category not in ("Success", "Warning"):
+        outcome.message = f"C-{kind.upper()} {category.lower()}: {text}"
+    elif len(outcome.files) < outcome.completed + outcome.warning:
+        outcome.message = (f"{peer} reported {outcome.completed + outcome.warning} sub-operations done "
+                           f"but {len(outcome.files)} files arrived")
+
+
+def sop_classes_of(peer: Peer, query: Query, calling_aet: str, timeouts: Timeouts) -> list[str]:
+    """The SOP classes a retrieve will bring, from an instance-level C-FIND (empty when the peer won't say)."""
+    keys = dict(query.keys)
+    probe = Query("instance", keys, ["SOPClassUID"])
+    try:
+        classes = {str(r.get("00080016", {}).get("Value", [""])[0]) for r in find(peer, probe, calling_aet=calling_aet,
+                                                                                  timeouts=timeouts)}
+    except KaapcliError:
+        return []
+    return sorted(c for c in classes if c)
+
+
+def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Timeouts,
+        on_stored: Callable[[Path], None] | None = None) -> RetrieveOutcome:
+    """C-GET into ``writer`` (a :class:`~kaapcli.core.net.scp.StoreWriter`) on the same association."""
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import evt
+    from pynetdicom.presentation import build_context, build_role
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    outcome = RetrieveOutcome(request=_describe(query))
+    classes = sop_classes_of(peer, query, calling_aet, timeouts) or list(COMMON_STORAGE)
+    classes = classes[:MAX_CONTEXTS - 1]
+    ae = make_ae(calling_aet, timeouts)
+    syntaxes = [EXPLICIT_LE, IMPLICIT_LE, *[ts for ts in AllTransferSyntaxes if ts not in (EXPLICIT_LE, IMPLICIT_LE)]]
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+    contexts += [build_context(sop, syntaxes) for sop in classes]
+    roles = [build_role(sop, scp_role=True) for sop in classes]
+
+    def on_store(event: Any) -> int:
+        try:
+            dest, _ = writer.write(event.encoded_dataset())
+        except KaapcliError:
+            return 0xA700
+        outcome.files.append(dest)
+        if on_stored is not None:
+            on_stored(dest)
+        return 0x0000
+
+    assoc = associate(ae, peer, contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        _final(outcome, assoc.send_c_get(query.identifier(), StudyRootQueryRetrieveInformationModelGet), peer, "get")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcome
+
+
+def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destination: str, timeouts: Timeouts,
+         ) -> RetrieveOutcome:
+    """C-MOVE to ``destination`` — the AE title under which the peer knows ``receiver`` (already started)."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    outcome = RetrieveOutcome(request=_describe(query))
+    ae = make_ae(calling_aet, timeouts)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = associate(ae, peer)
+    stored: list[Path] = []
+    previous = receiver.on_stored
+
+    def collect(path: Path) -> None:
+        stored.append(path)
+        if previous is not None:
+            previous(path)
+
+    receiver.on_stored = collect
+    try:
+        responses = assoc.send_c_move(query.identifier(), destination, StudyRootQueryRetrieveInformationModelMove)
+        outcome.files = stored
+        _final(outcome, responses, peer, "move")
+    finally:
+        receiver.on_stored = previous
+        if assoc.is_established:
+            assoc.release()
+    return outcome
+
+
+def _describe(query: Query) -> str:
+    return " ".join(f"{k}={v}" for k, v in query.keys.items()) or query.level
+
