@@ -1,0 +1,228 @@
+"""The index interface both backends implement, and :func:`open_index` that picks one from a target.
+
+A target is a path (embedded SQLite), an ``http(s)://`` URL (OpenSearch), or the name of an
+``[index.NAME]`` config profile holding either.  Documents are series "meta" documents
+(DESIGN §3.1) whose id is their SeriesInstanceUID.  Tag and dataset operations are written once
+here in terms of the backend primitives, so they behave the same on both backends.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kaapcli.core.index.query import SERIES_KEY, TAGS_KEY, Ids, Node
+from kaapcli.exitcodes import ConfigError, DataError
+
+DEFAULT_PROJECT = "admin"
+BULK_SIZE = 500
+Doc = dict[str, Any]
+
+
+@dataclass
+class WriteStats:
+    """What a write did: documents created, changed, left as they were; ids not found; rejected documents."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    missing: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "series UID: reason" for documents the backend refused
+
+    def __iadd__(self, other: WriteStats) -> WriteStats:
+        self.added += other.added
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.missing.extend(other.missing)
+        self.errors.extend(other.errors)
+        return self
+
+
+@dataclass(frozen=True)
+class Sort:
+    keys: tuple[str, ...]  # a field may resolve to several keys; the first present one sorts
+    descending: bool = False
+
+
+def doc_id(doc: Doc) -> str:
+    """The document id: its SeriesInstanceUID (a DataError when it has none)."""
+    uid = doc.get(SERIES_KEY)
+    if isinstance(uid, list) and len(uid) == 1:
+        uid = uid[0]
+    if not isinstance(uid, str) or not uid.strip():
+        raise DataError(f"document has no {SERIES_KEY!r}", hint="index dcm2json output (Kaapana series meta JSON)")
+    return uid.strip()
+
+
+def merge(old: Doc, new: Doc) -> Doc:
+    """OpenSearch partial-update semantics: objects merge key by key, every other value is replaced."""
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class Index(ABC):
+    """One project of one index (SQLite file or OpenSearch index)."""
+
+    target: str  # for messages: a path or a URL without credentials
+    project: str
+
+    # -- primitives every backend implements
+    @abstractmethod
+    def write(self, docs: Sequence[Doc], *, replace: bool) -> WriteStats:
+        """Merge-update (or with ``replace`` overwrite) documents, keyed by :func:`doc_id`."""
+
+    @abstractmethod
+    def search(self, node: Node, *, fields: Sequence[str] | None = None, limit: int | None = None,
+               sort: Sort | None = None) -> Iterator[Doc]:
+        """Matching documents, sorted by ``sort`` then SeriesInstanceUID, projected to ``fields`` (keys)."""
+
+    @abstractmethod
+    def count(self, node: Node) -> int: ...
+
+    @abstractmethod
+    def delete(self, node: Node) -> int:
+        """Delete matching documents; returns how many."""
+
+    @abstractmethod
+    def value_counts(self, keys: Sequence[str], node: Node, top: int | None = None) -> list[tuple[Any, int]]:
+        """(value, number of matching documents holding it) for a field, most frequent first."""
+
+    @abstractmethod
+    def datasets(self) -> dict[str, int]:
+        """Dataset name → number of series."""
+
+    @abstractmethod
+    def dataset_members(self, name: str) -> list[str] | None:
+        """The series UIDs of a dataset (sorted), or None when there is no such dataset."""
+
+    @abstractmethod
+    def set_dataset(self, name: str, uids: Sequence[str]) -> None:
+        """Store a dataset's member list (an empty list deletes the dataset)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared operations
+    def uids(self, node: Node) -> list[str]:
+        return [doc_id(d) for d in self.search(node, fields=[SERIES_KEY])]
+
+    def retag(self, node: Node, add: Iterable[str] = (), remove: Iterable[str] = (),
+              from_keys: Sequence[str] = ()) -> WriteStats:
+        """Add/remove tags (``Tags_keyword``) on matching documents; ``from_keys``: tag with those fields' values."""
+        add, remove = list(add), set(remove)
+        changes: list[Doc] = []
+        stats = WriteStats()
+        found: set[str] = set()
+        for doc in self.search(node, fields=[SERIES_KEY, TAGS_KEY, *from_keys]):
+            found.add(doc_id(doc))
+            tags = [str(t) for t in as_list(doc.get(TAGS_KEY))]
+            extra = [str(v) for key in from_keys for v in as_list(lookup(doc, key)) if v not in (None, "")]
+            new = [t for t in dict.fromkeys([*tags, *add, *extra]) if t not in remove]
+            if new == tags:
+                stats.unchanged += 1
+            else:
+                changes.append({SERIES_KEY: doc_id(doc), TAGS_KEY: new})
+        for start in range(0, len(changes), BULK_SIZE):
+            self.write(changes[start:start + BULK_SIZE], replace=False)
+        stats.updated = len(changes)
+        stats.missing = _missing(node, found)
+        return stats
+
+    def dataset_change(self, name: str, node: Node, *, remove: bool = False) -> WriteStats:
+        """Add (or remove) the matching series to (from) a dataset; reports how many changed."""
+        members = self.dataset_members(name) or []
+        selected = set(self.uids(node))
+        if remove:  # series no longer in the index can still be removed from a dataset
+            selected |= set(node.uids) if isinstance(node, Ids) else set()
+            kept = [u for u in members if u not in selected]
+            stats = WriteStats(updated=len(members) - len(kept), unchanged=len(selected) - (len(members) - len(kept)))
+            new = kept
+        else:
+            current = set(members)
+            fresh = sorted(selected - current)
+            stats = WriteStats(added=len(fresh), unchanged=len(selected) - len(fresh), missing=_missing(node, selected))
+            new = sorted(current | selected)
+        if new != members:
+            self.set_dataset(name, new)
+        return stats
+
+
+def _missing(node: Node, found: set[str]) -> list[str]:
+    """Series asked for by UID (``--series``) that the index does not hold."""
+    return [u for u in node.uids if u not in found] if isinstance(node, Ids) else []
+
+
+def lookup(doc: Doc, key: str) -> Any:
+    """A value by dotted key path (through objects and lists of objects)."""
+    values: list[Any] = [doc]
+    for part in key.split("."):
+        nxt: list[Any] = []
+        for value in values:
+            for item in as_list(value):
+                if isinstance(item, dict) and part in item:
+                    nxt.append(item[part])
+        values = nxt
+    flat = [v for value in values for v in as_list(value)]
+    return flat[0] if len(flat) == 1 else (flat or None)
+
+
+_URL_AUTH = re.compile(r"(https?://)[^/@]*@")
+
+
+def redact(url: str) -> str:
+    """A URL without user:password (for messages)."""
+    return _URL_AUTH.sub(r"\1", url)
+
+
+def default_target() -> Path:
+    from kaapcli.core.config import data_home
+
+    return data_home() / "index.db"
+
+
+def open_index(target: str | None, project: str | None = None, *, config: Any = None,
+               create: bool = False) -> Index:
+    """Open the index a target names: a path, an ``http(s)://`` URL or an ``[index.NAME]`` profile.
+
+    ``create``: make a missing SQLite file / OpenSearch index (for writes); reads of a missing
+    index raise NoInputError.
+    """
+    profile: dict[str, Any] = {}
+    if target and config is not None and not target.startswith(("http://", "https://")):
+        profile = config.profile("index", target) or {}
+        if profile:
+            if "url" not in profile and "path" not in profile:
+                raise ConfigError(f"[index.{target}] needs url = \"http(s)://...\" or path = \"...\"")
+            target = str(profile.get("url") or profile.get("path"))
+            project = project or profile.get("project")
+    project = project or DEFAULT_PROJECT
+    if target and target.startswith(("http://", "https://")):
+        from kaapcli.core.index.opensearch import OpenSearchIndex
+
+        return OpenSearchIndex(target, project, username=profile.get("username"), password=profile.get("password"),
+                               verify=profile.get("verify", True), ca_certs=profile.get("ca_certs"),
+                               create=create)
+    from kaapcli.core.index.sqlite import SqliteIndex
+
+    return SqliteIndex(Path(target).expanduser() if target else default_target(), project, create=create)
