@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import string
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,33 @@ def read(path: Path, *, stop_before_pixels: bool = False, specific_tags: Iterabl
     if len(ds) == 0 and not getattr(ds, "file_meta", None):
         raise DataError("not a DICOM file: no data elements")
     return ds
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Collect the warnings pydicom emits (invalid values, VR guesses) as one-line messages, for
+    ``Outcome.warnings``, instead of multi-line Python warnings on stderr.  Filled when the block ends."""
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield lines
+        finally:
+            text = (str(w.message).split(" Please see <")[0].strip() for w in caught)
+            lines.extend(dict.fromkeys(t.splitlines()[0] for t in text if t))
+
+
+def check_complete(ds: Any, read_warnings: Iterable[str] = ()) -> None:
+    """Raise DataError when a file ended inside an element (pydicom reads truncated files silently)."""
+    for note in read_warnings:
+        if "end of file" in note.lower() or "eof" in note.lower():
+            raise DataError(f"truncated or damaged file ({note})")
+    if not ds._dict:
+        return
+    last = next(reversed(ds._dict.values()))  # insertion order = file order; a raw element still holds its length
+    value, length = getattr(last, "value", None), getattr(last, "length", None)
+    if isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF and len(value) < length:
+        raise DataError(f"truncated file: {tag_label(last.tag)} has {len(value)} of {length} bytes")
 
 
 def require(ds: Any, keyword: str) -> Any:

@@ -1,0 +1,47 @@
+"""``kaapcli sort``: organize DICOM files into a tree named from their tags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, execute
+
+DEFAULT_TEMPLATE = ("{PatientID}/{StudyDate}_{StudyInstanceUID}/{Modality}_{SeriesNumber}_{SeriesInstanceUID}/"
+                    "{SOPInstanceUID}.dcm")  # kept equal to kaapcli.core.sort.DEFAULT_TEMPLATE (a test checks)
+
+
+@batch_command
+def sort(
+    inputs: Inputs,
+    out: OutDir,
+    template: Annotated[str, typer.Option(
+        "--template", "-t", help="Output path below OUT; {Keyword} fields are filled from each file's header "
+                                 "(missing → unknown) and made safe as file names.")] = DEFAULT_TEMPLATE,
+    link: Annotated[bool, typer.Option(
+        "--link", help="Hard-link instead of copying (copies, with a warning, across file systems).")] = False,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy the bytes exactly (the default).")] = False,
+    *,
+    run: RunOptions,
+) -> None:
+    """Copy (or hard-link) DICOM files into OUT/<template>; only headers are read.
+
+    Two different files that map to the same name: the second fails (nothing is overwritten);
+    identical content is fine, so re-runs are safe.
+    """
+    from kaapcli.core import fsio
+    from kaapcli.core.sort import SortOperator
+    from kaapcli.exitcodes import UsageError
+
+    if link and copy:
+        raise UsageError("--link and --copy exclude each other")
+    op = SortOperator(template, link=link)
+    out_dir = out.resolve()
+    files = [f for f in fsio.collect_inputs(inputs) if not f.resolve().is_relative_to(out_dir)]
+    summary = execute(op, files, out, run, "sort")
+    raise typer.Exit(int(summary.exit_code))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sort)
