@@ -1,0 +1,640 @@
+"""DICOM de-identification: PS3.15 Annex E Basic Application Level Confidentiality Profile with options.
+
+The attribute table (Table E.1-1, every row and option column) is data in ``kaapcli/data/ps315_annex_e.tsv``;
+this module applies it by action code to every element, recursively inside sequences.  Everything that
+must stay consistent across files, runs and machines is derived from one secret key with HMAC-SHA256:
+
+- UIDs: ``2.25.<first 128 bits of HMAC(key, "uid:" + original)>``, wherever the UID appears;
+- PatientID/PatientName from the original PatientID, AccessionNumber from the original accession;
+- the ``--retain-dates shift`` offset, one per patient.
+
+So the same key gives byte-identical outputs anywhere, a different key gives unrelated pseudonyms, and
+nothing else (no state, no lookup table) is needed to keep a patient's studies linked.
+
+Choices where PS3.15 leaves freedom (documented in docs/anonymize.md):
+
+- conditional codes resolve to the variant that keeps any IOD conformant without knowing attribute
+  types: ``X/Z`` -> Z, ``X/D``/``X/Z/D``/``Z/D`` -> D, ``X/Z/U*`` -> keep the sequence, replace its UIDs;
+- D on a sequence keeps its items but replaces every free-text value inside with a dummy;
+- C (clean) on text keeps the value unless it contains an identifying string of the same file
+  (names, IDs, birth date, institution); C on a date (modified dates option) shifts it;
+- DA/DT elements missing from Table E.1-1 get the date treatment too (dummy unless dates are retained);
+- instance UIDs missing from the table (any UI value that is not a well-known DICOM UID and not a
+  class/scheme identifier) are replaced as U.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+import sqlite3
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from kaapcli.core import dicom, fsio
+from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
+from kaapcli.exitcodes import DataError, UsageError
+
+OPTION_COLUMNS = ("retain_safe_private", "retain_uids", "retain_device", "retain_institution",
+                  "retain_patient_characteristics", "retain_long_full_dates", "retain_long_modified_dates",
+                  "clean_descriptors", "clean_structured_content", "clean_graphics")
+
+# CID 7050 De-identification Method (PS3.16), coding scheme DCM.
+METHOD_CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "retain_long_full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_long_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution": ("113112", "Retain Institution Identity Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+}
+
+TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "AE"}
+DUMMY_TEXT = "ANONYMIZED"
+DUMMY_BY_VR: dict[str, Any] = {
+    "DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000D", "DS": "0", "IS": "0",
+    "CS": "ANONYMIZED", "PN": "ANONYMIZED", "AE": "ANONYMIZED", "UR": "", "FL": 0.0, "FD": 0.0,
+    "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
+}
+# UI attributes that name classes, schemes or contexts, not instances: never remapped.
+NOT_INSTANCE_UID = re.compile(r"Class|TransferSyntax|CodingScheme|ContextUID|ContextGroupExtensionCreatorUID|"
+                              r"MappingResourceUID|PrivateInformationCreatorUID|SOPClasses|ApplicationContext")
+# Modalities and SOP classes whose pixels commonly carry burned-in text (PS3.15 E.3.1 Clean Pixel Data).
+BURNED_IN_MODALITIES = {"US", "SC", "XA", "RF", "DX", "CR", "ES", "OP", "XC", "GM", "SM", "OT", "DOC", "IVUS"}
+BURNED_IN_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture family
+                          "1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.1",  # ultrasound
+                          "1.2.840.10008.5.1.4.1.1.104.")  # encapsulated documents
+
+PATIENT_ID, PATIENT_NAME, ACCESSION = 0x00100020, 0x00100010, 0x00080050
+SOP_INSTANCE_UID, SERIES_UID, STUDY_UID = 0x00080018, 0x0020000E, 0x0020000D
+DEFAULT_NAME = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+
+Profile = Literal["basic", "kaapana"]
+DateMode = Literal["profile", "full", "shift"]
+BurnedIn = Literal["warn", "fail", "ignore"]
+
+
+# --------------------------------------------------------------------------- the table, as data
+
+@dataclass(frozen=True)
+class Row:
+    """One row of Table E.1-1: the Basic Profile action and the action under each option that changes it."""
+
+    name: str
+    basic: str
+    options: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    exact: dict[int, Row]
+    masks: tuple[tuple[int, int, Row], ...]  # (mask, value, row): tag & mask == value
+
+    def lookup(self, tag: int) -> Row | None:
+        row = self.exact.get(tag)
+        if row is not None:
+            return row
+        for mask, value, masked_row in self.masks:
+            if tag & mask == value:
+                return masked_row
+        return None
+
+
+@cache
+def load_table() -> Table:
+    """Table E.1-1 from the package data (the private-attributes row is handled in code)."""
+    text = resources.files("kaapcli.data").joinpath("ps315_annex_e.tsv").read_text(encoding="utf-8")
+    exact: dict[int, Row] = {}
+    masks: list[tuple[int, int, Row]] = []
+    header: list[str] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        cells = line.split("\t")
+        if not header:
+            header = cells
+            continue
+        record = dict(zip(header, cells, strict=True))
+        row = Row(record["name"], record["basic"],
+                  tuple((col, record[col]) for col in OPTION_COLUMNS if record[col]))
+        digits = record["tag"].replace(",", "").upper()
+        if digits.startswith("G"):
+            continue
+        if "X" in digits:
+            mask = int("".join("0" if c == "X" else "F" for c in digits), 16)
+            masks.append((mask, int(digits.replace("X", "0"), 16), row))
+        else:
+            exact[int(digits, 16)] = row
+    return Table(exact, tuple(masks))
+
+
+def load_kaapana_tags() -> tuple[int, ...]:
+    """The 45 tags Kaapana's LocalDcmAnonymizerOperator erases with ``dcmodify --erase-all``."""
+    text = resources.files("kaapcli.data").joinpath("kaapana_anonymize_tags.tsv").read_text(encoding="utf-8")
+    return tuple(int(line.split("\t")[0].replace(",", ""), 16) for line in text.splitlines()
+                 if line and not line.startswith("#"))
+
+
+def load_safe_private() -> frozenset[tuple[str, int, int]]:
+    """(private creator, group, element offset) triples kept by --retain-safe-private."""
+    text = resources.files("kaapcli.data").joinpath("safe_private.tsv").read_text(encoding="utf-8")
+    out = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            creator, group, offset = line.split("\t")[:3]
+            out.add((creator.strip(), int(group, 16), int(offset, 16)))
+    return frozenset(out)
+
+
+# --------------------------------------------------------------------------- options and keyed derivations
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that shapes the output except the key."""
+
+    profile: Profile = "basic"
+    dates: DateMode = "profile"
+    retain_uids: bool = False
+    retain_device: bool = False
+    retain_institution: bool = False
+    retain_patient_characteristics: bool = False
+    retain_safe_private: bool = False
+    clean_descriptors: bool = False
+    keep: tuple[int, ...] = ()
+    replace: tuple[tuple[int, str], ...] = ()
+    id_prefix: str = "ANON-"
+    burned_in: BurnedIn = "warn"
+    name: str = DEFAULT_NAME
+
+    def selected(self) -> list[str]:
+        """The option columns of Table E.1-1 in force."""
+        chosen = [col for col in ("retain_uids", "retain_device", "retain_institution",
+                                  "retain_patient_characteristics", "retain_safe_private", "clean_descriptors")
+                  if getattr(self, col)]
+        if self.dates == "full":
+            chosen.append("retain_long_full_dates")
+        elif self.dates == "shift":
+            chosen.append("retain_long_modified_dates")
+        return chosen
+
+
+class Keyed:
+    """The keyed, deterministic derivations: one HMAC-SHA256 per purpose, prefixed so purposes never collide."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+
+    def digest(self, purpose: str, value: str) -> bytes:
+        return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).digest()
+
+    def uid(self, original: str) -> str:
+        return "2.25." + str(int.from_bytes(self.digest("uid", original)[:16], "big"))
+
+    def patient(self, original_id: str, prefix: str) -> str:
+        return prefix + self.digest("patient", original_id).hex()[:16].upper()
+
+    def accession(self, original: str) -> str:
+        return self.digest("accession", original).hex()[:16].upper()  # SH: at most 16 characters
+
+    def day_offset(self, original_id: str) -> int:
+        """Days to move this patient's dates back: 1..3652 (up to ten years), one value per patient."""
+        return 1 + int.from_bytes(self.digest("dates", original_id)[:8], "big") % 3652
+
+    def fingerprint(self) -> str:
+        return self.digest("fingerprint", "")[:8].hex()
+
+
+def is_well_known_uid(value: str) -> bool:
+    from pydicom.uid import UID_dictionary
+
+    return value.startswith("1.2.840.10008.") or value in UID_dictionary
+
+
+# --------------------------------------------------------------------------- applying the profile
+
+@dataclass
+class Run:
+    """The state of de-identifying one dataset: decisions made, identifying strings seen, lines for --dry-run."""
+
+    options: Options
+    keyed: Keyed
+    patient_basis: str
+    phi_strings: tuple[str, ...]
+    lines: list[str] = field(default_factory=list)
+    safe_private: frozenset[tuple[str, int, int]] = frozenset()
+
+    def note(self, depth: int, tag: int, action: str, detail: str = "") -> None:
+        line = f"{'  ' + '>' * depth}{dicom.tag_label(tag):<48} {action:<6} {detail}"
+        self.lines.append(line.rstrip())
+
+
+def resolve(row: Row, options: Options) -> str:
+    """The effective action code of a row under the selected options: K beats C beats the option's own code."""
+    selected = set(options.selected())
+    codes = [code for col, code in row.options if col in selected]
+    for preferred in ("K", "C"):
+        if preferred in codes:
+            return preferred
+    return codes[0] if codes else row.basic
+
+
+def conditional(code: str) -> str:
+    """A conditional code resolved to the conformance-safe variant (we do not know each attribute's IOD type)."""
+    if code == "X/Z":
+        return "Z"
+    if code in ("X/D", "X/Z/D", "Z/D"):
+        return "D"
+    if code == "X/Z/U*":
+        return "U*"
+    return code
+
+
+def action_for(elem: Any, run: Run) -> str:
+    tag = int(elem.tag)
+    options = run.options
+    if tag in options.keep:
+        return "K"
+    if tag in dict(options.replace):
+        return "R"
+    if elem.tag.is_private:
+        return "X"  # safe private elements are decided by the caller
+    if elem.tag.element == 0x0000:
+        return "X"  # group lengths: stale after editing, retired anyway
+    if tag in (PATIENT_ID, PATIENT_NAME):
+        return "P"
+    if tag == ACCESSION:
+        return "A"
+    row = load_table().lookup(tag)
+    if row is not None:
+        return conditional(resolve(row, options))
+    if elem.VR in ("DA", "DT"):
+        return {"full": "K", "shift": "C"}.get(options.dates, "D")
+    if elem.VR == "UI":
+        return "K" if options.retain_uids or not _remappable(elem) else "U"
+    return "K"
+
+
+def _remappable(elem: Any) -> bool:
+    """Whether a UI element holds instance UIDs (not a class, scheme or other well-known UID)."""
+    if NOT_INSTANCE_UID.search(elem.keyword or ""):
+        return False
+    values = elem.value if elem.VM > 1 else [elem.value]
+    return any(v and not is_well_known_uid(str(v)) for v in values)
+
+
+def deidentify(ds: Any, run: Run, depth: int = 0, dummy_text: bool = False) -> None:
+    """Apply the profile to ``ds`` in place, recursing into sequence items."""
+    kept_private = _kept_private(ds, run) if run.options.retain_safe_private else set()
+    for elem in list(ds):
+        tag = int(elem.tag)
+        if elem.tag.is_private and tag in kept_private:
+            run.note(depth, tag, "K", "safe private")
+            continue
+        action = action_for(elem, run)
+        if action == "K" and dummy_text and elem.VR in TEXT_VRS:
+            action = "D"
+        _apply(ds, elem, action, run, depth, dummy_text)
+
+
+def _apply(ds: Any, elem: Any, action: str, run: Run, depth: int, dummy_text: bool) -> None:
+    tag = int(elem.tag)
+    if action == "X":
+        run.note(depth, tag, "X", "remove")
+        del ds[elem.tag]
+        return
+    if elem.VR == "SQ":
+        if action == "Z":
+            run.note(depth, tag, "Z", "empty sequence")
+            elem.value = []
+            return
+        label = {"D": "dummy-text items", "U*": "keep items, replace UIDs"}.get(action, "keep items")
+        run.note(depth, tag, action, f"{label} ({len(elem.value)})")
+        for item in elem.value:
+            deidentify(item, run, depth + 1, dummy_text or action == "D")
+        return
+    if action == "K":
+        run.note(depth, tag, "K")
+    elif action == "R":
+        elem.value = dict(run.options.replace)[tag]
+        run.note(depth, tag, "R", "replaced as asked")
+    elif action == "P":
+        elem.value = run.keyed.patient(run.patient_basis, run.options.id_prefix)
+        run.note(depth, tag, "Z->D", "keyed pseudonym")
+    elif action == "A":
+        if elem.value:
+            elem.value = run.keyed.accession(str(elem.value))
+        run.note(depth, tag, "Z->D", "keyed pseudonym" if elem.value else "empty")
+    elif action in ("U", "U*"):
+        if elem.VR == "UI" and not _remappable(elem):
+            run.note(depth, tag, "K", "well-known UID")
+        else:
+            elem.value = _map_uids(elem, run)
+            run.note(depth, tag, "U", "keyed UID")
+    elif action == "Z":
+        elem.value = None if elem.VR not in ("OB", "OW", "UN") else b""
+        run.note(depth, tag, "Z", "empty")
+    elif action == "D":
+        elem.value = _dummy(elem)
+        run.note(depth, tag, "D", "dummy")
+    elif action == "C":
+        cleaned, how = _clean(elem, run)
+        elem.value = cleaned
+        run.note(depth, tag, "C", how)
+    else:  # pragma: no cover - the table only holds the codes above
+        raise DataError(f"unknown action code {action!r} for {dicom.tag_label(tag)}")
+
+
+def _map_uids(elem: Any, run: Run) -> Any:
+    if elem.VR != "UI":
+        return _dummy(elem)
+
+    def one(uid: str) -> str:
+        uid = str(uid).strip().rstrip("\0")
+        return uid if not uid or is_well_known_uid(uid) else run.keyed.uid(uid)
+
+    values = elem.value if elem.VM > 1 else [elem.value] if elem.value else []
+    mapped = [one(v) for v in values]
+    return mapped if elem.VM > 1 else (mapped[0] if mapped else elem.value)
+
+
+def _dummy(elem: Any) -> Any:
+    if elem.VR == "UI":
+        return None  # never invent a UID that could collide; UI rows are U in the table anyway
+    if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return b""
+    if elem.VR in TEXT_VRS or elem.VR == "UC":
+        return DUMMY_TEXT if elem.VR != "SH" and elem.VR != "AE" else DUMMY_TEXT[:16]
+    return DUMMY_BY_VR.get(elem.VR, DUMMY_TEXT)
+
+
+def _clean(elem: Any, run: Run) -> tuple[Any, str]:
+    if elem.VR in ("DA", "DT"):
+        if run.options.dates != "shift":
+            return elem.value, "kept"
+        return _shift(elem, run.keyed.day_offset(run.patient_basis)), "date shifted"
+    if elem.VR == "TM":
+        return elem.value, "kept (dates move by whole days)"
+    text = str(elem.value or "").lower()
+    if any(s in text for s in run.phi_strings):
+        return _dummy(elem), "identifying text replaced"
+    return elem.value, "kept (no identifying text found)"
+
+
+def _shift(elem: Any, days: int) -> Any:
+    values = list(elem.value) if elem.VM > 1 else [elem.value]
+    out = []
+    for value in values:
+        text = str(value or "")
+        try:
+            day = dt.datetime.strptime(text[:8], "%Y%m%d").date() - dt.timedelta(days=days)
+        except ValueError:
+            out.append(DUMMY_BY_VR[elem.VR] if text else text)  # partial or damaged: no safe shift
+            continue
+        out.append(day.strftime("%Y%m%d") + text[8:])
+    return out if elem.VM > 1 else out[0]
+
+
+def _kept_private(ds: Any, run: Run) -> set[int]:
+    """Private tags of ``ds`` in the safe list, plus the creator elements they need."""
+    kept: set[int] = set()
+    for elem in ds:
+        if not elem.tag.is_private or elem.tag.element < 0x1000:
+            continue
+        creator_tag = (elem.tag.group << 16) | (elem.tag.element >> 8)
+        creator = ds.get(creator_tag)
+        if creator is not None and (str(creator.value).strip(), elem.tag.group, elem.tag.element & 0xFF) \
+                in run.safe_private:
+            kept.update((int(elem.tag), creator_tag))
+    return kept
+
+
+def identifying_strings(ds: Any) -> tuple[str, ...]:
+    """Lower-cased identifying strings of a dataset, for cleaning free text: every PN value (and its name
+    components), patient IDs, birth date, accession and institution."""
+    found: set[str] = set()
+
+    def walk(d: Any) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.VR == "PN" or int(elem.tag) in (PATIENT_ID, ACCESSION, 0x00100030, 0x00101000, 0x00080080,
+                                                     0x00080081):
+                values = elem.value if elem.VM > 1 else [elem.value]
+                for value in values:
+                    text = str(value or "").strip().lower()
+                    parts = re.split(r"[\^=\s,]+", text) if elem.VR == "PN" else [text]
+                    found.update(p for p in [text, *parts] if len(p) >= 3)
+
+    walk(ds)
+    return tuple(sorted(found))
+
+
+def mark(ds: Any, options: Options) -> None:
+    """PS3.15 E.1.1 conformance markers: identity removed, method text and CID 7050 codes, temporal status."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds.PatientIdentityRemoved = "YES"
+    names = ["basic", *options.selected()]
+    ds.DeidentificationMethod = [f"kaapcli: {METHOD_CODES[n][1]}"[:64] for n in names if n in METHOD_CODES]
+    items = []
+    for n in names:
+        if n in METHOD_CODES:
+            item = Dataset()
+            item.CodeValue, item.CodeMeaning = METHOD_CODES[n]
+            item.CodingSchemeDesignator = "DCM"
+            items.append(item)
+    ds.DeidentificationMethodCodeSequence = Sequence(items)
+    ds.LongitudinalTemporalInformationModified = {"full": "UNMODIFIED", "shift": "MODIFIED"}.get(options.dates,
+                                                                                                  "REMOVED")
+
+
+def burned_in_reason(ds: Any) -> str:
+    """Why the pixels may carry burned-in text ('' when nothing suggests it)."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").upper()
+    if flag == "YES":
+        return "BurnedInAnnotation is YES"
+    if flag == "NO" or "PixelData" not in ds and "FloatPixelData" not in ds and "EncapsulatedDocument" not in ds:
+        return ""
+    modality = str(ds.get("Modality", "") or "").upper()
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if modality in BURNED_IN_MODALITIES:
+        return f"BurnedInAnnotation absent and modality is {modality}"
+    if sop_class.startswith(BURNED_IN_SOP_PREFIXES):
+        return f"BurnedInAnnotation absent and SOP class {sop_class} often carries burned-in text"
+    return ""
+
+
+# --------------------------------------------------------------------------- the re-identification map
+
+_MAP_CONNECTIONS: dict[str, sqlite3.Connection] = {}
+
+
+def record_map(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
+    """Add (kind, original, pseudonym) rows to the SQLite map.  Workers write concurrently: WAL + busy timeout."""
+    key = str(path)
+    con = _MAP_CONNECTIONS.get(key)
+    if con is None:
+        fsio.ensure_dir(path.parent)
+        con = sqlite3.connect(path, timeout=60)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS pseudonyms (kind TEXT NOT NULL, original TEXT NOT NULL, "
+                    "pseudonym TEXT NOT NULL, PRIMARY KEY (kind, original))")
+        _MAP_CONNECTIONS[key] = con
+    with con:
+        con.executemany("INSERT OR IGNORE INTO pseudonyms VALUES (?, ?, ?)", list(rows))
+
+
+# --------------------------------------------------------------------------- the operator
+
+class AnonymizeOperator(BaseOperator):
+    """De-identify one file: read, guard burned-in text, apply the profile, write ``<new UIDs>.dcm``."""
+
+    name = "anonymize"
+    supports_dry_run = True
+
+    def __init__(self, key: bytes, options: Options, map_path: Path | None = None):
+        if not key:
+            raise UsageError("an empty key is not a key")
+        self.keyed = Keyed(key)
+        self.opts = options
+        self.map_path = map_path
+        self.kaapana_tags = load_kaapana_tags() if options.profile == "kaapana" else ()
+        self.safe_private = load_safe_private() if options.retain_safe_private else frozenset()
+
+    def options(self) -> dict[str, Any]:
+        # The key enters only as a keyed digest: a new key makes old outputs stale without storing the key.
+        return {"options": repr(self.opts), "key": self.keyed.fingerprint(), "map": str(self.map_path or "")}
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        if ctx.debug:
+            return self._process(item, ctx)
+        # pydicom's warnings quote raw values (names, IDs): never echo them, count them instead.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome = self._process(item, ctx)
+        if caught:
+            outcome.warnings.append(f"{len(caught)} non-conformant value(s) in the input, written as read "
+                                    "(values not shown; rerun with --debug to see pydicom's messages)")
+        return outcome
+
+    def _process(self, item: Item, ctx: Context) -> Outcome:
+        path = item.paths[0]
+        ds = dicom.read(path)
+        originals = {t: str(ds.get(t).value) if t in ds and ds.get(t).value else "" for t in
+                     (STUDY_UID, SERIES_UID, SOP_INSTANCE_UID, PATIENT_ID, PATIENT_NAME, ACCESSION)}
+        if not originals[SOP_INSTANCE_UID]:
+            raise DataError("missing SOPInstanceUID", hint="not a composite instance; nothing to name it by")
+        warnings: list[str] = []
+        reason = burned_in_reason(ds)
+        if reason and self.opts.burned_in == "fail":
+            raise DataError(f"possible burned-in text: {reason}",
+                            hint="clean the pixel data first, or pass --burned-in warn|ignore")
+        if reason and self.opts.burned_in == "warn":
+            warnings.append(f"possible burned-in text in the pixel data ({reason}); pixels are not cleaned")
+
+        patient_basis = originals[PATIENT_ID] or originals[PATIENT_NAME] or originals[STUDY_UID]
+        run = Run(self.opts, self.keyed, patient_basis, identifying_strings(ds), safe_private=self.safe_private)
+        if self.opts.profile == "kaapana":
+            self._kaapana(ds, run)
+        else:
+            deidentify(ds, run)
+            self._add_replacements(ds, run)
+            self._file_meta(ds)
+            mark(ds, self.opts)
+
+        dest = ctx.out / self._name(ds, originals) if ctx.out is not None else Path(self._name(ds, originals))
+        if ctx.dry_run:
+            return Outcome(message=f"would write {dest}\n" + "\n".join(run.lines), warnings=warnings)
+        dicom.save(ds, dest)
+        if self.map_path is not None:
+            record_map(self.map_path, self._map_rows(originals, patient_basis))
+        return Outcome(outputs=[dest], warnings=warnings)
+
+    def _kaapana(self, ds: Any, run: Run) -> None:
+        """Kaapana's way: erase the 45 tags wherever they occur; nothing else changes."""
+        tags = set(self.kaapana_tags)
+
+        def erase(d: Any, depth: int) -> None:
+            for elem in list(d):
+                if int(elem.tag) in tags:
+                    run.note(depth, int(elem.tag), "X", "erased (kaapana)")
+                    del d[elem.tag]
+                elif elem.VR == "SQ":
+                    for item in elem.value:
+                        erase(item, depth + 1)
+
+        erase(ds, 0)
+
+    def _add_replacements(self, ds: Any, run: Run) -> None:
+        """--replace of an attribute the input lacks: add it at the top level."""
+        from pydicom.datadict import dictionary_VR
+
+        for tag, value in self.opts.replace:
+            if tag not in ds:
+                try:
+                    ds.add_new(tag, dictionary_VR(tag), value)
+                except KeyError:
+                    raise UsageError(f"--replace {dicom.tag_label(tag)}: not in the DICOM dictionary, "
+                                     "cannot add it") from None
+                run.note(0, tag, "R", "added as asked")
+
+    def _file_meta(self, ds: Any) -> None:
+        """A fresh file meta group: only the class, the new instance UID, the transfer syntax and who wrote it."""
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        from kaapcli.core.mock import IMPLEMENTATION_UID
+
+        old = getattr(ds, "file_meta", None)
+        syntax = old.get("TransferSyntaxUID") if old is not None else None
+        if not syntax:
+            implicit, little = getattr(ds, "original_encoding", (False, True))
+            syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or (old.get("MediaStorageSOPClassUID") if old else "")
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "KAAPCLI"
+        ds.file_meta = meta
+        ds.preamble = b"\0" * 128
+
+    def _name(self, ds: Any, originals: dict[int, str]) -> Path:
+        values = dicom.template_values(ds, self.opts.name)
+        for tag, keyword in ((STUDY_UID, "StudyInstanceUID"), (SERIES_UID, "SeriesInstanceUID"),
+                             (SOP_INSTANCE_UID, "SOPInstanceUID")):
+            if keyword not in values and originals[tag]:  # erased (kaapana profile): name by the keyed UID
+                values[keyword] = self.keyed.uid(originals[tag])
+        name = fsio.render_template(self.opts.name, values)
+        return name if name.suffix else name.with_suffix(".dcm")
+
+    def _map_rows(self, originals: dict[int, str], patient_basis: str) -> list[tuple[str, str, str]]:
+        pseudo = self.keyed.patient(patient_basis, self.opts.id_prefix)
+        rows = [("patient_id", originals[PATIENT_ID], pseudo), ("patient_name", originals[PATIENT_NAME], pseudo)]
+        if originals[ACCESSION]:
+            rows.append(("accession", originals[ACCESSION], self.keyed.accession(originals[ACCESSION])))
+        if originals[STUDY_UID] and not self.opts.retain_uids:
+            rows.append(("study_uid", originals[STUDY_UID], self.keyed.uid(originals[STUDY_UID])))
+        if self.opts.dates == "shift":
+            rows.append(("date_shift_days", patient_basis, str(-self.keyed.day_offset(patient_basis))))
+        return rows
+
+
+def parse_replace(text: str) -> tuple[int, str]:
+    """``TAG=VALUE`` for --replace."""
+    tag_text, sep, value = text.partition("=")
+    if not sep:
+        raise UsageError(f"--replace {text!r}: expected TAG=VALUE", hint="e.g. --replace PatientName=TRIAL01")
+    return dicom.parse_tag(tag_text), value
