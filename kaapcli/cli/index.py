@@ -247,8 +247,9 @@ def stats(
     with _open(ctx, index, project) as ix:
         counts: list[tuple[Any, int]] = list(ix.value_counts(resolved.keys, node, top))
         absent = ix.count(And((node, Not(Exists(resolved))))) if top is None or len(counts) < top else 0
-    if absent:
+    if absent:  # series without the field count as the value null, in order of frequency
         counts.append((None, absent))
+        counts.sort(key=lambda vc: -vc[1])
     if sys.stdout.isatty():
         _bar_chart(resolved.name, counts)
         return

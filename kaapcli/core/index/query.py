@@ -188,7 +188,7 @@ def field_keys(name: str) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- parser
 
-_SPECIAL = set('()[]{}":^~')
+_SPECIAL = set('()[]{}":')  # no ^ boosts or ~ fuzziness: ^ separates DICOM name components
 _DATE8 = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 
 
@@ -333,7 +333,7 @@ class _Parser:
         if nxt in ("", ")"):
             found = "end of query" if nxt == "" else "')'"
             raise _syntax(self.pos + 1, f"expected a term, found {found}")
-        if nxt in "[]{}:^~":
+        if nxt in "[]{}:":
             raise _syntax(self.pos + 1, f"unexpected {nxt!r}")
         text, pattern, wildcard, start = self.word(allow_colon=False)
         if self.text.startswith(":", self.pos):
