@@ -72,8 +72,7 @@ def modify(
     files = fsio.collect_inputs(args)
     roots = [Path(a) for a in args if Path(a).is_dir()]
     if out is not None:
-        out_dir = out.resolve()
-        files = [f for f in files if not f.resolve().is_relative_to(out_dir)]  # a re-run never eats its output
+        files = fsio.outside_output(args, files, out)
         plan_outputs(files, roots, out)
     op = ModifyOperator(edits, roots, in_place=in_place)
     summary = execute(op, files, out, run, "modify")

@@ -37,8 +37,7 @@ def sort(
     if link and copy:
         raise UsageError("--link and --copy exclude each other")
     op = SortOperator(template, link=link)
-    out_dir = out.resolve()
-    files = [f for f in fsio.collect_inputs(inputs) if not f.resolve().is_relative_to(out_dir)]
+    files = fsio.outside_output(inputs, fsio.collect_inputs(inputs), out)
     summary = execute(op, files, out, run, "sort")
     raise typer.Exit(int(summary.exit_code))
 

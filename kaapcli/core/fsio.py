@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from kaapcli.exitcodes import CantCreateError, NoInputError
+from kaapcli.exitcodes import CantCreateError, NoInputError, UsageError
 
 TMP_SUFFIX = ".kaapcli-part"
 
@@ -60,6 +60,17 @@ def collect_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> list[Pa
                 seen.add(f)
                 files.append(f)
     return files
+
+
+def outside_output(args: Iterable[str], files: list[Path], out: Path) -> list[Path]:
+    """``files`` minus those inside ``out``, so a re-run never takes its own outputs as inputs
+    (``OUT`` may sit inside an INPUT directory); an INPUT that is ``out`` or lies inside it is a UsageError."""
+    out_dir = out.resolve()
+    for arg in args:
+        if arg != "-" and Path(arg).resolve().is_relative_to(out_dir):
+            raise UsageError(f"{arg}: input is inside the output directory {out}",
+                             hint="write to another directory (or, for modify, use --in-place)")
+    return [f for f in files if not f.resolve().is_relative_to(out_dir)]
 
 
 def is_dicom(path: Path) -> bool:
