@@ -1,0 +1,248 @@
+"""One PNG per series: the middle slice, windowed, in its true aspect; SEG labels over their image.
+
+- slice: the middle one along the slice normal (ImagePositionPatient), else by InstanceNumber;
+  a multi-frame object shows its middle frame;
+- grey values: modality LUT (rescale), then the first WindowCenter/WindowWidth (DICOM's linear
+  VOI function), else a VOI LUT, else the 1st..99th percentile; MONOCHROME1 is inverted;
+  colour (RGB, YBR_* — pydicom converts to RGB — and PALETTE COLOR) is shown as is;
+- size: the longest side is ``size`` pixels, the other follows PixelSpacing (or PixelAspectRatio);
+- SEG: the referenced image slice with the most labelled voxels, each segment a distinct colour,
+  semi-transparent fill (overlaps mix) and an opaque outline.  The referenced series is looked up
+  in ``reference`` (a directory).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kaapcli.core import dicom, fsio
+from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
+from kaapcli.exitcodes import DataError
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+# Well-separated, colour-blind-friendly colours (Okabe-Ito, then Tableau) cycled over segment numbers.
+PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+           (204, 121, 167), (214, 39, 40), (148, 103, 189), (140, 86, 75), (188, 189, 34), (23, 190, 207)]
+FILL_ALPHA = 0.4
+HEADER_TAGS = ["SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID", "ImagePositionPatient",
+               "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames"]
+
+
+def slice_order(headers: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
+    """Files sorted along the slice normal when the geometry is known, else by InstanceNumber, then name."""
+    import numpy as np
+
+    def key(entry: tuple[Path, Any]) -> tuple[float, float, str]:
+        path, ds = entry
+        try:
+            o = [float(v) for v in ds.ImageOrientationPatient]
+            pos = float(np.dot(np.cross(o[:3], o[3:]), [float(v) for v in ds.ImagePositionPatient]))
+        except (AttributeError, TypeError, ValueError):
+            pos = 0.0
+        try:
+            number = float(ds.get("InstanceNumber") or 0)
+        except (TypeError, ValueError):
+            number = 0.0
+        return (pos, number, path.name)
+
+    return sorted(headers, key=key)
+
+
+def frame_pixels(ds: Any, frame: int | None = None) -> Any:
+    """The stored pixels of one frame (the middle one by default) as a numpy array; decoder errors → DataError."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is bad data for this file
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # name the first plugin's reason
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise DataError(f"cannot decode pixel data ({getattr(ts, 'name', ts) or 'unknown syntax'}): {reason}") from None
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        arr = arr[frames // 2 if frame is None else frame]
+    return arr
+
+
+def to_display(ds: Any, arr: Any) -> Any:
+    """Stored pixels → uint8 grey (rows, columns) or RGB (rows, columns, 3) for display."""
+    import numpy as np
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        return (arr / (256.0 if arr.max() > 255 else 1.0)).astype(np.uint8)
+    if arr.ndim == 3:  # RGB (pydicom has already converted YBR_* to RGB)
+        top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        return arr.astype(np.uint8) if top == 255 else np.clip(arr / top * 255, 0, 255).astype(np.uint8)
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        # DICOM PS3.3 C.11.2.1.2.1 linear window
+        scaled = ((values - (center - 0.5)) / max(width - 1, 1) + 0.5).clip(0, 1)
+    else:
+        if "VOILUTSequence" in ds:
+            values = apply_voi_lut(values, ds, index=0).astype(np.float64)
+        lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max())
+        scaled = ((values - lo) / (hi - lo)).clip(0, 1) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        scaled = 1 - scaled
+    return np.rint(scaled * 255).astype(np.uint8)
+
+
+def first_value(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def display_size(ds: Any, rows: int, columns: int, size: int) -> tuple[int, int]:
+    """(width, height) with the longest side ``size`` and the physical aspect of the pixels."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        dy, dx = (float(v) for v in spacing) if spacing else (float(v) for v in ds.PixelAspectRatio)
+    except (AttributeError, TypeError, ValueError):
+        dy = dx = 1.0
+    if dy <= 0 or dx <= 0:
+        dy = dx = 1.0
+    width, height = columns * dx, rows * dy
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def render(pixels: Any, width: int, height: int) -> Any:
+    """A display array resized to (width, height) as a Pillow image."""
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+    return img.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def overlay(base: Any, masks: list[tuple[int, Any]]) -> Any:
+    """Segments drawn on a Pillow image: translucent fills in turn (overlaps mix), then opaque outlines."""
+    import numpy as np
+    from PIL import Image
+    from scipy.ndimage import binary_erosion
+
+    out = np.asarray(base.convert("RGB"), dtype=np.float64)
+    resized = []
+    for number, mask in masks:
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(base.size, Image.Resampling.NEAREST)) > 0
+        colour = np.array(PALETTE[(number - 1) % len(PALETTE)], dtype=np.float64)
+        out[m] = out[m] * (1 - FILL_ALPHA) + colour * FILL_ALPHA
+        resized.append((colour, m))
+    for colour, m in resized:
+        out[m & ~binary_erosion(m)] = colour
+    return Image.fromarray(np.rint(out).astype(np.uint8))
+
+
+class NotAnImage(Exception):
+    """A series without pixel data (SR, RT plan, waveform...): skipped, not failed."""
+
+
+@functools.lru_cache(maxsize=4)
+def series_index(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    """SeriesInstanceUID → [(file, SOPInstanceUID)] of every readable DICOM file below ``root``."""
+    index: dict[str, list[tuple[Path, str]]] = {}
+    for path in fsio.walk_files(root):
+        if not fsio.is_dicom(path):
+            continue
+        try:
+            ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        except DataError:
+            continue
+        index.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, str(ds.get("SOPInstanceUID", ""))))
+    return index
+
+
+@dataclass
+class ThumbnailOperator(BaseOperator):
+    """``OUT/<SeriesInstanceUID>.png`` per series."""
+
+    size: int = 300
+    reference: Path | None = None
+    name: str = "thumbnail"
+    grouped: bool = True
+
+    def options(self) -> dict[str, Any]:
+        return {"size": self.size, "reference": str(self.reference) if self.reference else None}
+
+    def group_key(self, path: Path) -> str | None:
+        """The SeriesInstanceUID; a file without one stands alone under its SOPInstanceUID (or name)."""
+        ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        return str(ds.get("SeriesInstanceUID") or ds.get("SOPInstanceUID") or path.name)
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        assert ctx.out is not None
+        try:
+            image = self.thumbnail(item)
+        except NotAnImage as exc:
+            return Outcome(skipped=True, message=f"not an image ({exc})")
+        if image is None:
+            return Outcome(skipped=True, message="no image in the series")
+        dest = ctx.out / f"{fsio.safe_name(item.key)}.png"
+        with fsio.atomic_write(dest) as fh:
+            image.save(fh, format="PNG")
+        return Outcome(outputs=[dest])
+
+    def thumbnail(self, item: Item) -> Any:
+        """The Pillow image of one series; raises NotAnImage for series without pixels (SR, RT plans, ...)."""
+        where = (lambda p: f"{p}: ") if len(item.paths) > 1 else (lambda p: "")  # one file: the engine names it
+        headers = []
+        for path in item.paths:
+            try:
+                headers.append((path, dicom.read(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)))
+            except DataError as exc:
+                raise DataError(where(path) + exc.message) from exc
+        path = slice_order(headers)[len(headers) // 2][0]
+        sop_class = str(headers[0][1].get("SOPClassUID", ""))
+        if sop_class == SEG_SOP_CLASS:
+            return self.seg_thumbnail(path)
+        if sop_class == RTSTRUCT_SOP_CLASS:
+            raise DataError("RTSTRUCT thumbnails are not supported yet", hint="convert it to SEG first")
+        ds = dicom.read(path)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise NotAnImage(str(getattr(ds.get("SOPClassUID"), "name", "") or ds.get("Modality", "no pixel data")))
+        try:
+            pixels = to_display(ds, frame_pixels(ds))
+        except DataError as exc:
+            raise DataError(where(path) + exc.message) from exc
+        return render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], self.size))
+
+    def seg_thumbnail(self, seg_path: Path) -> Any:
+        """The referenced slice with the most labelled voxels, segments overlaid."""
+        import highdicom as hd
+        import numpy as np
+
+        try:
+            seg = hd.seg.segread(seg_path)
+        except Exception as exc:  # noqa: BLE001 - highdicom raises many types on a bad SEG
+            raise DataError(f"{seg_path}: cannot read SEG: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        refs = seg.get_source_image_uids()
+        if not refs:
+            raise DataError(f"{seg_path}: the SEG references no source images")
+        series_uid = refs[0][1]
+        if self.reference is None:
+            raise DataError(f"{seg_path}: a SEG is drawn over its referenced series",
+                            hint="give the directory holding it with --reference DIR")
+        files = {sop: path for path, sop in series_index(self.reference).get(series_uid, [])}
+        sops = [sop for _study, series, sop in refs if series == series_uid and sop in files]
+        if not sops:
+            raise DataError(f"{seg_path}: referenced series {series_uid} not found",
+                            hint="give the directory holding it with --reference DIR")
+        numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+        pixels = seg.get_pixels_by_source_instance(sops, segment_numbers=numbers, skip_overlap_checks=True)
+        best = int(np.argmax(pixels.reshape(len(sops), -1).sum(axis=1)))
+        ds = dicom.read(files[sops[best]])
+        base = to_display(ds, frame_pixels(ds, 0))
+        image = render(base, *display_size(ds, base.shape[0], base.shape[1], self.size))
+        return overlay(image, [(n, pixels[best, :, :, k] > 0) for k, n in enumerate(numbers)])

@@ -1,0 +1,118 @@
+"""thumbnail: size and aspect, windowing, colour and compressed pydicom files, SEG overlay, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.conftest import dicom_files, kaapcli, pydicom_test_files
+
+
+def series_dir(root: Path) -> Path:
+    return sorted({p.parent for p in dicom_files(root)})[0]
+
+
+def png(out: Path, uid: str) -> np.ndarray:
+    return np.asarray(Image.open(out / f"{uid}.png"))
+
+
+def test_size_aspect_and_window(tmp_path: Path, mock_ct: Path) -> None:
+    src = tmp_path / "series"
+    shutil.copytree(series_dir(mock_ct), src)
+    files = sorted(src.iterdir())
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    # Anisotropic pixels (rows 2x as far apart as columns) and a narrow window on every slice.
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [1.6, 0.8]
+        ds.WindowCenter, ds.WindowWidth = 40, 100  # soft tissue: lungs black, bone white
+        ds.save_as(f)
+    proc = kaapcli("thumbnail", src, "-o", tmp_path / "out", "--size", "120")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "out" / f"{uid}.png")]
+    img = png(tmp_path / "out", uid)
+    assert img.shape == (120, 60)  # 64 rows x 1.6 mm tall, 64 columns x 0.8 mm wide
+    # The window clips: air/lung (< -10 HU) all black, bone (> 90 HU) all white, few in between.
+    assert (img == 0).mean() > 0.3 and (img == 255).sum() > 0
+    # A wide window keeps more grey levels than the narrow one.
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.WindowWidth = 4000
+        ds.save_as(f)
+    wide = kaapcli("thumbnail", src, "-o", tmp_path / "wide", "--size", "120", "-q")
+    assert wide.returncode == 0, wide.stderr
+    assert (png(tmp_path / "wide", uid) == 255).sum() == 0 and (png(tmp_path / "wide", uid) == 0).mean() < 0.05
+
+
+def test_pydicom_files_colour_compressed_and_broken(tmp_path: Path) -> None:
+    proc = kaapcli("thumbnail", *pydicom_test_files(), "-o", tmp_path / "out", "--format", "jsonl", "-w", "2")
+    assert proc.returncode == 1  # some of pydicom's files are broken on purpose
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) >= 25
+    for r in [r for r in records if r["status"] == "failed"]:
+        assert "\n" not in r["message"] and r["message"]
+    # colour: a YBR JPEG (red square) and an RGB file come out as RGB PNGs with colour
+    for name in ("SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle.dcm"):
+        ds = pydicom.dcmread(next(p for p in pydicom_test_files() if p.name == name), stop_before_pixels=True)
+        img = png(tmp_path / "out", ds.SeriesInstanceUID)
+        assert img.ndim == 3 and img.shape[2] == 3
+        assert (np.ptp(img.astype(int), axis=2) > 100).any()
+
+
+def test_truncated_and_non_dicom(tmp_path: Path, mock_ct: Path) -> None:
+    good = dicom_files(series_dir(mock_ct))[0]
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "notes.txt").write_text("hello")
+    proc = kaapcli("thumbnail", tmp_path, "-o", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr  # one failed item (notes.txt is skipped, not failed)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "cut.dcm" in errors[0] and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_seg_overlay_is_coloured(tmp_path: Path, mock_ct: Path) -> None:
+    hd = pytest.importorskip("highdicom")
+    ref = series_dir(mock_ct)
+    sources = sorted((pydicom.dcmread(p) for p in dicom_files(ref)), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array.astype(int) - 1024 for d in sources])
+    body = hu > -500
+    dense = hu > 100  # spine, kidneys, aorta: inside the body mask, so the segments overlap
+    mask = np.stack([body, dense], axis=-1).astype(np.uint8)
+    algo = hd.AlgorithmIdentificationSequence(name="threshold", version="1", family=hd.sr.CodedConcept(
+        "123109", "DCM", "Manual Processing"))
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=label, segmented_property_category=hd.sr.CodedConcept(
+            "91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
+        for i, (label, code, meaning) in enumerate([("body", "38266002", "Entire body"),
+                                                    ("dense", "272673000", "Bone")])]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=99,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="kaapcli tests",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    seg_dir = tmp_path / "seg"
+    seg_dir.mkdir()
+    seg.save_as(seg_dir / "seg.dcm")
+    no_ref = kaapcli("thumbnail", seg_dir, "-o", tmp_path / "out")
+    assert no_ref.returncode == 65 and "--reference" in no_ref.stderr
+    proc = kaapcli("thumbnail", seg_dir, "-o", tmp_path / "out", "--reference", mock_ct, "--size", "128")
+    assert proc.returncode == 0, proc.stderr
+    img = png(tmp_path / "out", seg.SeriesInstanceUID).astype(int)
+    assert img.shape == (128, 128, 3)
+    colour = np.ptp(img, axis=2) > 40
+    assert colour.mean() > 0.2  # the body fill covers much of the slice
+    # both segment colours appear as outlines, and their overlap mixes into a third colour
+    colours = {tuple(c) for c in img[colour].reshape(-1, 3)}
+    assert (230, 159, 0) in colours and (86, 180, 233) in colours
+    assert len(colours) > 3
