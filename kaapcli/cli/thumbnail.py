@@ -16,7 +16,8 @@ def thumbnail(
     out: OutDir,
     size: Annotated[int, typer.Option(min=8, max=4096, help="Longest side of the PNG, in pixels.")] = 300,
     reference: Annotated[Path | None, typer.Option(
-        "--reference", "-r", help="Directory holding the series that SEG objects reference (for overlays).",
+        "--reference", "-r", help="Directory holding the series SEG/RTSTRUCT objects reference "
+        "(default: search beside them).",
         show_default=False, exists=True, file_okay=False)] = None,
     *,
     run: RunOptions,
@@ -24,7 +25,7 @@ def thumbnail(
     """Write OUT/<SeriesInstanceUID>.png per series: the middle slice (or frame), windowed.
 
     Window: the first WindowCenter/WindowWidth, else the 1st..99th percentile; aspect from PixelSpacing.
-    A SEG is drawn over the referenced slice with the most labelled voxels (needs --reference):
+    A SEG or RTSTRUCT is drawn over the referenced slice with the most labelled voxels:
     one colour per segment, translucent fill, opaque outline.
     """
     from kaapcli.core.thumbnail import ThumbnailOperator

@@ -6,14 +6,13 @@
   VOI function), else a VOI LUT, else the 1st..99th percentile; MONOCHROME1 is inverted;
   colour (RGB, YBR_* — pydicom converts to RGB — and PALETTE COLOR) is shown as is;
 - size: the longest side is ``size`` pixels, the other follows PixelSpacing (or PixelAspectRatio);
-- SEG: the referenced image slice with the most labelled voxels, each segment a distinct colour,
-  semi-transparent fill (overlaps mix) and an opaque outline.  The referenced series is looked up
-  in ``reference`` (a directory).
+- SEG / RTSTRUCT: the referenced image slice with the most labelled voxels, each segment / ROI a
+  distinct colour, semi-transparent fill (overlaps mix) and an opaque outline.  Masks come from
+  ``core.seg``, which finds the referenced series in ``reference`` or beside the SEG/RTSTRUCT.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,21 +148,6 @@ class NotAnImage(Exception):
     """A series without pixel data (SR, RT plan, waveform...): skipped, not failed."""
 
 
-@functools.lru_cache(maxsize=4)
-def series_index(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """SeriesInstanceUID → [(file, SOPInstanceUID)] of every readable DICOM file below ``root``."""
-    index: dict[str, list[tuple[Path, str]]] = {}
-    for path in fsio.walk_files(root):
-        if not fsio.is_dicom(path):
-            continue
-        try:
-            ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
-        except DataError:
-            continue
-        index.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, str(ds.get("SOPInstanceUID", ""))))
-    return index
-
-
 @dataclass
 class ThumbnailOperator(BaseOperator):
     """``OUT/<SeriesInstanceUID>.png`` per series."""
@@ -183,18 +167,17 @@ class ThumbnailOperator(BaseOperator):
 
     def process(self, item: Item, ctx: Context) -> Outcome:
         assert ctx.out is not None
+        warnings: list[str] = []
         try:
-            image = self.thumbnail(item)
+            image = self.thumbnail(item, warnings)
         except NotAnImage as exc:
             return Outcome(skipped=True, message=f"not an image ({exc})")
-        if image is None:
-            return Outcome(skipped=True, message="no image in the series")
         dest = ctx.out / f"{fsio.safe_name(item.key)}.png"
         with fsio.atomic_write(dest) as fh:
             image.save(fh, format="PNG")
-        return Outcome(outputs=[dest])
+        return Outcome(outputs=[dest], warnings=warnings)
 
-    def thumbnail(self, item: Item) -> Any:
+    def thumbnail(self, item: Item, warnings: list[str]) -> Any:
         """The Pillow image of one series; raises NotAnImage for series without pixels (SR, RT plans, ...)."""
         where = (lambda p: f"{p}: ") if len(item.paths) > 1 else (lambda p: "")  # one file: the engine names it
         headers = []
@@ -205,10 +188,8 @@ class ThumbnailOperator(BaseOperator):
                 raise DataError(where(path) + exc.message) from exc
         path = slice_order(headers)[len(headers) // 2][0]
         sop_class = str(headers[0][1].get("SOPClassUID", ""))
-        if sop_class == SEG_SOP_CLASS:
-            return self.seg_thumbnail(path)
-        if sop_class == RTSTRUCT_SOP_CLASS:
-            raise DataError("RTSTRUCT thumbnails are not supported yet", hint="convert it to SEG first")
+        if sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
+            return self.seg_thumbnail(path, warnings)
         ds = dicom.read(path)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise NotAnImage(str(getattr(ds.get("SOPClassUID"), "name", "") or ds.get("Modality", "no pixel data")))
@@ -218,31 +199,20 @@ class ThumbnailOperator(BaseOperator):
             raise DataError(where(path) + exc.message) from exc
         return render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], self.size))
 
-    def seg_thumbnail(self, seg_path: Path) -> Any:
-        """The referenced slice with the most labelled voxels, segments overlaid."""
-        import highdicom as hd
+    def seg_thumbnail(self, seg_path: Path, warnings: list[str]) -> Any:
+        """The referenced slice with the most labelled voxels, segments / ROIs overlaid (via core.seg)."""
         import numpy as np
 
-        try:
-            seg = hd.seg.segread(seg_path)
-        except Exception as exc:  # noqa: BLE001 - highdicom raises many types on a bad SEG
-            raise DataError(f"{seg_path}: cannot read SEG: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-        refs = seg.get_source_image_uids()
-        if not refs:
-            raise DataError(f"{seg_path}: the SEG references no source images")
-        series_uid = refs[0][1]
-        if self.reference is None:
-            raise DataError(f"{seg_path}: a SEG is drawn over its referenced series",
-                            hint="give the directory holding it with --reference DIR")
-        files = {sop: path for path, sop in series_index(self.reference).get(series_uid, [])}
-        sops = [sop for _study, series, sop in refs if series == series_uid and sop in files]
-        if not sops:
-            raise DataError(f"{seg_path}: referenced series {series_uid} not found",
-                            hint="give the directory holding it with --reference DIR")
-        numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
-        pixels = seg.get_pixels_by_source_instance(sops, segment_numbers=numbers, skip_overlap_checks=True)
-        best = int(np.argmax(pixels.reshape(len(sops), -1).sum(axis=1)))
-        ds = dicom.read(files[sops[best]])
-        base = to_display(ds, frame_pixels(ds, 0))
+        from kaapcli.core.seg import read_segments
+
+        masks, seg_warnings = read_segments(seg_path, roots=[self.reference] if self.reference else [])
+        warnings.extend(seg_warnings)
+        if not masks:
+            raise DataError(f"{seg_path}: no segments")
+        counts = np.sum([m.array.sum(axis=(1, 2)) for m in masks], axis=0)
+        best = int(np.argmax(counts))
+        frame = masks[0].reference.stack.frames[best]
+        ds = dicom.read(frame.path)
+        base = to_display(ds, frame_pixels(ds, frame.index))
         image = render(base, *display_size(ds, base.shape[0], base.shape[1], self.size))
-        return overlay(image, [(n, pixels[best, :, :, k] > 0) for k, n in enumerate(numbers)])
+        return overlay(image, [(m.number, m.array[best]) for m in masks])
