@@ -1,0 +1,616 @@
+"""Segmentations: label masks → DICOM SEG (highdicom), and DICOM SEG / RTSTRUCT → masks.
+
+Masks are always returned in the full geometry of the referenced image series (every slice,
+empty ones included), as SimpleITK images in LPS, voxel (i, j, k) = column, row, slice as
+:mod:`kaapcli.core.volume` lays them out.
+
+Public API (stable; other operators import it):
+
+- ``reference_from(paths) -> Reference``: the image grid of a referenced series (headers only).
+- ``read_segments(path, reference_paths) -> tuple[list[Mask], list[str]]``: SEG or RTSTRUCT
+  → one binary mask per segment / ROI, plus warnings.
+- ``seg_to_masks(seg_path, reference_paths) -> dict[str, sitk.Image]``: label name → mask.
+- ``masks_to_seg(mask_paths, reference_paths, dest, ...) -> list[str]``: write a binary SEG.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaapcli.core import dicom, fsio, volume
+from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
+from kaapcli.exitcodes import DataError
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+GRID_TOL = 1e-3  # mm / direction cosine: grids closer than this are the same grid
+
+
+# --------------------------------------------------------------------------- reference grid
+
+@dataclass
+class Reference:
+    """The grid of a referenced image series: where slice k, row j, column i is in the world."""
+
+    stack: volume.Stack
+    geometry: volume.Geometry
+
+    @property
+    def size(self) -> tuple[int, int, int]:  # (columns, rows, slices), ITK order
+        f = self.stack.frames[0]
+        return f.columns, f.rows, len(self.stack.frames)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:  # numpy order (slices, rows, columns)
+        c, r, k = self.size
+        return k, r, c
+
+    def to_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous (i, j, k) voxel indices of world points (N, 3)."""
+        g = self.geometry
+        matrix = g.direction * np.asarray(g.spacing)
+        return np.linalg.solve(matrix, (np.asarray(points, dtype=float) - g.origin).T).T
+
+    def image(self, array: np.ndarray) -> Any:
+        """A SimpleITK image on this grid from a (slices, rows, columns) array."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(array)
+        img.SetOrigin(tuple(float(v) for v in self.geometry.origin))
+        img.SetSpacing(tuple(float(v) for v in self.geometry.spacing))
+        img.SetDirection(tuple(float(v) for v in self.geometry.direction.flatten()))
+        return img
+
+    def datasets(self) -> list[Any]:
+        """The referenced instances (headers only), in slice order."""
+        return [dicom.read(f.path, stop_before_pixels=True) for f in self.stack.frames]
+
+
+def reference_from(paths: Sequence[Path], series_uid: str | None = None) -> Reference:
+    """The grid of the image series in ``paths`` (the one with ``series_uid`` when given)."""
+    stacks = [s for s in volume.split_stacks(paths) if series_uid is None or s.series_uid == series_uid]
+    if not stacks:
+        raise DataError(f"referenced series {series_uid or ''} not found among {len(paths)} file(s)".replace("  ", " "))
+    stack = max(stacks, key=lambda s: len(s.frames))  # several stacks: the main one, not a localizer
+    geometry = volume.stack_geometry(stack)
+    if geometry.problem:
+        raise DataError(f"referenced series {stack.label}: {geometry.problem}: masks need a regular grid")
+    return Reference(stack, geometry)
+
+
+SEARCH_LIMIT = 20000  # files walked per directory when guessing where a reference lives
+
+
+@cache
+def _series_index(root: Path, limit: int | None = None) -> dict[str, tuple[Path, ...]]:
+    """SeriesInstanceUID → image files below ``root`` (cached per worker process; at most ``limit`` files)."""
+    index: dict[str, list[Path]] = {}
+    files = fsio.walk_files(root) if root.is_dir() else iter([root])
+    for n, path in enumerate(files):
+        if limit is not None and n >= limit:
+            break
+        if not fsio.is_dicom(path):
+            continue
+        try:
+            ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Rows"])
+        except DataError:
+            continue
+        if "Rows" in ds and ds.get("SeriesInstanceUID"):
+            index.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return {uid: tuple(paths) for uid, paths in index.items()}
+
+
+def find_reference(series_uid: str, near: Path, roots: Sequence[Path]) -> list[Path]:
+    """Files of ``series_uid`` under ``roots``, else beside ``near``: its directory, then the one above
+    (the study directory of a patient/study/series tree), each walked up to SEARCH_LIMIT files."""
+    siblings = [near.parent, near.parent.parent]
+    candidates = list(dict.fromkeys([*roots, *siblings]))
+    for root in candidates:
+        found = _series_index(root.resolve(), None if root in roots else SEARCH_LIMIT).get(series_uid)
+        if found:
+            return list(found)
+    where = ", ".join(str(r) for r in candidates)
+    raise DataError(f"referenced series {series_uid} not found (searched {where})",
+                    hint="pass --reference DIR holding the referenced image series")
+
+
+# --------------------------------------------------------------------------- reading SEG / RTSTRUCT
+
+@dataclass
+class Mask:
+    """One segment or ROI on the reference grid."""
+
+    number: int  # SegmentNumber / ROINumber: the label value
+    name: str
+    array: np.ndarray  # bool, (slices, rows, columns)
+    reference: Reference
+    warnings: list[str] = field(default_factory=list)
+
+    def image(self) -> Any:
+        return self.reference.image(self.array.astype(np.uint8))
+
+
+def referenced_series(ds: Any) -> str:
+    """The SeriesInstanceUID a SEG or RTSTRUCT refers to."""
+    for item in ds.get("ReferencedSeriesSequence") or []:
+        if item.get("SeriesInstanceUID"):
+            return str(item.SeriesInstanceUID)
+    for frame_ref in ds.get("ReferencedFrameOfReferenceSequence") or []:
+        for study in frame_ref.get("RTReferencedStudySequence") or []:
+            for series in study.get("RTReferencedSeriesSequence") or []:
+                if series.get("SeriesInstanceUID"):
+                    return str(series.SeriesInstanceUID)
+    raise DataError("no referenced series (ReferencedSeriesSequence / RTReferencedSeriesSequence)")
+
+
+def read_segments(path: Path, reference_paths: Sequence[Path] | None = None, *,
+                  roots: Sequence[Path] = ()) -> tuple[list[Mask], list[str]]:
+    """A SEG's segments or an RTSTRUCT's ROIs as masks on the referenced grid, plus warnings.
+
+    The reference is ``reference_paths`` when given, else searched under ``roots`` or beside ``path``.
+    """
+    ds = dicom.read(path)
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in (SEG_STORAGE, RTSTRUCT_STORAGE):
+        raise DataError(f"not a DICOM SEG or RTSTRUCT (Modality {ds.get('Modality', '?')})")
+    uid = referenced_series(ds)
+    paths = list(reference_paths) if reference_paths else find_reference(uid, path, roots)
+    reference = reference_from(paths, uid if not reference_paths else None)
+    if sop_class == SEG_STORAGE:
+        return _seg_masks(ds, path, reference)
+    return _rtstruct_masks(ds, reference)
+
+
+def seg_to_masks(seg_path: Path, reference_paths: Sequence[Path] | None = None) -> dict[str, Any]:
+    """Label name → binary SimpleITK mask (uint8) on the referenced grid, for a SEG or RTSTRUCT."""
+    masks, _ = read_segments(seg_path, reference_paths)
+    return {m.name: m.image() for m in masks}
+
+
+def _seg_masks(ds: Any, path: Path, ref: Reference) -> tuple[list[Mask], list[str]]:
+    warnings: list[str] = []
+    seg_type = str(ds.get("SegmentationType", "BINARY"))
+    try:
+        frames = np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - a decoder failure is bad data
+        raise DataError(f"cannot decode SEG pixel data: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    frames = frames.reshape((-1, *frames.shape[-2:]))
+    if seg_type == "FRACTIONAL":  # a probability/occupancy map: voxels over one half are in the segment
+        frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
+    frames = frames.astype(bool)
+    geometry = volume.frames_of(ds, path)
+    if len(geometry) != frames.shape[0]:
+        raise DataError(f"SEG has {frames.shape[0]} frames of pixel data but {len(geometry)} frame descriptions")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment_{s.SegmentNumber}")
+                for s in ds.get("SegmentSequence") or []}
+    arrays = {n: np.zeros(ref.shape, dtype=bool) for n in segments}
+    ref_direction = ref.geometry.direction
+    outside = 0
+    for f, (frame, pixels) in enumerate(zip(geometry, frames, strict=True)):
+        item = per_frame[f] if f < len(per_frame) else None
+        ident = item.get("SegmentIdentificationSequence") if item is not None else None
+        number = int(ident[0].ReferencedSegmentNumber) if ident else 1
+        if number not in arrays:
+            raise DataError(f"frame {f + 1} references segment {number}, not in SegmentSequence")
+        orient = np.asarray(frame.orientation)
+        if (np.max(np.abs(orient - ref_direction[:, :2].T.flatten())) > GRID_TOL
+                or abs(frame.spacing[0] - ref.geometry.spacing[1]) > GRID_TOL
+                or abs(frame.spacing[1] - ref.geometry.spacing[0]) > GRID_TOL):
+            raise DataError(f"SEG frame {f + 1} is not on the grid of series {ref.stack.series_uid} "
+                            "(other orientation or pixel spacing)")
+        i, j, k = ref.to_index(np.asarray([frame.position]))[0]
+        ii, jj, kk = (int(round(v)) for v in (i, j, k))
+        if max(abs(i - ii), abs(j - jj), abs(k - kk)) > 0.01:
+            raise DataError(f"SEG frame {f + 1} lies between the voxels of series {ref.stack.series_uid}")
+        if not 0 <= kk < ref.shape[0]:
+            outside += int(pixels.any())
+            continue
+        target = arrays[number][kk]
+        # frames may be cropped or shifted on the grid: paste the overlapping part
+        r0, c0 = max(jj, 0), max(ii, 0)
+        r1, c1 = min(jj + pixels.shape[0], target.shape[0]), min(ii + pixels.shape[1], target.shape[1])
+        if r1 > r0 and c1 > c0:
+            target[r0:r1, c0:c1] |= pixels[r0 - jj:r1 - jj, c0 - ii:c1 - ii]
+    if outside:
+        warnings.append(f"{outside} non-empty SEG frame(s) outside series {ref.stack.series_uid}: dropped")
+    masks = [Mask(n, segments[n], arrays[n], ref) for n in sorted(segments)]
+    for m in masks:
+        if not m.array.any():
+            warnings.append(f"segment {m.number} ({m.name}) is empty")
+    return masks, warnings
+
+
+def even_odd_fill(polygons: Sequence[np.ndarray], rows: int, columns: int) -> np.ndarray:
+    """Rasterize closed polygons (pixel coordinates x=column, y=row) with the even-odd rule.
+
+    A pixel is inside when a ray from its centre crosses the polygon edges an odd number of
+    times, counting the edges of *all* polygons together, so a contour inside another is a hole.
+    Vectorized: each edge toggles, on every pixel row it spans, all pixels right of its crossing.
+    """
+    toggles = np.zeros((rows, columns + 1), dtype=np.int32)
+    for poly in polygons:
+        x0, y0 = poly[:, 0], poly[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        keep = y0 != y1
+        x0, y0, x1, y1 = x0[keep], y0[keep], x1[keep], y1[keep]
+        lo = np.ceil(np.minimum(y0, y1)).astype(np.int64)  # rows r with min <= r < max
+        hi = np.ceil(np.maximum(y0, y1)).astype(np.int64)
+        counts = np.maximum(hi - lo, 0)
+        if not counts.sum():
+            continue
+        edge = np.repeat(np.arange(len(lo)), counts)
+        r = lo[edge] + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        xc = x0[edge] + (r - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+        inside_rows = (r >= 0) & (r < rows)
+        r, xc = r[inside_rows], xc[inside_rows]
+        c = np.clip(np.floor(xc).astype(np.int64) + 1, 0, columns)  # first pixel centre right of the crossing
+        np.add.at(toggles, (r, c), 1)
+    return (np.cumsum(toggles, axis=1)[:, :columns] % 2).astype(bool)
+
+
+def _rtstruct_masks(ds: Any, ref: Reference) -> tuple[list[Mask], list[str]]:
+    warnings: list[str] = []
+    names = {int(r.ROINumber): str(r.get("ROIName", "") or f"roi_{r.ROINumber}")
+             for r in ds.get("StructureSetROISequence") or []}
+    contours: dict[int, list[Any]] = {n: [] for n in names}
+    for roi in ds.get("ROIContourSequence") or []:
+        contours.setdefault(int(roi.ReferencedROINumber), []).extend(roi.get("ContourSequence") or [])
+    n_slices, rows, columns = ref.shape
+    masks = []
+    for number in sorted(contours):
+        name = names.get(number, f"roi_{number}")
+        by_slice: dict[int, list[np.ndarray]] = {}
+        clipped = dropped = skipped = 0
+        for contour in contours[number]:
+            kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR"))
+            points = np.asarray(contour.get("ContourData") or [], dtype=float)
+            if kind != "CLOSED_PLANAR" or points.size < 9:
+                skipped += 1  # POINT / OPEN_PLANAR / degenerate contours enclose no area
+                continue
+            idx = ref.to_index(points.reshape(-1, 3))
+            k = int(round(float(idx[:, 2].mean())))
+            if np.ptp(idx[:, 2]) > 0.5 or not 0 <= k < n_slices:
+                dropped += 1
+                continue
+            if (idx[:, 0].min() < -0.5 or idx[:, 1].min() < -0.5 or idx[:, 0].max() > columns - 0.5
+                    or idx[:, 1].max() > rows - 0.5):
+                clipped += 1
+            by_slice.setdefault(k, []).append(idx[:, :2])
+        array = np.zeros(ref.shape, dtype=bool)
+        for k, polygons in by_slice.items():
+            array[k] = even_odd_fill(polygons, rows, columns)
+        label = f"ROI {number} ({name})"
+        if clipped:
+            warnings.append(f"{label}: {clipped} contour(s) extend beyond the image: clipped")
+        if dropped:
+            warnings.append(f"{label}: {dropped} contour(s) off the slices of series {ref.stack.series_uid}: dropped")
+        if skipped:
+            warnings.append(f"{label}: {skipped} POINT/OPEN contour(s) enclose no area: ignored")
+        if not array.any():
+            warnings.append(f"{label} is empty")
+        masks.append(Mask(number, name, array, ref))
+    return masks, warnings
+
+
+# --------------------------------------------------------------------------- writing SEG
+
+@dataclass
+class SegInfo:
+    """Kaapana's seg_info.json: algorithm and label names (``label_int`` → ``label_name``)."""
+
+    algorithm: str = ""
+    algorithm_type: str = ""
+    body_part: str = ""
+    labels: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None) -> SegInfo:
+        if path is None:
+            return cls()
+        try:
+            doc = json.loads(path.read_text())
+            labels = {int(e["label_int"]): str(e["label_name"]) for e in doc.get("seg_info", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path}: not a seg_info.json ({type(exc).__name__}: {exc})",
+                            hint='expected {"algorithm": ..., "seg_info": [{"label_name": ..., "label_int": ...}]}') \
+                from None
+        return cls(str(doc.get("algorithm", "")), str(doc.get("algorithm_type", "")),
+                   str(doc.get("task_body_part", "")), labels)
+
+
+@cache
+def _code_table() -> dict[str, Any]:
+    return json.loads(resources.files("kaapcli").joinpath("data/seg_codes.json").read_text())
+
+
+def coded_concepts(label: str) -> tuple[Any, Any]:
+    """(segmented property category, type) for a label: SNOMED CT where the name maps, a generic code otherwise."""
+    from pydicom.sr.codedict import codes
+
+    table = _code_table()
+    words = re.sub(r"[_\-\s]+", " ", label).strip().lower()
+    keyword = table["synonyms"].get(words) or "".join(w.capitalize() for w in words.split())
+    try:
+        concept = getattr(codes.SCT, keyword)
+    except AttributeError:
+        return getattr(codes.SCT, table["generic"]["category"]), getattr(codes.SCT, table["generic"]["type"])
+    category = table["category"].get(keyword, table["default_category"])
+    return getattr(codes.SCT, category), concept
+
+
+@dataclass
+class Segment:
+    number: int
+    label: str
+    array: np.ndarray  # bool (slices, rows, columns) on the reference grid
+    source: str
+
+
+def _same_grid(image: Any, ref: Reference) -> bool:
+    g = ref.geometry
+    return (tuple(image.GetSize()) == ref.size
+            and np.allclose(image.GetSpacing(), g.spacing, atol=GRID_TOL)
+            and np.allclose(image.GetOrigin(), g.origin, atol=GRID_TOL)
+            and np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), g.direction, atol=GRID_TOL))
+
+
+def mask_on_reference(path: Path, ref: Reference) -> tuple[np.ndarray, list[str]]:
+    """A label image read from ``path`` on the reference grid (nearest-neighbour resampled if needed)."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise DataError(f"{path}: cannot read image: {reason[:200]}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: a mask must be a 3-D scalar image (got {image.GetDimension()}-D, "
+                        f"{image.GetNumberOfComponentsPerPixel()} component(s))")
+    values = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        raise DataError(f"{path}: not a label image (non-integer values)")
+    if values.min() < 0:
+        raise DataError(f"{path}: not a label image (negative values)")
+    warnings = []
+    if not _same_grid(image, ref):
+        g = ref.geometry
+        same_frame = (np.allclose(image.GetSpacing(), g.spacing, atol=GRID_TOL)
+                      and np.allclose(image.GetOrigin(), g.origin, atol=GRID_TOL))
+        if same_frame:  # same origin and spacing, other size: another series' mask, not a resolution change
+            raise DataError(f"{path}: mask size {'x'.join(map(str, image.GetSize()))} differs from the reference "
+                            f"{'x'.join(map(str, ref.size))} on the same grid",
+                            hint="is this the mask of another series?")
+        grid = ref.image(np.zeros(ref.shape, dtype=np.uint8))
+        resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+        if values.any() and not sitk.GetArrayViewFromImage(resampled).any():
+            raise DataError(f"{path}: mask lies outside the referenced series {ref.stack.series_uid}")
+        warnings.append(f"{path.name}: geometry differs from the reference "
+                        f"({'x'.join(map(str, image.GetSize()))} vs {'x'.join(map(str, ref.size))}): "
+                        "resampled (nearest neighbour)")
+        image = resampled
+    return sitk.GetArrayFromImage(image).astype(np.int64), warnings
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd)$", "", path.name)
+
+
+def _label_name(path: Path, value: int, values: list[int], info: SegInfo) -> str:
+    stem = _stem(path)
+    by_name = {name.lower(): name for name in info.labels.values()}
+    if stem.lower() in by_name:  # one file per label, named after it
+        return by_name[stem.lower()]
+    if value in info.labels:
+        return info.labels[value]
+    return stem if len(values) == 1 else f"label_{value}"
+
+
+def collect_segments(mask_paths: Sequence[Path], ref: Reference, info: SegInfo) -> tuple[list[Segment], list[str]]:
+    """One segment per (file, label value); a label map gives several, a binary mask one."""
+    segments: list[Segment] = []
+    warnings: list[str] = []
+    for path in mask_paths:
+        labels, notes = mask_on_reference(path, ref)
+        warnings += notes
+        values = [int(v) for v in np.unique(labels) if v]
+        if len(mask_paths) == 1 and info.labels:  # a label map: labels of seg_info absent from it stay, empty
+            values = sorted(set(values) | set(info.labels))
+        if not values:  # an empty mask file: one empty segment, named from seg_info or the file
+            stem = _stem(path).lower()
+            values = [v for v, name in info.labels.items() if name.lower() == stem][:1] or [1]
+        for value in values:
+            segments.append(Segment(len(segments) + 1, _label_name(path, value, values, info), labels == value,
+                                    path.name))
+    for s in segments:
+        if not s.array.any():
+            warnings.append(f"segment {s.number} ({s.label}, from {s.source}) is empty")
+    return segments, warnings
+
+
+def build_seg(ref: Reference, segments: Sequence[Segment], info: SegInfo, *, series_uid: str, sop_uid: str,
+              series_number: int = 900, description: str = "") -> Any:
+    """A binary DICOM SEG (highdicom) of ``segments`` referencing every instance of the reference series."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from kaapcli import __version__
+
+    algorithm_type = (info.algorithm_type or ("AUTOMATIC" if info.algorithm else "MANUAL")).upper()
+    if algorithm_type not in ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"):
+        raise DataError(f"algorithm type {algorithm_type!r}: expected AUTOMATIC, SEMIAUTOMATIC or MANUAL")
+    identification = None
+    if algorithm_type != "MANUAL":
+        identification = hd.AlgorithmIdentificationSequence(
+            name=info.algorithm or "unknown", version="1", family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for s in segments:
+        category, kind = coded_concepts(s.label)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=s.number, segment_label=s.label[:64], segmented_property_category=category,
+            segmented_property_type=kind, algorithm_type=algorithm_type, algorithm_identification=identification,
+            tracking_uid=dicom.uid_from(f"{series_uid}/segment/{s.number}"), tracking_id=s.label[:64]))
+    pixels = np.stack([s.array for s in segments], axis=-1).astype(np.uint8)  # (frames, rows, columns, segments)
+    seg = hd.seg.Segmentation(
+        source_images=ref.datasets(), pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="kaapcli", manufacturer_model_name="kaapcli",
+        software_versions=__version__, device_serial_number="0", content_label="SEGMENTATION",
+        content_description=(info.body_part or None), omit_empty_frames=bool(pixels.any()))
+    seg.SeriesDescription = (description or info.algorithm or "Segmentation")[:64]
+    return seg
+
+
+def masks_to_seg(mask_paths: Sequence[Path], reference_paths: Sequence[Path], dest_dir: Path, *,
+                 info: SegInfo | None = None, skip_empty: bool = False, description: str = "",
+                 dry_run: bool = False) -> tuple[Path, list[str]]:
+    """Write one binary SEG of ``mask_paths`` on the series in ``reference_paths``; returns (path, warnings)."""
+    info = info or SegInfo()
+    ref = reference_from(reference_paths)
+    segments, warnings = collect_segments(mask_paths, ref, info)
+    if skip_empty:
+        segments = [s for s in segments if s.array.any()]
+        for n, s in enumerate(segments, 1):
+            s.number = n
+    if not segments:
+        raise DataError("no non-empty segment to write", hint="drop --skip-empty to keep empty segments")
+    seed = "|".join([ref.stack.series_uid, *(p.name for p in mask_paths), *(s.label for s in segments)])
+    series_uid = dicom.uid_from(f"itk2seg/{seed}/series")
+    dest = dest_dir / f"{series_uid}.dcm"
+    if not dry_run:
+        seg = build_seg(ref, segments, info, series_uid=series_uid, sop_uid=dicom.uid_from(f"itk2seg/{seed}/sop"),
+                        description=description)
+        dicom.save(seg, dest)
+    return dest, warnings
+
+
+# --------------------------------------------------------------------------- operators
+
+MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _sop_class(path: Path) -> str:
+    import warnings
+
+    with warnings.catch_warnings():  # reading problems are reported when the item is processed
+        warnings.simplefilter("ignore")
+        try:
+            return str(dicom.read(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).get("SOPClassUID", ""))
+        except DataError:
+            return ""
+
+
+@dataclass
+class Seg2ItkOperator(BaseOperator):
+    """DICOM SEG / RTSTRUCT → one NIfTI per segment (or one label map) on the referenced grid + meta JSON."""
+
+    labelmap: bool = False
+    only: tuple[str, ...] = ()  # segment names or numbers to keep (lower case); empty = all
+    reference: Path | None = None
+    roots: tuple[Path, ...] = ()  # where to look for referenced series when --reference is not given
+
+    name = "seg2itk"
+    supports_dry_run = True
+
+    def options(self) -> dict[str, Any]:
+        return {"labelmap": self.labelmap, "only": list(self.only),
+                "reference": str(self.reference) if self.reference else None}
+
+    def accepts(self, path: Path) -> bool:
+        return fsio.is_dicom(path) and _sop_class(path) in (SEG_STORAGE, RTSTRUCT_STORAGE)
+
+    def _segments(self, path: Path) -> tuple[list[Mask], list[str]]:
+        if self.reference is None:
+            return read_segments(path, roots=self.roots)
+        try:
+            return read_segments(path, roots=(self.reference,))
+        except DataError as exc:
+            series = _series_index(self.reference.resolve())
+            if "not found" not in exc.message or len(series) != 1:
+                raise
+            (uid, paths), = series.items()  # the only series there: use it, but say so
+            masks, warnings = read_segments(path, list(paths))
+            return masks, [f"referenced series not in {self.reference}; using its only series {uid}", *warnings]
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        assert ctx.out is not None
+        path = item.paths[0]
+        masks, warnings = self._segments(path)
+        if self.only:
+            wanted = set(self.only)
+            missing = wanted - {m.name.lower() for m in masks} - {str(m.number) for m in masks}
+            warnings += [f"no segment named {name!r}" for name in sorted(missing)]
+            masks = [m for m in masks if m.name.lower() in wanted or str(m.number) in wanted]
+        if not masks:
+            suffix = f" after --filter {','.join(self.only)}" if self.only else ""
+            raise DataError(f"no segment left to write{suffix}")
+        stem = path.name[:-4] if path.name.lower().endswith(".dcm") else path.name
+        ref = masks[0].reference
+        outputs = [ctx.out / f"{stem}.nii.gz"] if self.labelmap else [
+            ctx.out / f"{stem}--{m.number}--{fsio.safe_name(m.name)}.nii.gz" for m in masks]
+        meta_path = ctx.out / f"{stem}-meta.json"
+        if ctx.dry_run:
+            return Outcome(message="would write " + ", ".join(str(p) for p in [*outputs, meta_path]))
+        if self.labelmap:
+            dtype = np.uint8 if max(m.number for m in masks) < 256 else np.uint16
+            labels = np.zeros(ref.shape, dtype=dtype)
+            for m in masks:
+                overlap = int(np.count_nonzero(labels[m.array]))
+                if overlap:
+                    warnings.append(f"segment {m.number} ({m.name}) overlaps earlier segments in {overlap} voxel(s): "
+                                    "it wins there")
+                labels[m.array] = m.number
+            volume.write_image(ref.image(labels), outputs[0])
+        else:
+            for m, dest in zip(masks, outputs, strict=True):
+                volume.write_image(m.image(), dest)
+        header = dicom.read(path, stop_before_pixels=True)
+        algorithms = {str(s.SegmentAlgorithmName) for s in header.get("SegmentSequence") or []
+                      if s.get("SegmentAlgorithmName")}
+        fsio.write_json(meta_path, {
+            "algorithm": ", ".join(sorted(algorithms)),
+            "seg_info": [{"label_name": m.name, "label_int": str(m.number)} for m in masks],
+            "Modality": str(header.get("Modality", "")),
+            "SeriesInstanceUID": str(header.get("SeriesInstanceUID", "")),
+            "ReferencedSeriesInstanceUID": ref.stack.series_uid,
+            "labelmap": self.labelmap,
+            "files": [p.name for p in outputs],
+        })
+        return Outcome(outputs=[*outputs, meta_path], warnings=warnings)
+
+
+@dataclass
+class Itk2SegOperator(BaseOperator):
+    """Masks (one item: every file given) → one binary DICOM SEG on the reference series."""
+
+    reference_paths: tuple[Path, ...] = ()
+    info: SegInfo = field(default_factory=SegInfo)
+    skip_empty: bool = False
+    description: str = ""
+
+    name = "itk2seg"
+    supports_dry_run = True
+
+    def options(self) -> dict[str, Any]:
+        return {"info": self.info.__dict__, "skip_empty": self.skip_empty, "description": self.description,
+                "reference": sorted(str(p) for p in self.reference_paths)}
+
+    def accepts(self, path: Path) -> bool:
+        return path.name.lower().endswith(MASK_SUFFIXES)
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        assert ctx.out is not None
+        dest, warnings = masks_to_seg(item.paths, self.reference_paths, ctx.out, info=self.info,
+                                      skip_empty=self.skip_empty, description=self.description, dry_run=ctx.dry_run)
+        if ctx.dry_run:
+            return Outcome(message=f"would write {dest}", warnings=warnings)
+        return Outcome(outputs=[dest], warnings=warnings)
