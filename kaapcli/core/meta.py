@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableSequence, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -171,7 +171,8 @@ def _values(value: Any) -> list[Any]:
     """A pydicom value as a list: multi-valued elements as they are, one value as a one-item list."""
     if value is None or value == "":
         return []
-    return list(value) if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]
+    # pydicom's MultiValue and Sequence are MutableSequences; str, bytes and PersonName are single values
+    return list(value) if isinstance(value, list | tuple | MutableSequence) else [value]
 
 
 def _texts(elem: Any) -> list[str]:
@@ -233,6 +234,8 @@ class _Converter:
             if " or " in vr:  # e.g. "US or SS": pydicom resolves it from PixelRepresentation
                 elem = ds[tag]
                 vr = elem.VR
+                if " or " in vr:  # unresolvable (no PixelRepresentation): bytes are binary, else the first VR
+                    vr = "OB" if isinstance(elem.value, bytes) else vr.split(" or ")[0]
             if vr in BINARY_VRS or tag == 0x7FE00010:
                 continue
             name = (self.legacy and LEGACY_NAMES.get(int(tag))) or keyword
@@ -442,9 +445,75 @@ def arrival_time(paths: Iterable[Path]) -> datetime:
     return datetime.fromtimestamp(newest, UTC).replace(tzinfo=None)
 
 
+# Transfer syntaxes whose dataset is not explicit VR little endian: peek() leaves them to pydicom.
+_NOT_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] | None:
+    """Values of a few top-level elements, as text, from the first ``head`` bytes of a Part 10 file.
+
+    Grouping and ordering a series needs one or two tags of every file; a full pydicom read costs
+    about five times more.  This walks the element headers of the common case (preamble, explicit
+    VR little endian, defined lengths) and returns ``None`` for anything else, so the caller falls
+    back to :func:`kaapcli.core.dicom.read`.  Absent tags are absent from the result.  A file that
+    ends inside an element raises DataError (pydicom would read it silently, short).
+    """
+    import struct
+
+    wanted = set(tags)
+    last = max(wanted)
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read(head)
+    except OSError:
+        return None
+    if buf[128:132] != b"DICM":
+        return None
+    found: dict[int, str] = {}
+    pos, in_meta, syntax = 132, True, ""
+    while pos + 8 <= len(buf):
+        group, element = struct.unpack_from("<HH", buf, pos)
+        vr = buf[pos + 4:pos + 6]
+        if not vr.isalpha() or not vr.isupper():
+            return None
+        if vr in _LONG_VRS:
+            if pos + 12 > len(buf):
+                break
+            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        if in_meta and group != 0x0002:
+            if syntax in _NOT_EXPLICIT_LE:
+                return None
+            in_meta = False
+        tag = group << 16 | element
+        if not in_meta and tag > last:
+            return found
+        if length == 0xFFFFFFFF:
+            return None
+        if start + length > len(buf):
+            if len(buf) < head:  # the file itself ends here
+                raise DataError(f"truncated file: ends inside ({group:04X},{element:04X})")
+            return None
+        value = buf[start:start + length]
+        if tag == 0x00020010:
+            syntax = value.decode("latin-1").strip(" \x00")
+        elif not in_meta and tag in wanted:
+            found[tag] = value.decode("latin-1").strip(" \x00")
+        pos = start + length
+    if len(buf) < head:  # read the whole file
+        if pos == len(buf):
+            return found
+        raise DataError("truncated file: ends inside an element header")
+    return None
+
+
 def _instance_number(path: Path) -> int | None:
-    ds, _ = _read(path, specific_tags=["InstanceNumber"])
-    return _try(_parse_int, _first(ds, "InstanceNumber"))
+    fast = peek(path, [0x00200013])
+    text = fast.get(0x00200013, "") if fast is not None else _first(
+        _read(path, specific_tags=["InstanceNumber"])[0], "InstanceNumber")
+    return _try(_parse_int, _split(text)[0])
 
 
 def first_instance(paths: Sequence[Path]) -> tuple[Path, list[str]]:
@@ -505,7 +574,12 @@ class Dcm2JsonOperator(BaseOperator):
                 "tags": list(self.tags)}
 
     def group_key(self, path: Path) -> str | None:
-        return dicom.series_uid(path) if self.grouped else None
+        fast = peek(path, [0x0020000E])
+        if fast and fast.get(0x0020000E):
+            return fast[0x0020000E]
+        with warnings.catch_warnings():  # the engine reports failures; pydicom's guesses are noise here
+            warnings.simplefilter("ignore")
+            return dicom.series_uid(path)  # the slow path, which also names what is wrong
 
     def process(self, item: Item, ctx: Context) -> Outcome:
         assert ctx.out is not None
