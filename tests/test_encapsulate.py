@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -200,3 +201,21 @@ def test_small_and_empty_files_and_other_dicom(tmp_path: Path, mock_ct: Path) ->
     assert proc.returncode == 0, proc.stderr  # the CT slices are not bin2dcm series: skipped
     assert (tmp_path / "out" / "odd.bin").read_bytes() == b"abc"
     assert (tmp_path / "out" / "empty.bin").read_bytes() == b""
+
+
+def test_interoperates_with_dcmtk_pdf2dcm_and_dcm2pdf(tmp_path: Path) -> None:
+    """DCMTK reads what kaapcli writes, and kaapcli reads what DCMTK writes, both byte-exact."""
+    from conftest import dcmtk
+
+    pdf = minimal_pdf(b" ")
+    (tmp_path / "a.pdf").write_bytes(pdf)
+    assert kaapcli("pdf2dcm", tmp_path / "a.pdf", "-o", tmp_path / "k", "-q").returncode == 0
+    ours = only_file(tmp_path / "k", "*.dcm")
+    subprocess.run([dcmtk("dcm2pdf"), str(ours), str(tmp_path / "dcmtk.pdf")], check=True, capture_output=True)
+    assert (tmp_path / "dcmtk.pdf").read_bytes() == pdf
+
+    subprocess.run([dcmtk("pdf2dcm"), str(tmp_path / "a.pdf"), str(tmp_path / "theirs.dcm")], check=True,
+                   capture_output=True)
+    proc = kaapcli("dcm2pdf", tmp_path / "theirs.dcm", "-o", tmp_path / "back")
+    assert proc.returncode == 0, proc.stderr
+    assert only_file(tmp_path / "back", "*.pdf").read_bytes() == pdf
