@@ -197,12 +197,18 @@ def test_broken_files_fail_cleanly_and_the_batch_goes_on(mock_ct: Path, tmp_path
     data = good[0].read_bytes()
     (src / "truncated.dcm").write_bytes(data[:600])
     (src / "garbage.dcm").write_bytes(data[:132] + b"\xff" * 200)
+    # cut inside the last element before the pixel data, in a series of its own (a patched SeriesInstanceUID)
+    uid = pydicom.dcmread(good[0]).SeriesInstanceUID.encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    header_end = len(data) - 64 * 64 * 2 - 12
+    (src / "cut_header.dcm").write_bytes(data.replace(uid, other)[:header_end - 1])
     out = tmp_path / "out"
     proc = kaapcli("dcm2json", src, "-o", out)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2
+    assert len(errors) == 3, proc.stderr
     assert any("truncated.dcm: truncated file" in e for e in errors)
+    assert any("cut_header.dcm: truncated file" in e for e in errors)
     assert any("garbage.dcm:" in e for e in errors)
     assert "Traceback" not in proc.stderr
     assert len(read_docs(out)) == 2

@@ -24,12 +24,11 @@ def dcm2json(
     *,
     run: RunOptions,
 ) -> None:
-    """Write Kaapana's metadata document ("meta" JSON) of each series: DICOM headers as
-    "<GGGGEEEE> <Keyword>_<type>" keys plus derived fields (Timestamp, DerivedPatientAge,
-    CuratedModality, annotation labels) under group 00000000.
+    """Write Kaapana's metadata document ("meta" JSON) of each series: headers as "<GGGGEEEE> <Keyword>_<type>" keys.
 
-    The document of a series comes from its first instance (lowest InstanceNumber), read
-    headers-only.  Malformed values are kept as text and reported as warnings.
+    Derived fields (Timestamp, DerivedPatientAge, CuratedModality, annotation labels) go under group 00000000.
+    A series' document comes from its first instance (lowest InstanceNumber), read headers-only.
+    Malformed values are kept as text and reported as warnings.
     """
     from kaapcli.core.meta import Dcm2JsonOperator
 

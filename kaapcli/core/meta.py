@@ -415,28 +415,23 @@ def instance_document(ds: Any, *, legacy: bool = False, arrived: datetime | None
     without it they are left out, so the document depends on the dataset alone.
     """
     converter = _Converter(legacy)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with dicom.collect_warnings() as pydicom_notes:
         doc = converter.dataset(ds)
         _derive(doc, ds, arrived, converter.warnings)
-    notes = converter.warnings + _pydicom_notes(caught)
-    return _sorted(doc), notes
-
-
-def _pydicom_notes(caught: Iterable[warnings.WarningMessage]) -> list[str]:
-    seen: list[str] = []
-    for w in caught:
-        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else type(w.message).__name__
-        if text not in seen:
-            seen.append(text)
-    return seen
+    return _sorted(doc), converter.warnings + pydicom_notes
 
 
 def _read(path: Path, **kwargs: Any) -> tuple[Any, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with dicom.collect_warnings() as notes:
         ds = dicom.read(path, stop_before_pixels=True, **kwargs)
-    return ds, _pydicom_notes(caught)
+    return ds, notes
+
+
+def _read_whole_header(path: Path) -> tuple[Any, list[str]]:
+    """A document's source: every element before the pixel data, and none of them cut short."""
+    ds, notes = _read(path, defer_size=65536)
+    dicom.check_complete(ds, notes)
+    return ds, notes
 
 
 def arrival_time(paths: Iterable[Path]) -> datetime:
@@ -545,7 +540,7 @@ def series_document(paths: Sequence[Path], *, legacy: bool = False) -> tuple[dic
     chosen, notes = first_instance(paths)
     prefix = f"{chosen}: " if len(paths) > 1 else ""
     try:
-        ds, read_notes = _read(chosen, defer_size="64 KB")
+        ds, read_notes = _read_whole_header(chosen)
     except DataError as exc:
         raise DataError(prefix + exc.message, hint=exc.hint) from exc
     doc, doc_notes = instance_document(ds, legacy=legacy, arrived=arrival_time(paths))
@@ -585,7 +580,7 @@ class Dcm2JsonOperator(BaseOperator):
         assert ctx.out is not None
         if self.per_instance:
             path = item.paths[0]
-            ds, notes = _read(path, defer_size="64 KB")
+            ds, notes = _read_whole_header(path)
             uid = str(dicom.require(ds, "SOPInstanceUID"))
             doc, doc_notes = instance_document(ds, legacy=self.legacy, arrived=arrival_time([path]))
             notes += doc_notes
