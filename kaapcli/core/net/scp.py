@@ -132,7 +132,10 @@ class Receiver:
 
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        from kaapcli.core.net.dimse import no_delay
+
+        handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_C_STORE, self._handle_store),
+                    (evt.EVT_C_ECHO, lambda event: SUCCESS)]
         try:
             self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
@@ -165,7 +168,8 @@ class Receiver:
             with self._lock:
                 self.failed += 1
             return OUT_OF_RESOURCES
-        self._record(dest, header, event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title)
+        requested = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: the called AE title as the sender chose it
+        self._record(dest, header, event.assoc.requestor.ae_title, requested.called_ae_title)
         if self.on_stored is not None:
             self.on_stored(dest)
         return SUCCESS
