@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import re
 import sqlite3
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -74,6 +73,10 @@ BURNED_IN_MODALITIES = {"US", "SC", "XA", "RF", "DX", "CR", "ES", "OP", "XC", "G
 BURNED_IN_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture family
                           "1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.1",  # ultrasound
                           "1.2.840.10008.5.1.4.1.1.104.")  # encapsulated documents
+
+# Attributes Table E.1-1 marks X that are Type 2 in a common IOD: emptied (Z), not removed, so the object stays
+# conformant (PS3.15 E.1.1 lets a de-identifier exceed the profile; an empty value carries no identity).
+PRESENT_WHEN_REMOVED = {0x300A00B2: "Treatment Machine Name: Type 2 in the RT Beams Module"}
 
 PATIENT_ID, PATIENT_NAME, ACCESSION = 0x00100020, 0x00100010, 0x00080050
 SOP_INSTANCE_UID, SERIES_UID, STUDY_UID = 0x00080018, 0x0020000E, 0x0020000D
@@ -259,6 +262,10 @@ def conditional(code: str) -> str:
     return code
 
 
+def _keep_present(tag: int, code: str) -> str:
+    return "Z" if code == "X" and tag in PRESENT_WHEN_REMOVED else code
+
+
 def action_for(elem: Any, run: Run) -> str:
     tag = int(elem.tag)
     options = run.options
@@ -276,7 +283,7 @@ def action_for(elem: Any, run: Run) -> str:
         return "A"
     row = load_table().lookup(tag)
     if row is not None:
-        return conditional(resolve(row, options))
+        return _keep_present(tag, conditional(resolve(row, options)))
     if elem.VR in ("DA", "DT"):
         return {"full": "K", "shift": "C"}.get(options.dates, "D")
     if elem.VR == "UI":
@@ -295,8 +302,13 @@ def _remappable(elem: Any) -> bool:
 def deidentify(ds: Any, run: Run, depth: int = 0, dummy_text: bool = False) -> None:
     """Apply the profile to ``ds`` in place, recursing into sequence items."""
     kept_private = _kept_private(ds, run) if run.options.retain_safe_private else set()
+    dropped_overlays = _removed_overlay_groups(ds, run)
     for elem in list(ds):
         tag = int(elem.tag)
+        if elem.tag.group in dropped_overlays:
+            run.note(depth, tag, "X", "overlay removed with its Overlay Data")
+            del ds[elem.tag]
+            continue
         if elem.tag.is_private and tag in kept_private:
             run.note(depth, tag, "K", "safe private")
             continue
@@ -402,6 +414,18 @@ def _shift(elem: Any, days: int) -> Any:
             continue
         out.append(day.strftime("%Y%m%d") + text[8:])
     return out if elem.VM > 1 else out[0]
+
+
+def _removed_overlay_groups(ds: Any, run: Run) -> set[int]:
+    """Overlay groups whose Overlay Data (60xx,3000) goes: the whole Overlay Plane goes with it, as a plane
+    without its data is a Type 1 violation."""
+    groups = set()
+    for elem in ds:
+        group = elem.tag.group
+        if 0x6000 <= group <= 0x601E and group % 2 == 0 and elem.tag.element == 0x3000 \
+                and action_for(elem, run) == "X":
+            groups.add(group)
+    return groups
 
 
 def _kept_private(ds: Any, run: Run) -> set[int]:
@@ -518,20 +542,21 @@ class AnonymizeOperator(BaseOperator):
         return {"options": repr(self.opts), "key": self.keyed.fingerprint(), "map": str(self.map_path or "")}
 
     def process(self, item: Item, ctx: Context) -> Outcome:
-        if ctx.debug:
-            return self._process(item, ctx)
-        # pydicom's warnings quote raw values (names, IDs): never echo them, count them instead.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            outcome = self._process(item, ctx)
-        if caught:
-            outcome.warnings.append(f"{len(caught)} non-conformant value(s) in the input, written as read "
-                                    "(values not shown; rerun with --debug to see pydicom's messages)")
+        path = item.paths[0]
+        with dicom.collect_warnings() as notes:
+            ds = dicom.read(path)
+        dicom.check_complete(ds, notes)  # a truncated input fails; nothing is written
+        with dicom.collect_warnings() as later:
+            outcome = self._deidentify_file(ds, ctx)
+        problems = [*notes, *later]
+        if problems and ctx.debug:
+            outcome.warnings.extend(problems)
+        elif problems:  # pydicom's messages quote raw values (names, IDs): count them, never echo them
+            outcome.warnings.append(f"{len(problems)} non-conformant value(s) in the input, written as read "
+                                    "(values not shown; --debug shows them)")
         return outcome
 
-    def _process(self, item: Item, ctx: Context) -> Outcome:
-        path = item.paths[0]
-        ds = dicom.read(path)
+    def _deidentify_file(self, ds: Any, ctx: Context) -> Outcome:
         originals = {t: str(ds.get(t).value) if t in ds and ds.get(t).value else "" for t in
                      (STUDY_UID, SERIES_UID, SOP_INSTANCE_UID, PATIENT_ID, PATIENT_NAME, ACCESSION)}
         if not originals[SOP_INSTANCE_UID]:
