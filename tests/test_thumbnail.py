@@ -73,7 +73,7 @@ def test_truncated_and_non_dicom(tmp_path: Path, mock_ct: Path) -> None:
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (tmp_path / "notes.txt").write_text("hello")
     proc = kaapcli("thumbnail", tmp_path, "-o", tmp_path / "out")
-    assert proc.returncode == 1, proc.stderr  # one failed item (notes.txt is skipped, not failed)
+    assert proc.returncode == 65, proc.stderr  # the one item failed on bad data (notes.txt is not an item)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "cut.dcm" in errors[0] and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("*.png"))

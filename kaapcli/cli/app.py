@@ -8,6 +8,7 @@ import pkgutil
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `kaapcli ... | head` ends like any Unix tool
     signal.signal(signal.SIGTERM, _sigterm)
+    if not debug:  # library warnings (pydicom's "Expected explicit VR", ...) are not our one-line messages
+        warnings.simplefilter("ignore")
     try:
         result = click_command().main(args=args, prog_name="kaapcli", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0

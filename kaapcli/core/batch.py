@@ -160,20 +160,20 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> ExitCode:
-        """0 all ok; 1 some failed; a shared specific code when nothing succeeded."""
+        """0 all ok; 1 some failed; a shared specific code when nothing succeeded.
+
+        Up-to-date items count as ok; skipped non-inputs count as nothing.
+        """
         if self.interrupted:
             return ExitCode.INTERRUPTED
         failed = [r for r in self.results if r.status == "failed"]
         if not failed:
             return ExitCode.OK
         codes = {r.code for r in failed}
-        nothing_ok = not any(r.status == "ok" for r in self.results)
-        if nothing_ok and len(codes) == 1:
-            code = codes.pop()
-            if code in (ExitCode.UNAVAILABLE, ExitCode.CANTCREAT, ExitCode.TEMPFAIL, ExitCode.CONFIG):
-                return ExitCode(code)
-            if code == ExitCode.DATAERR and len(failed) == len(self.results):
-                return ExitCode.DATAERR
+        nothing_ok = not any(r.status == "ok" or r.reason == "up-to-date" for r in self.results)
+        specific = (ExitCode.DATAERR, ExitCode.UNAVAILABLE, ExitCode.CANTCREAT, ExitCode.TEMPFAIL, ExitCode.CONFIG)
+        if nothing_ok and len(codes) == 1 and (code := codes.pop()) in specific:
+            return ExitCode(code)
         return ExitCode.ITEMS_FAILED
 
     def line(self) -> str:
