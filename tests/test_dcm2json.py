@@ -18,8 +18,9 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from kaapcli.core.dicom import peek
 from kaapcli.core.fsio import is_dicom
-from kaapcli.core.meta import instance_document, peek, series_document
+from kaapcli.core.meta import instance_document, series_document
 from tests.conftest import dcmtk, dicom_files, kaapcli, pydicom_test_files
 
 KEY_RE = re.compile(r"[0-9A-F]{8} [A-Za-z0-9]+_(keyword|date|time|datetime|integer|float|object)"

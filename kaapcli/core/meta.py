@@ -31,7 +31,6 @@ DERIVED = "00000000"
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 INT_VRS = frozenset({"IS", "SL", "SS", "UL", "US", "SV", "UV"})
 FLOAT_VRS = frozenset({"DS", "FL", "FD"})
-TEXT_NUMBER_VRS = frozenset({"IS", "DS"})
 ASCII_VRS = frozenset({"AE", "AS", "CS", "UI", "DA", "TM", "DT", "IS", "DS"})  # charset-independent
 TEXT_VRS = frozenset({"LT", "ST", "UT"})  # leading spaces are significant, trailing ones are padding
 
@@ -440,72 +439,8 @@ def arrival_time(paths: Iterable[Path]) -> datetime:
     return datetime.fromtimestamp(newest, UTC).replace(tzinfo=None)
 
 
-# Transfer syntaxes whose dataset is not explicit VR little endian: peek() leaves them to pydicom.
-_NOT_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-
-
-def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] | None:
-    """Values of a few top-level elements, as text, from the first ``head`` bytes of a Part 10 file.
-
-    Grouping and ordering a series needs one or two tags of every file; a full pydicom read costs
-    about five times more.  This walks the element headers of the common case (preamble, explicit
-    VR little endian, defined lengths) and returns ``None`` for anything else, so the caller falls
-    back to :func:`kaapcli.core.dicom.read`.  Absent tags are absent from the result.  A file that
-    ends inside an element raises DataError (pydicom would read it silently, short).
-    """
-    import struct
-
-    wanted = set(tags)
-    last = max(wanted)
-    try:
-        with open(path, "rb") as fh:
-            buf = fh.read(head)
-    except OSError:
-        return None
-    if buf[128:132] != b"DICM":
-        return None
-    found: dict[int, str] = {}
-    pos, in_meta, syntax = 132, True, ""
-    while pos + 8 <= len(buf):
-        group, element = struct.unpack_from("<HH", buf, pos)
-        vr = buf[pos + 4:pos + 6]
-        if not vr.isalpha() or not vr.isupper():
-            return None
-        if vr in _LONG_VRS:
-            if pos + 12 > len(buf):
-                break
-            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
-        else:
-            length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
-        if in_meta and group != 0x0002:
-            if syntax in _NOT_EXPLICIT_LE:
-                return None
-            in_meta = False
-        tag = group << 16 | element
-        if not in_meta and tag > last:
-            return found
-        if length == 0xFFFFFFFF:
-            return None
-        if start + length > len(buf):
-            if len(buf) < head:  # the file itself ends here
-                raise DataError(f"truncated file: ends inside ({group:04X},{element:04X})")
-            return None
-        value = buf[start:start + length]
-        if tag == 0x00020010:
-            syntax = value.decode("latin-1").strip(" \x00")
-        elif not in_meta and tag in wanted:
-            found[tag] = value.decode("latin-1").strip(" \x00")
-        pos = start + length
-    if len(buf) < head:  # read the whole file
-        if pos == len(buf):
-            return found
-        raise DataError("truncated file: ends inside an element header")
-    return None
-
-
 def _instance_number(path: Path) -> int | None:
-    fast = peek(path, [0x00200013])
+    fast = dicom.peek(path, [0x00200013])
     text = fast.get(0x00200013, "") if fast is not None else _first(
         _read(path, specific_tags=["InstanceNumber"])[0], "InstanceNumber")
     return _try(_parse_int, _split(text)[0])
@@ -569,7 +504,7 @@ class Dcm2JsonOperator(BaseOperator):
                 "tags": list(self.tags)}
 
     def group_key(self, path: Path) -> str | None:
-        fast = peek(path, [0x0020000E])
+        fast = dicom.peek(path, [0x0020000E])
         if fast and fast.get(0x0020000E):
             return fast[0x0020000E]
         with warnings.catch_warnings():  # the engine reports failures; pydicom's guesses are noise here
