@@ -311,6 +311,18 @@ def test_person_names_sequences_and_binary_values() -> None:
     json.dumps(doc, allow_nan=False)  # strict JSON
 
 
+def test_person_name_groups_decoded_from_a_file() -> None:
+    """pydicom's Japanese sample (ISO 2022 IR 87): the three component groups, decoded; "^^^^" is no name."""
+    import pydicom.data
+
+    doc, notes = series_document([Path(pydicom.data.get_charset_files("chrH31.dcm")[0])])
+    assert doc["00100010 PatientName_keyword_alphabetic"] == "Yamada^Tarou"
+    assert doc["00100010 PatientName_keyword_ideographic"] == "山田^太郎"
+    assert doc["00100010 PatientName_keyword_phonetic"] == "やまだ^たろう"
+    assert not [k for k in doc if k.startswith("00080090 ReferringPhysicianName")]
+    assert notes == []
+
+
 def dated(**values: str) -> Dataset:
     ds = Dataset()
     for keyword, value in values.items():

@@ -268,7 +268,8 @@ class _Converter:
             doc[f"{key}_object"] = _shape([self.dataset(item) for item in values])
         elif vr == "PN":
             for component in ("alphabetic", "ideographic", "phonetic"):
-                parts = [str(getattr(name, component, "") or "").strip() for name in values]
+                # trailing "^" only delimit empty components (PS3.5 6.2.1): "^^^^" is no name at all
+                parts = [str(getattr(name, component, "") or "").strip().rstrip("^") for name in values]
                 if any(parts):
                     doc[f"{key}_keyword_{component}"] = _shape(parts)
         elif vr == "AT":
