@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import re
 import sqlite3
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -235,8 +236,11 @@ class Run:
     phi_strings: tuple[str, ...]
     lines: list[str] = field(default_factory=list)
     safe_private: frozenset[tuple[str, int, int]] = frozenset()
+    verbose: bool = False  # collect per-element lines (for --dry-run only: they cost time)
 
     def note(self, depth: int, tag: int, action: str, detail: str = "") -> None:
+        if not self.verbose:
+            return
         line = f"{'  ' + '>' * depth}{dicom.tag_label(tag):<48} {action:<6} {detail}"
         self.lines.append(line.rstrip())
 
@@ -484,12 +488,13 @@ def mark(ds: Any, options: Options) -> None:
                                                                                                   "REMOVED")
 
 
-def burned_in_reason(ds: Any) -> str:
+def burned_in_reason(ds: Any, has_pixels: bool = False) -> str:
     """Why the pixels may carry burned-in text ('' when nothing suggests it)."""
     flag = str(ds.get("BurnedInAnnotation", "") or "").upper()
     if flag == "YES":
         return "BurnedInAnnotation is YES"
-    if flag == "NO" or "PixelData" not in ds and "FloatPixelData" not in ds and "EncapsulatedDocument" not in ds:
+    content = has_pixels or any(k in ds for k in ("PixelData", "FloatPixelData", "EncapsulatedDocument"))
+    if flag == "NO" or not content:
         return ""
     modality = str(ds.get("Modality", "") or "").upper()
     sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -520,6 +525,76 @@ def record_map(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
         con.executemany("INSERT OR IGNORE INTO pseudonyms VALUES (?, ?, ?)", list(rows))
 
 
+# --------------------------------------------------------------------------- pixel data, byte for byte
+
+def read_header(path: Path) -> tuple[Any, tuple[int, int] | None]:
+    """The dataset up to Pixel Data, and the byte range of the Pixel Data element when it can be copied
+    verbatim (it is the last element, in the encoding the file meta declares).  Otherwise the full dataset
+    and None: the writer then re-encodes everything (pixel values are still never decoded)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as fp:
+        ds = dicom.read(fp, stop_before_pixels=True)
+        start = fp.tell()
+        size = fp.seek(0, 2)
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    declared = (syntax.is_implicit_VR, syntax.is_little_endian) if syntax and syntax.is_transfer_syntax else None
+    if syntax == DeflatedExplicitVRLittleEndian or declared != (implicit, little):
+        return dicom.read(path), None  # positions in a deflated stream, or a mislabelled encoding: no splicing
+    if start >= size:
+        return ds, (size, size)  # no pixel data at all
+    end = pixel_element_end(path, start, bool(implicit), bool(little))
+    if end is not None and end > size:
+        raise DataError(f"truncated file: PixelData ends at byte {end}, the file has {size}")
+    if end == size:
+        return ds, (start, end)
+    return dicom.read(path), None  # something follows Pixel Data (padding, signatures): full re-encode
+
+
+def pixel_element_end(path: Path, start: int, implicit: bool, little: bool) -> int | None:
+    """Where the (7FE0,0010) element starting at ``start`` ends (None: not Pixel Data, or not walkable)."""
+    order = "<" if little else ">"
+    with open(path, "rb") as fp:
+        fp.seek(start)
+        head = fp.read(12)
+        if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+            return None
+        if implicit:
+            length, pos = struct.unpack(order + "L", head[4:8])[0], start + 8
+        else:
+            if head[4:6] not in (b"OB", b"OW") or len(head) < 12:
+                return None
+            length, pos = struct.unpack(order + "L", head[8:12])[0], start + 12
+        if length != 0xFFFFFFFF:
+            return pos + length
+        while True:  # encapsulated: items until the sequence delimiter (always little endian)
+            fp.seek(pos)
+            item = fp.read(8)
+            if len(item) < 8:
+                return None
+            group, element, item_length = struct.unpack("<HHL", item)
+            pos += 8
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return pos
+            if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
+                return None
+            pos += item_length
+
+
+def write_spliced(ds: Any, source: Path, pixels: tuple[int, int], dest: Path) -> int:
+    """Write the de-identified header, then the source's Pixel Data element copied byte for byte."""
+    import io
+
+    header = io.BytesIO()
+    ds.save_as(header, enforce_file_format=True)
+    with open(source, "rb") as src:
+        src.seek(pixels[0])
+        tail = src.read(pixels[1] - pixels[0])
+    return fsio.write_bytes(dest, header.getvalue() + tail)
+
+
 # --------------------------------------------------------------------------- the operator
 
 class AnonymizeOperator(BaseOperator):
@@ -544,10 +619,10 @@ class AnonymizeOperator(BaseOperator):
     def process(self, item: Item, ctx: Context) -> Outcome:
         path = item.paths[0]
         with dicom.collect_warnings() as notes:
-            ds = dicom.read(path)
+            ds, pixels = read_header(path)
         dicom.check_complete(ds, notes)  # a truncated input fails; nothing is written
         with dicom.collect_warnings() as later:
-            outcome = self._deidentify_file(ds, ctx)
+            outcome = self._deidentify_file(ds, ctx, path, pixels)
         problems = [*notes, *later]
         if problems and ctx.debug:
             outcome.warnings.extend(problems)
@@ -556,13 +631,13 @@ class AnonymizeOperator(BaseOperator):
                                     "(values not shown; --debug shows them)")
         return outcome
 
-    def _deidentify_file(self, ds: Any, ctx: Context) -> Outcome:
+    def _deidentify_file(self, ds: Any, ctx: Context, path: Path, pixels: tuple[int, int] | None) -> Outcome:
         originals = {t: str(ds.get(t).value) if t in ds and ds.get(t).value else "" for t in
                      (STUDY_UID, SERIES_UID, SOP_INSTANCE_UID, PATIENT_ID, PATIENT_NAME, ACCESSION)}
         if not originals[SOP_INSTANCE_UID]:
             raise DataError("missing SOPInstanceUID", hint="not a composite instance; nothing to name it by")
         warnings: list[str] = []
-        reason = burned_in_reason(ds)
+        reason = burned_in_reason(ds, has_pixels=pixels is not None and pixels[1] > pixels[0])
         if reason and self.opts.burned_in == "fail":
             raise DataError(f"possible burned-in text: {reason}",
                             hint="clean the pixel data first, or pass --burned-in warn|ignore")
@@ -570,7 +645,9 @@ class AnonymizeOperator(BaseOperator):
             warnings.append(f"possible burned-in text in the pixel data ({reason}); pixels are not cleaned")
 
         patient_basis = originals[PATIENT_ID] or originals[PATIENT_NAME] or originals[STUDY_UID]
-        run = Run(self.opts, self.keyed, patient_basis, identifying_strings(ds), safe_private=self.safe_private)
+        cleans_text = self.opts.clean_descriptors or self.opts.retain_patient_characteristics
+        run = Run(self.opts, self.keyed, patient_basis, identifying_strings(ds) if cleans_text else (),
+                  safe_private=self.safe_private, verbose=ctx.dry_run)
         if self.opts.profile == "kaapana":
             self._kaapana(ds, run)
         else:
@@ -582,7 +659,10 @@ class AnonymizeOperator(BaseOperator):
         dest = ctx.out / self._name(ds, originals) if ctx.out is not None else Path(self._name(ds, originals))
         if ctx.dry_run:
             return Outcome(message=f"would write {dest}\n" + "\n".join(run.lines), warnings=warnings)
-        dicom.save(ds, dest)
+        if pixels is None:
+            dicom.save(ds, dest)
+        else:
+            write_spliced(ds, path, pixels, dest)
         if self.map_path is not None:
             record_map(self.map_path, self._map_rows(originals, patient_basis))
         return Outcome(outputs=[dest], warnings=warnings)

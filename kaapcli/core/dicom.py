@@ -10,13 +10,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kaapcli.core import fsio
 from kaapcli.exitcodes import DataError, UsageError
 
 
-def read(path: Path, *, stop_before_pixels: bool = False, specific_tags: Iterable[Any] | None = None,
+def read(path: Path | IO[bytes], *, stop_before_pixels: bool = False, specific_tags: Iterable[Any] | None = None,
          defer_size: int | None = None) -> Any:
     """``pydicom.dcmread`` that turns every read failure into a one-line DataError."""
     import pydicom
