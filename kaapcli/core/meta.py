@@ -496,6 +496,11 @@ class Dcm2JsonOperator(BaseOperator):
     tags: tuple[str, ...] = ()
     name = "dcm2json"
 
+    def __post_init__(self) -> None:
+        # Import pydicom (~0.4 s) once here in the parent: forked workers inherit it instead of each
+        # importing it on its first series (grouping itself never needs pydicom, see dicom.peek).
+        import pydicom  # noqa: F401
+
     @property
     def grouped(self) -> bool:  # type: ignore[override]
         return not self.per_instance
