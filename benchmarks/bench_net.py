@@ -48,7 +48,8 @@ def count(root: Path) -> int:
 def run(name: str, receiver: list[str], senders: list[list[str]], port: int, out: Path, expected: int,
         env: dict[str, str] | None = None) -> float:
     out.mkdir(parents=True)
-    rx = subprocess.Popen(receiver, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    rx = subprocess.Popen(receiver, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})})
     try:
         wait_port(port)
         start = time.perf_counter()
@@ -121,7 +122,8 @@ def main() -> None:
     print()
     print(f"kaapcli / DCMTK time:       {times['kaapcli'] / times['dcmtk']:.2f}x  (target <= 1.0)")
     print(f"pynetdicom apps / kaapcli:  {times['pynetdicom'] / times['kaapcli']:.2f}x faster  (target >= 3)")
-    print(f"receiver, 4 senders:        {mb / times['kaapcli4']:.0f} MB/s, {4 * (n // 4) / times['kaapcli4']:.0f} files/s")
+    files4 = 4 * (n // 4)
+    print(f"receiver, 4 senders:        {mb / times['kaapcli4']:.0f} MB/s, {files4 / times['kaapcli4']:.0f} files/s")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import dcmtk, free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")

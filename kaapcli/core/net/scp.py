@@ -148,7 +148,10 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             deadline = time.monotonic() + grace
-            while self._server.active_associations and time.monotonic() < deadline:
+            # Only associations that carry data are waited for: a bare TCP connection (a port probe, a
+            # liveness check) never sends an A-ASSOCIATE-RQ and would otherwise hold us until its timeout.
+            while (any(a.is_established for a in self._server.active_associations)
+                   and time.monotonic() < deadline):
                 time.sleep(0.05)
             for assoc in self._server.active_associations:
                 assoc.abort()
