@@ -130,6 +130,7 @@ _VR_SUFFIX = {
 _KEY = re.compile(r"^[0-9A-Fa-f]{8} \S+$")
 
 
+@lru_cache(maxsize=65536)
 def key_type(key: str) -> str:
     """The value type of a document key: keyword, date, time, datetime, integer, float or object."""
     last = key.rsplit(".", 1)[-1].split(" ", 1)[-1]

@@ -3,15 +3,16 @@
 Schema (one file may hold several projects)::
 
     docs(id, project, uid, doc)      the documents as JSON; (project, uid) unique
+    keys(id, key)                    document keys, so kv rows and indexes hold a small integer per key
     kv(doc, i, key, text, num)       one row per leaf value (lists → one row per element; objects →
                                      dotted keys, as OpenSearch flattens them); text OR num is set
-      kv_text(key, text)             indexes for field queries: terms, wildcards with a literal prefix,
-      kv_num(key, num)               ranges, sorting, value counts
-    fts(body)                        FTS5 over every value of a document, rowid = docs.id, for bare words
+      kv_value(key, text, num)       the one index of field queries: terms, wildcards with a literal prefix,
+                                     ranges (numbers: text IS NULL), sorting, value counts
+    fts(body)                        contentless FTS5 over every value of a document, rowid = docs.id
     datasets(project, name, uid)
 
 A query AST becomes one SQL ``WHERE`` over ``docs d``: every field condition is
-``d.id IN (SELECT doc FROM kv WHERE key IN (...) AND ...)``, which SQLite answers from an index.
+``d.id IN (SELECT doc FROM kv WHERE key IN (<key ids>) AND ...)``, which SQLite answers from an index.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,11 @@ from kaapcli.exitcodes import CantCreateError, DataError, NoInputError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, project TEXT NOT NULL, uid TEXT NOT NULL,
                                 doc TEXT NOT NULL, UNIQUE(project, uid));
-CREATE TABLE IF NOT EXISTS kv(doc INTEGER NOT NULL, i INTEGER NOT NULL, key TEXT NOT NULL, text TEXT, num REAL,
+CREATE TABLE IF NOT EXISTS keys(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS kv(doc INTEGER NOT NULL, i INTEGER NOT NULL, key INTEGER NOT NULL, text TEXT, num REAL,
                               PRIMARY KEY(doc, i)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_text ON kv(key, text) WHERE text IS NOT NULL;
-CREATE INDEX IF NOT EXISTS kv_num ON kv(key, num) WHERE num IS NOT NULL;
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(body);
+CREATE INDEX IF NOT EXISTS kv_value ON kv(key, text, num);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(body, content='');
 CREATE TABLE IF NOT EXISTS datasets(project TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
                                     PRIMARY KEY(project, name, uid)) WITHOUT ROWID;
 PRAGMA user_version = 1;
@@ -67,17 +68,17 @@ def flatten(doc: Doc, prefix: str = "") -> Iterator[tuple[str, Any]]:
                 yield path, item
 
 
-def kv_rows(doc_rowid: int, doc: Doc) -> list[tuple[int, int, str, str | None, float | None]]:
-    rows = []
+def kv_rows(doc_rowid: int, doc: Doc, key_id: Callable[[str], int]) -> list[tuple[int, int, int, str | None,
+                                                                                   float | None]]:
+    rows: list[tuple[int, int, int, str | None, float | None]] = []
     for i, (key, value) in enumerate(flatten(doc)):
-        num: float | None = None
         if is_numeric(key) and not isinstance(value, bool):
             try:
-                num = float(value)
+                rows.append((doc_rowid, i, key_id(key), None, float(value)))
+                continue
             except (TypeError, ValueError):
-                num = None  # a malformed number is kept as text (DESIGN §3.1)
-        text = None if num is not None else (json.dumps(value) if isinstance(value, bool) else str(value))
-        rows.append((doc_rowid, i, key, text, num))
+                pass  # a malformed number is kept as text (DESIGN §3.1)
+        rows.append((doc_rowid, i, key_id(key), json.dumps(value) if isinstance(value, bool) else str(value), None))
     return rows
 
 
@@ -98,8 +99,10 @@ class SqliteIndex(Index):
             self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-131072")  # 128 MiB: index pages stay cached during bulk inserts
             if self.db.execute("PRAGMA user_version").fetchone()[0] == 0:
                 self.db.executescript(SCHEMA)
+            self.keys: dict[str, int] = dict(self.db.execute("SELECT key, id FROM keys"))
         except sqlite3.DatabaseError as exc:
             code = CantCreateError if isinstance(exc, sqlite3.OperationalError) and create else DataError
             raise code(f"index {path}: {exc}", hint="is it a kaapcli index (SQLite) file?") from exc
@@ -122,7 +125,7 @@ class SqliteIndex(Index):
             existing = {uid: (rowid, text) for rowid, uid, text in db.execute(
                 "SELECT id, uid, doc FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
                 (self.project, json.dumps(list(by_uid))))}
-            kv: list[tuple[int, int, str, str | None, float | None]] = []
+            kv: list[tuple[int, int, int, str | None, float | None]] = []
             fts: list[tuple[int, str]] = []
             for uid, doc in by_uid.items():
                 if uid in existing:
@@ -135,43 +138,60 @@ class SqliteIndex(Index):
                     stats.updated += 1
                     db.execute("UPDATE docs SET doc = ? WHERE id = ?", (json.dumps(new, ensure_ascii=False), rowid))
                     db.execute("DELETE FROM kv WHERE doc = ?", (rowid,))
-                    db.execute("DELETE FROM fts WHERE rowid = ?", (rowid,))
+                    db.execute("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)", (rowid, fts_body(old)))
                 else:
                     new = doc
                     stats.added += 1
                     rowid = db.execute("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)",
                                        (self.project, uid, json.dumps(new, ensure_ascii=False))).lastrowid
-                kv.extend(kv_rows(rowid, new))
+                kv.extend(kv_rows(rowid, new, self._key_id))
                 fts.append((rowid, fts_body(new)))
             db.executemany("INSERT INTO kv VALUES (?, ?, ?, ?, ?)", kv)
             db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", fts)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self.keys = dict(self.db.execute("SELECT key, id FROM keys"))  # forget ids of rolled-back keys
             raise
         return stats
+
+    def _key_id(self, key: str) -> int:
+        """The id of a document key, registered on first sight (inside the caller's transaction)."""
+        ident = self.keys.get(key)
+        if ident is None:  # another writer may have registered it since we loaded the table
+            self.db.execute("INSERT OR IGNORE INTO keys(key) VALUES (?)", (key,))
+            ident = self.db.execute("SELECT id FROM keys WHERE key = ?", (key,)).fetchone()[0]
+            self.keys[key] = ident
+        return ident
+
+    def key_ids(self, keys: Sequence[str]) -> list[int]:
+        if any(k not in self.keys for k in keys):
+            self.keys = dict(self.db.execute("SELECT key, id FROM keys"))
+        return [self.keys.get(k, -1) for k in keys]  # -1: a key no document has, matches nothing
 
     def delete(self, node: Node) -> int:
         where, params = self._where(node)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            ids = [r[0] for r in db.execute(f"SELECT d.id FROM docs d WHERE {where}", params)]
-            blob = json.dumps(ids)
+            rows = list(db.execute(f"SELECT d.id, d.doc FROM docs d WHERE {where}", params))
+            blob = json.dumps([r[0] for r in rows])
+            db.executemany("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)",
+                           [(rowid, fts_body(json.loads(text))) for rowid, text in rows])
             db.execute("DELETE FROM kv WHERE doc IN (SELECT value FROM json_each(?))", (blob,))
-            db.execute("DELETE FROM fts WHERE rowid IN (SELECT value FROM json_each(?))", (blob,))
             db.execute("DELETE FROM docs WHERE id IN (SELECT value FROM json_each(?))", (blob,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return len(ids)
+        return len(rows)
 
     # -- reading
     def _where(self, node: Node) -> tuple[str, list[Any]]:
         params: list[Any] = []
-        sql = _sql(node, params)
-        return f"d.project = ? AND ({sql})", [self.project, *params]
+        sql = _sql(node, params, self.key_ids)
+        # "+" keeps SQLite from scanning the project's documents: the field conditions pick the rows by id
+        return f"+d.project = ? AND ({sql})", [self.project, *params]
 
     def search(self, node: Node, *, fields: Sequence[str] | None = None, limit: int | None = None,
                sort: Sort | None = None) -> Iterator[Doc]:
@@ -184,7 +204,7 @@ class SqliteIndex(Index):
                     f"AND kv.key IN ({keys}))"
             direction = "DESC" if sort.descending else "ASC"
             order = f"{value} IS NULL, {value} {direction}, d.uid"  # documents without the field last
-            params += list(sort.keys) * 2
+            params += self.key_ids(sort.keys) * 2
         sql = f"SELECT d.doc FROM docs d WHERE {where} ORDER BY {order}"
         if limit is not None:
             sql += " LIMIT ?"
@@ -203,7 +223,7 @@ class SqliteIndex(Index):
         sql = (f"SELECT coalesce(kv.num, kv.text) AS v, count(DISTINCT kv.doc) AS n FROM kv "
                f"WHERE kv.key IN ({marks}) AND kv.doc IN (SELECT d.id FROM docs d WHERE {where}) "
                f"GROUP BY v ORDER BY n DESC, v")
-        args = [*keys, *params]
+        args = [*self.key_ids(keys), *params]
         if top is not None:
             sql += " LIMIT ?"
             args.append(top)
@@ -247,7 +267,10 @@ def _project(doc: Doc, fields: Sequence[str]) -> Doc:
 _TOKEN = re.compile(r"\w+")
 
 
-def _in_kv(condition: str, keys: Sequence[str], params: list[Any], *values: Any) -> str:
+KeyIds = Callable[[Sequence[str]], list[int]]
+
+
+def _in_kv(condition: str, keys: Sequence[int], params: list[Any], *values: Any) -> str:
     params.extend(keys)
     params.extend(values)
     marks = ", ".join("?" * len(keys))
@@ -294,18 +317,18 @@ def _either(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
-def _sql(node: Node, params: list[Any]) -> str:
+def _sql(node: Node, params: list[Any], ids: KeyIds) -> str:
     if isinstance(node, MatchAll):
         return "1"
     if isinstance(node, Ids):
         params.append(json.dumps(list(node.uids)))
         return "d.uid IN (SELECT value FROM json_each(?))"
     if isinstance(node, And):
-        return "(" + " AND ".join(_sql(n, params) for n in node.nodes) + ")"
+        return "(" + " AND ".join(_sql(n, params, ids) for n in node.nodes) + ")"
     if isinstance(node, Or):
-        return "(" + " OR ".join(_sql(n, params) for n in node.nodes) + ")"
+        return "(" + " OR ".join(_sql(n, params, ids) for n in node.nodes) + ")"
     if isinstance(node, Not):
-        return f"NOT {_sql(node.node, params)}"
+        return f"NOT {_sql(node.node, params, ids)}"
     if isinstance(node, Text):
         if node.wildcard:  # a whole value of any field, case-insensitive
             params.append(_like(node.value))
@@ -319,25 +342,25 @@ def _sql(node: Node, params: list[Any]) -> str:
         parts = []
         for key in node.field.keys:
             if key_type(key) == "object":
-                params.append(_glob(key.replace("\\", "\\\\")) + ".*")
-                parts.append("d.id IN (SELECT doc FROM kv WHERE key GLOB ?)")
+                params.append(_glob(key) + ".*")
+                parts.append("d.id IN (SELECT doc FROM kv WHERE key IN (SELECT id FROM keys WHERE key GLOB ?))")
             else:
-                parts.append(_in_kv("1", [key], params))
+                parts.append(_in_kv("1", ids([key]), params))
         return _either(parts)
     numeric, text = _split(node.field.keys)
     parts = []
     if isinstance(node, Term):
         if numeric:
-            parts.append(_in_kv("num = ?", numeric, params, float(node.value)))
+            parts.append(_in_kv("text IS NULL AND num = ?", ids(numeric), params, float(node.value)))
         if text:
-            parts.append(_in_kv("text = ?", text, params, node.value))
+            parts.append(_in_kv("text = ?", ids(text), params, node.value))
     elif isinstance(node, Wildcard):
-        parts.append(_in_kv("text GLOB ?", text, params, _glob(node.pattern)))
+        parts.append(_in_kv("text GLOB ?", ids(text), params, _glob(node.pattern)))
     elif isinstance(node, Range):
         for keys, column in ((numeric, "num"), (text, "text")):
             if not keys:
                 continue
-            conds, values = [], []
+            conds, values = (["text IS NULL"] if column == "num" else []), []
             rounding = any(key_type(k) in ("date", "time", "datetime") for k in keys)
             if node.low is not None:
                 low = float(node.low) if column == "num" else node.low
@@ -351,7 +374,8 @@ def _sql(node: Node, params: list[Any]) -> str:
                     high = f"{high}{MAX_CHAR}"
                 conds.append(f"{column} {'<=' if node.include_high else '<'} ?")
                 values.append(high)
-            parts.append(_in_kv(" AND ".join(conds) or f"{column} IS NOT NULL", keys, params, *values))
+            parts.append(_in_kv(" AND ".join(conds) if len(conds) > (column == "num") else f"{column} IS NOT NULL",
+                                ids(keys), params, *values))
     else:  # pragma: no cover - exhaustive
         raise TypeError(f"unknown query node {node!r}")
     return _either(parts)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Benchmark the embedded index: indexing throughput and keyword-field search latency.
+
+Data: ``kaapcli mock`` + ``kaapcli dcm2json`` give one real series document; it is cloned into N
+documents with distinct UIDs and varied Modality/Rows/StudyDate/SeriesDescription.
+
+1. ``kaapcli index`` of 10,000 ``<SeriesInstanceUID>.json`` files (dcm2json's layout), end to end.
+   Target: >= 5,000 documents/s.  Anchor: ``jq -c .`` reading the same files into one stream (just
+   parsing and printing JSON, no index) — the ratio shows what indexing costs on top of reading.
+2. ``Modality:XA`` (a selective value: 0.1 % of the documents) over 100,000 documents: median
+   latency of the library search (parse + SQL + decode the hits), target < 50 ms; also the CLI
+   end to end (``kaapcli search``, including Python start-up).  Anchor: ``jq`` selecting the same
+   documents from a JSONL file of the 100,000 documents.
+
+Usage: python benchmarks/bench_index.py [--docs 10000] [--big 100000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SERIES, MOD, ROWS, DATE, DESC = ("0020000E SeriesInstanceUID_keyword", "00080060 Modality_keyword",
+                                 "00280010 Rows_integer", "00080020 StudyDate_date",
+                                 "0008103E SeriesDescription_keyword")
+MODALITIES = ["CT", "MR", "PT", "CR", "SEG", "US", "DX", "MG"]
+
+
+def run(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, **kwargs)
+
+
+def template(work: Path) -> dict[str, Any]:
+    kaapcli = [sys.executable, "-m", "kaapcli"]
+    run(*kaapcli, "mock", "-o", work / "mock", "--slices", "2", "--rows", "32", "--columns", "32", "-q")
+    run(*kaapcli, "dcm2json", work / "mock", "-o", work / "json1", "-q")
+    return json.loads(next((work / "json1").glob("*.json")).read_text())
+
+
+def clone(base: dict[str, Any], i: int) -> dict[str, Any]:
+    doc = dict(base)
+    doc[SERIES] = f"1.2.826.0.1.3680043.10.{i}"
+    doc["0020000D StudyInstanceUID_keyword"] = f"1.2.826.0.1.3680043.11.{i // 3}"
+    doc["00100020 PatientID_keyword"] = f"PAT-{i // 9:06d}"
+    doc[MOD] = "XA" if i % 1000 == 7 else MODALITIES[i % len(MODALITIES)]
+    doc[ROWS] = [256, 512, 1024][i % 3]
+    doc[DATE] = f"20{10 + i % 14}-{i % 12 + 1:02d}-{i % 28 + 1:02d}"
+    doc[DESC] = f"{['LUNG1', 'HEAD', 'ABDOMEN', 'PELVIS'][i % 4]}-{i:06d} series"
+    return doc
+
+
+def timed(fn: Any, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--keep", type=Path)
+    args = parser.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench_index-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base = template(work)
+        print(f"document template: {len(base)} keys, {len(json.dumps(base))} bytes (from kaapcli mock + dcm2json)")
+
+        # 1. indexing throughput, end to end through the CLI
+        src = work / "json"
+        src.mkdir(exist_ok=True)
+        for i in range(args.docs):
+            doc = clone(base, i)
+            (src / f"{doc[SERIES]}.json").write_text(json.dumps(doc))
+        db = work / "small.db"
+        db.unlink(missing_ok=True)
+        start = time.perf_counter()
+        run(sys.executable, "-m", "kaapcli", "index", src, "--index", db, "-q")
+        t_index = time.perf_counter() - start
+        jq = shutil.which("jq")
+        t_jq = None
+        if jq:
+            files = sorted(str(p) for p in src.glob("*.json"))
+            start = time.perf_counter()
+            subprocess.run([jq, "-c", "."] + files, check=True, stdout=subprocess.DEVNULL)
+            t_jq = time.perf_counter() - start
+        rate = args.docs / t_index
+        print(f"index {args.docs} JSON files: {t_index:.2f} s = {rate:,.0f} documents/s (target >= 5,000)"
+              + (f"; jq -c . over the same files: {t_jq:.2f} s; ratio kaapcli/jq = {t_index / t_jq:.2f}"
+                 if t_jq else ""))
+
+        # 2. search latency over a big index (built through the library: the CLI path is timed above)
+        from kaapcli.core.index.base import open_index
+        from kaapcli.core.index.query import parse
+
+        big = work / "big.db"
+        big.unlink(missing_ok=True)
+        jsonl = work / "big.jsonl"
+        start = time.perf_counter()
+        with open_index(str(big), create=True) as ix, open(jsonl, "w") as out:
+            batch = []
+            for i in range(args.big):
+                doc = clone(base, i)
+                out.write(json.dumps(doc) + "\n")
+                batch.append(doc)
+                if len(batch) == 5000:
+                    ix.write(batch, replace=False)
+                    batch.clear()
+            ix.write(batch, replace=False)
+        t_build = time.perf_counter() - start
+        print(f"built {args.big:,} document index in {t_build:.1f} s ({args.big / t_build:,.0f} documents/s, "
+              f"{big.stat().st_size / 1e6:.0f} MB)")
+        with open_index(str(big)) as ix:
+            hits = 0
+
+            def query() -> None:
+                nonlocal hits
+                hits = len(list(ix.search(parse("Modality:XA"))))
+
+            lib = timed(query, 21)
+            ranged = timed(lambda: ix.count(parse("Modality:XA AND Rows:>=512 AND StudyDate:[2015-01-01 TO *]")), 21)
+        print(f"search Modality:XA over {args.big:,} documents ({hits} hits): library median "
+              f"{statistics.median(lib) * 1000:.1f} ms (target < 50 ms); combined term+range count median "
+              f"{statistics.median(ranged) * 1000:.1f} ms")
+        cli = timed(lambda: run(sys.executable, "-m", "kaapcli", "search", "Modality:XA", "--index", big), 5)
+        print(f"  kaapcli search CLI end to end (incl. Python start-up): median {statistics.median(cli) * 1000:.0f} ms")
+        if jq:
+            anchor = timed(lambda: subprocess.run(
+                [jq, "-c", 'select(.["00080060 Modality_keyword"] == "XA")', str(jsonl)], check=True,
+                stdout=subprocess.DEVNULL), 3)
+            print(f"  anchor jq select over the JSONL: median {statistics.median(anchor) * 1000:.0f} ms; "
+                  f"ratio library/jq = {statistics.median(lib) / statistics.median(anchor):.4f}, "
+                  f"CLI/jq = {statistics.median(cli) / statistics.median(anchor):.3f}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
