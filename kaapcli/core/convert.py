@@ -86,7 +86,7 @@ class ConvertOperator(BaseOperator):
     fmt: str = "nii.gz"
     name_template: str = DEFAULT_NAME
     resample: bool = False
-    level: int = 6  # gzip level of .nii.gz
+    level: int = 1  # gzip level of .nii.gz (see volume.write_image)
 
     name = "convert"
     grouped = True

@@ -15,7 +15,7 @@ Public API (stable; other operators import it):
 - ``split_stacks(paths) -> list[Stack]``: headers only, no pixel decoding.
 - ``load_series(paths, *, resample=False) -> list[Volume]``: every stack of a series.
 - ``load_stack(stack, *, resample=False) -> Volume``.
-- ``write_image(image, dest, *, level=6) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer.
+- ``write_image(image, dest, *, level=1) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer.
 - ``to_nifti(image)`` / ``nifti_affine(image)``: the NIfTI view (RAS affine) of a SimpleITK image.
 """
 
@@ -498,7 +498,7 @@ def to_nifti(image: Any) -> Any:
     import nibabel as nib
     import SimpleITK as sitk
 
-    data = np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
+    data = sitk.GetArrayFromImage(image).T  # (i, j, k), Fortran-ordered: NIfTI's own layout, no copy
     img = nib.Nifti1Image(data, nifti_affine(image))
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(img.affine, code=1)
@@ -506,33 +506,56 @@ def to_nifti(image: Any) -> Any:
     return img
 
 
-def gzip_bytes(data: bytes, level: int = 6, block: int = 8 << 20) -> bytes:
-    """gzip in independent members compressed on threads (zlib releases the GIL).
+def nifti_header(image: Any) -> bytes:
+    """The 352 bytes that precede the voxels of a single-file NIfTI-1 of a SimpleITK image.
 
-    A multi-member gzip file is standard (RFC 1952) and read by gzip, zlib's gzread (ITK),
-    nibabel and dcm2niix alike.
+    ITK's buffer (k, j, i) in C order is exactly NIfTI's (i, j, k) in Fortran order, so the voxel
+    bytes that follow are the buffer as it is.
     """
-    blocks = [data[i:i + block] for i in range(0, len(data), block)] or [b""]
-    if len(blocks) == 1:
-        return gzip.compress(data, compresslevel=level, mtime=0)
+    import SimpleITK as sitk
 
-    def member(chunk: bytes) -> bytes:
-        return gzip.compress(chunk, compresslevel=level, mtime=0)
+    header = to_nifti(sitk.Image([1, 1, 1], image.GetPixelID())).header  # header fields only, no voxel copy
+    header.set_data_shape(image.GetSize())
+    header.set_sform(nifti_affine(image), code=1)
+    header.set_qform(nifti_affine(image), code=1)
+    header.set_zooms(image.GetSpacing())
+    header["vox_offset"] = 352
+    return bytes(header.binaryblock) + b"\0\0\0\0"  # no extensions
 
-    with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)) as pool:
-        return b"".join(pool.map(member, blocks))
+
+def gzip_members(head: bytes, voxels: np.ndarray, level: int = 1) -> bytes:
+    """gzip of ``head`` + the voxel bytes, one member per slice, compressed on threads (zlib releases the GIL).
+
+    Empty slices share one precomputed member, so a sparse mask costs little.  A multi-member gzip
+    file is standard (RFC 1952) and read by gzip, zlib's gzread (ITK), nibabel and dcm2niix alike.
+    """
+    slices = voxels.reshape(voxels.shape[0], -1) if voxels.ndim > 1 else voxels.reshape(1, -1)
+    empty = gzip.compress(np.zeros_like(slices[0]).tobytes(), compresslevel=level, mtime=0)
+
+    def member(k: int) -> bytes:
+        plane = slices[k]
+        return gzip.compress(plane.tobytes(), compresslevel=level, mtime=0) if plane.any() else empty
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return gzip.compress(head, compresslevel=level, mtime=0) + b"".join(pool.map(member, range(len(slices))))
 
 
-def write_image(image: Any, dest: Path, *, level: int = 6) -> int:
-    """Write a SimpleITK image atomically; format from the suffix (.nii.gz .nii .nrrd .nhdr-less .mha)."""
+def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
+    """Write a SimpleITK image atomically; format from the suffix (.nii.gz .nii .nrrd .mha).
+
+    gzip level 1 by default: on CT noise, level 6 costs about five times the time for ~1% smaller files.
+    """
     import SimpleITK as sitk
 
     name = dest.name
     if name.endswith((".nii.gz", ".nii")):
-        data = to_nifti(image).to_bytes()
+        voxels = sitk.GetArrayViewFromImage(image)
         if name.endswith(".gz"):
-            data = gzip_bytes(data, level)
-        return fsio.write_bytes(dest, data)
+            return fsio.write_bytes(dest, gzip_members(nifti_header(image), voxels, level))
+        with fsio.atomic_write(dest) as fh:
+            fh.write(nifti_header(image))
+            fh.write(np.ascontiguousarray(voxels).tobytes())
+        return dest.stat().st_size
     # Other formats through ITK: a hidden temporary name (keeping the suffix ITK picks the format by).
     fsio.ensure_dir(dest.parent)
     suffix = "".join(dest.suffixes[-1:])
@@ -546,5 +569,5 @@ def write_image(image: Any, dest: Path, *, level: int = 6) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "frames_of", "group_frames", "gzip_bytes", "load_series",
-           "load_stack", "nifti_affine", "split_stacks", "stack_geometry", "to_nifti", "write_image"]
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "frames_of", "group_frames", "gzip_members", "load_series",
+           "load_stack", "nifti_affine", "nifti_header", "split_stacks", "stack_geometry", "to_nifti", "write_image"]
