@@ -23,7 +23,7 @@ PeerArg = Annotated[str, typer.Argument(
 CallingAet = Annotated[str, typer.Option(
     "--calling-aet", envvar="KAAPCLI_CALLING_AET", help="Our AE title towards the peer.", rich_help_panel=PANEL)]
 Timeout = Annotated[float | None, typer.Option(
-    "--timeout", min=0.1, envvar="KAAPCLI_TIMEOUT", show_default="60",
+    "--timeout", min=0.1, envvar="KAAPCLI_TIMEOUT", show_default="30 ACSE, 60 DIMSE/HTTP",
     help="Seconds to wait for association (ACSE), DIMSE and HTTP answers.", rich_help_panel=PANEL)]
 ConnectTimeout = Annotated[float | None, typer.Option(
     "--connect-timeout", min=0.1, show_default="10", help="Seconds to wait for the TCP connection.",
