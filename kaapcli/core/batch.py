@@ -350,7 +350,7 @@ def _chunk_size(n: int, workers: int) -> int:
 
 
 class _Pool:
-    """A process pool (or inline execution for one worker) yielding results as they complete."""
+    """A process pool (or inline execution for one worker) yielding chunk results in input order."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -371,7 +371,7 @@ class _Pool:
                 yield fn(*args[:1], chunk, *args[1:])
             return
         futures = [self.executor.submit(fn, *args[:1], chunk, *args[1:]) for chunk in chunks]
-        for fut in cf.as_completed(futures):
+        for fut in futures:  # in submission order: stdout is the same on every run
             yield fut.result()
 
 
