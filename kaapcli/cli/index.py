@@ -56,8 +56,7 @@ def _uids(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _selection(series: list[str] | None, study: list[str] | None, query: str | None, *,
-               required: bool = True) -> Node | None:
+def _selection(series: list[str] | None, study: list[str] | None, query: str | None) -> Node:
     """--series / --study / --query as one query node (several are ORed together)."""
     from kaapcli.core.index.query import STUDY_KEY, Field, Ids, Or, Term, parse
     from kaapcli.exitcodes import UsageError
@@ -70,9 +69,7 @@ def _selection(series: list[str] | None, study: list[str] | None, query: str | N
     if query is not None:
         nodes.append(parse(query))
     if not nodes:
-        if required:
-            raise UsageError("select series with --series UID, --study UID or --query Q")
-        return None
+        raise UsageError("select series with --series UID, --study UID or --query Q")
     return nodes[0] if len(nodes) == 1 else Or(tuple(nodes))
 
 
@@ -362,16 +359,16 @@ def dataset_remove(ctx: typer.Context, name: NameArg, series: SeriesOpt = None, 
     """Remove the selected series from a dataset; with no selection, delete the dataset."""
     from kaapcli.exitcodes import NoInputError
 
-    node = _selection(series, study, query, required=False)
+    selected = bool(series or study or query is not None)
     with _open(ctx, index, project) as ix:
         members = ix.dataset_members(name)
         if members is None:
             raise NoInputError(f"dataset {name!r} does not exist in {ix.target}")
-        if node is None:
+        if not selected:
             ix.set_dataset(name, [])
             message = f"{name}: deleted ({len(members)} series)"
         else:
-            result = ix.dataset_change(name, node, remove=True)
+            result = ix.dataset_change(name, _selection(series, study, query), remove=True)
             message = f"{name}: {result.updated} series removed"
     with Reporter("dataset", quiet) as reporter:
         reporter.info(message)
