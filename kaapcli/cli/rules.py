@@ -70,22 +70,18 @@ def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: P
                 by_series.setdefault(dicom.series_uid(path), []).append(path)
             except KaapcliError:
                 continue  # already reported by the series pass
-    tags = set().union(*(r.tags_needed() for r in group_rules))
-    series = [rules.series_from_files(sorted(paths), tags) for paths in by_series.values()]
+    if run.dry_run:
+        reporter.info(f"{len(group_rules)} group rules over {len(by_series)} series: not run (dry run)")
+        return 0
+    runner = rules.RuleRunner(group_rules, journal, out, jobs=run.workers or 2)
+    for paths in by_series.values():
+        runner.series_complete(paths)
     failed = False
-    for rule in group_rules:
-        for key, members in rules.complete_groups(rule, series):
-            first = members[rule.inputs[0].name]
-            values = first.placeholders(out)
-            values.update({f"input_{name}": str(s.series_dir) for name, s in members.items()})
-            if run.dry_run:
-                reporter.info(f"{rule.name}: group {key}: would run")
-                continue
-            (record,) = rules.run_rules([(rule, values)], rules.Journal(journal), first.series_uid)
-            typer.echo(record.log)
-            if record.status != "ok":
-                failed = True
-                reporter.error(f"{rule.name}: group {key}: {record.status} ({record.message}; log {record.log})")
+    for record in runner.close():
+        typer.echo(record.log)
+        if record.status != "ok":
+            failed = True
+            reporter.error(f"{record.rule}: {record.series_uid}: {record.status} ({record.message}; log {record.log})")
     return 1 if failed else 0
 
 

@@ -381,6 +381,56 @@ def run_rules(fired: list[tuple[Rule, dict[str, str]]], journal: Journal, series
     return list(results.values())
 
 
+# --------------------------------------------------------------------------- live mode (receive, watch)
+
+class RuleRunner:
+    """Runs rules for series as they complete, in a bounded thread pool (each run is a subprocess).
+
+    Series rules run once per matching series; a group rule runs once per complete group, when the
+    last of its inputs arrives.  A failing rule is journalled and never stops the caller.
+    """
+
+    def __init__(self, rules: list[Rule], journal: Path, out: Path | None = None, jobs: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.series_rules = [r for r in rules if not r.is_group_rule]
+        self.group_rules = [r for r in rules if r.is_group_rule]
+        self.tags = set().union(*(r.tags_needed() for r in rules)) if rules else set()
+        self.journal = Journal(journal)
+        self.out = out
+        self.pool = ThreadPoolExecutor(max(1, jobs), thread_name_prefix="kaapcli-rules")
+        self.futures: list[Any] = []
+        self.completed: list[Series] = []
+        self.fired_groups: set[tuple[str, str]] = set()
+
+    def series_complete(self, files: list[Path], aets: tuple[str, str] = ("", "")) -> Series:
+        """Called once per complete series: schedules its matching rules and any group that is now complete."""
+        series = series_from_files(sorted(files), self.tags, aets)
+        if any(r.match for r in self.series_rules):
+            from kaapcli.core.meta import series_document
+
+            series.document, _ = series_document(sorted(files))
+        fired = [(r, series.placeholders(self.out)) for r in self.series_rules if matches(r, series)]
+        if fired:
+            self.futures.append(self.pool.submit(run_rules, fired, self.journal, series.series_uid))
+        self.completed.append(series)
+        for rule in self.group_rules:
+            for key, members in complete_groups(rule, self.completed):
+                if (rule.name, key) in self.fired_groups:
+                    continue
+                self.fired_groups.add((rule.name, key))
+                first = members[rule.inputs[0].name]
+                values = first.placeholders(self.out)
+                values.update({f"input_{name}": str(s.series_dir) for name, s in members.items()})
+                self.futures.append(self.pool.submit(run_rules, [(rule, values)], self.journal, first.series_uid))
+        return series
+
+    def close(self) -> list[RunRecord]:
+        """Wait for every scheduled run; return all their records."""
+        self.pool.shutdown(wait=True)
+        return [record for fut in self.futures for record in fut.result()]
+
+
 # --------------------------------------------------------------------------- batch mode (kaapcli trigger)
 
 def default_journal() -> Path:
