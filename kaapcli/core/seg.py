@@ -60,11 +60,12 @@ class Reference:
         matrix = g.direction * np.asarray(g.spacing)
         return np.linalg.solve(matrix, (np.asarray(points, dtype=float) - g.origin).T).T
 
-    def image(self, array: np.ndarray) -> Any:
-        """A SimpleITK image on this grid from a (slices, rows, columns) array."""
+    def image(self, array: np.ndarray, size: tuple[int, int, int] | None = None) -> Any:
+        """A SimpleITK image on this grid from a (slices, rows, columns) array (or an empty one of ``size``)."""
         import SimpleITK as sitk
 
-        img = sitk.GetImageFromArray(array)
+        img = sitk.GetImageFromArray(array) if size is None else sitk.Image(size, sitk.GetImageFromArray(array)
+                                                                            .GetPixelID())
         img.SetOrigin(tuple(float(v) for v in self.geometry.origin))
         img.SetSpacing(tuple(float(v) for v in self.geometry.spacing))
         img.SetDirection(tuple(float(v) for v in self.geometry.direction.flatten()))
@@ -615,8 +616,11 @@ class Seg2ItkOperator(BaseOperator):
                                     "it wins there")
             volume.write_image(ref.image(labels), outputs[0])
         else:
+            head = volume.nifti_header(ref.image(np.zeros((1, 1, 1), np.uint8), size=ref.size))
             for m, dest in zip(masks, outputs, strict=True):
-                volume.write_image(m.image(), dest)
+                voxels = np.zeros(ref.shape, dtype=np.uint8)
+                m.paint(voxels, 1)
+                volume.write_nifti(head, voxels, dest)
         header = dicom.read(path, stop_before_pixels=True)
         algorithms = {str(s.SegmentAlgorithmName) for s in header.get("SegmentSequence") or []
                       if s.get("SegmentAlgorithmName")}

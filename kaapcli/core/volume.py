@@ -15,7 +15,8 @@ Public API (stable; other operators import it):
 - ``split_stacks(paths) -> list[Stack]``: headers only, no pixel decoding.
 - ``load_series(paths, *, resample=False) -> list[Volume]``: every stack of a series.
 - ``load_stack(stack, *, resample=False) -> Volume``.
-- ``write_image(image, dest, *, level=1) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer.
+- ``write_image(image, dest, *, level=1) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer;
+  ``write_nifti(nifti_header(image), array, dest)`` writes arrays on one grid without SimpleITK images.
 - ``to_nifti(image)`` / ``nifti_affine(image)``: the NIfTI view (RAS affine) of a SimpleITK image.
 """
 
@@ -540,6 +541,19 @@ def gzip_members(head: bytes, voxels: np.ndarray, level: int = 1) -> bytes:
         return gzip.compress(head, compresslevel=level, mtime=0) + b"".join(pool.map(member, range(len(slices))))
 
 
+def write_nifti(head: bytes, voxels: np.ndarray, dest: Path, *, level: int = 1) -> int:
+    """Write ``nifti_header`` bytes and a (slices, rows, columns) array as ``dest`` (.nii.gz or .nii), atomically.
+
+    Lets callers writing many volumes on one grid (masks) skip building a SimpleITK image each time.
+    """
+    if dest.name.endswith(".gz"):
+        return fsio.write_bytes(dest, gzip_members(head, voxels, level))
+    with fsio.atomic_write(dest) as fh:
+        fh.write(head)
+        fh.write(np.ascontiguousarray(voxels).tobytes())
+    return dest.stat().st_size
+
+
 def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     """Write a SimpleITK image atomically; format from the suffix (.nii.gz .nii .nrrd .mha).
 
@@ -549,13 +563,7 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
 
     name = dest.name
     if name.endswith((".nii.gz", ".nii")):
-        voxels = sitk.GetArrayViewFromImage(image)
-        if name.endswith(".gz"):
-            return fsio.write_bytes(dest, gzip_members(nifti_header(image), voxels, level))
-        with fsio.atomic_write(dest) as fh:
-            fh.write(nifti_header(image))
-            fh.write(np.ascontiguousarray(voxels).tobytes())
-        return dest.stat().st_size
+        return write_nifti(nifti_header(image), sitk.GetArrayViewFromImage(image), dest, level=level)
     # Other formats through ITK: a hidden temporary name (keeping the suffix ITK picks the format by).
     fsio.ensure_dir(dest.parent)
     suffix = "".join(dest.suffixes[-1:])
@@ -570,4 +578,5 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
 
 
 __all__ = ["Frame", "Geometry", "Stack", "Volume", "frames_of", "group_frames", "gzip_members", "load_series",
-           "load_stack", "nifti_affine", "nifti_header", "split_stacks", "stack_geometry", "to_nifti", "write_image"]
+           "load_stack", "nifti_affine", "nifti_header", "split_stacks", "stack_geometry", "to_nifti", "write_image",
+           "write_nifti"]
