@@ -154,6 +154,35 @@ def test_phi_scan_catches_a_leak(mock_ct: Path, tmp_path: Path) -> None:
         assert str(ds.PatientName) in found and ds.SOPInstanceUID in found and ds.StudyDate in found
 
 
+def test_rules_see_the_dictionary_vr_of_implicit_and_un_elements(mock_ct: Path, tmp_path: Path) -> None:
+    """Kept elements are written back undecoded, so the VR the rules see must still be pydicom's: a date and a
+    UID that Table E.1-1 does not list are caught by their VR even when the file does not state it."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    date, uid = "20010203", "1.2.826.0.1.3680043.10.99.1234567"
+    src = tmp_path / "in"
+    src.mkdir()
+    for n, syntax in enumerate(("implicit", "un")):
+        ds = pydicom.dcmread(dicom_files(mock_ct)[n])
+        if syntax == "implicit":
+            ds.InstanceCreationDate, ds.AcquisitionUID = date, uid
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.save_as(src / "implicit.dcm", implicit_vr=True, little_endian=True)
+        else:  # explicit VR little endian, both elements encoded as UN
+            ds.add_new(0x00080012, "UN", date.encode())
+            ds.add_new(0x00080017, "UN", uid.encode() + b"\0")
+            ds.save_as(src / "un.dcm")
+    proc, records = anonymize(src, "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert len(records) == 2
+    for record in records:
+        out = pydicom.dcmread(record["outputs"][0])
+        assert out.InstanceCreationDate == "19000101", record["input"]
+        assert out.AcquisitionUID.startswith("2.25."), record["input"]
+        assert date.encode() not in Path(record["outputs"][0]).read_bytes()
+        assert uid.encode() not in Path(record["outputs"][0]).read_bytes()
+
+
 # --------------------------------------------------------------------------- UIDs and references
 
 def _build_seg(series: list[Path], dest: Path) -> Path:
