@@ -23,5 +23,7 @@ def test_examples_demo_runs_with_make_j2(tmp_path: Path) -> None:
     for listing in (tmp_path / "out").glob("*.list"):
         paths = listing.read_text().split()
         assert paths and all(Path(p).exists() for p in paths), listing
-    again = subprocess.run([*args, "--question"], capture_output=True, text=True, timeout=60)
+    targets = [str(tmp_path / "out" / name) for name in lists]
+    again = subprocess.run([*args[:-3], *args[-2:], "--question", *targets], capture_output=True, text=True,
+                           timeout=60)
     assert again.returncode == 0, "a second make run should find everything up to date"
