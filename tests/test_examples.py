@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,15 +16,18 @@ from conftest import ROOT
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_examples_demo_runs_with_make_j2(tmp_path: Path) -> None:
     args = ["make", "-C", str(ROOT / "examples"), "-j2", "demo", f"KAAPCLI={sys.executable} -m kaapcli",
-            f"OUT={tmp_path / 'out'}"]
+            f"PYTHON={sys.executable}", f"OUT={tmp_path / 'out'}"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     lists = sorted(p.name for p in (tmp_path / "out").glob("*.list"))
-    assert "mock.list" in lists and "meta.list" in lists
+    assert {"mock.list", "anon.list", "seg.list", "sr.list", "meta.list", "gallery.list"} <= set(lists)
+    found = [json.loads(line) for line in (tmp_path / "out" / "search.jsonl").read_text().splitlines()]
+    assert [doc["00080060 Modality_keyword"] for doc in found] == ["SEG"]
+    assert found[0]["00000000 AnnotationLabelsList_keyword"] == "liver"
     for listing in (tmp_path / "out").glob("*.list"):
         paths = listing.read_text().split()
         assert paths and all(Path(p).exists() for p in paths), listing
     targets = [str(tmp_path / "out" / name) for name in lists]
-    again = subprocess.run([*args[:-3], *args[-2:], "--question", *targets], capture_output=True, text=True,
+    again = subprocess.run([*args[:4], *args[5:], "--question", *targets], capture_output=True, text=True,
                            timeout=60)
     assert again.returncode == 0, "a second make run should find everything up to date"

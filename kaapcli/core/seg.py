@@ -452,7 +452,12 @@ def _stem(path: Path) -> str:
 
 
 def _label_name(path: Path, value: int, values: list[int], info: SegInfo) -> str:
+    from kaapcli.core.masks import MASK_NAME
+
     stem = _stem(path)
+    named = MASK_NAME.match(stem)
+    if named and len(values) == 1:  # <stem>--<label_int>--<label_name> (DESIGN §3.4): the name is in the file name
+        return named["name"]
     by_name = {name.lower(): name for name in info.labels.values()}
     if stem.lower() in by_name:  # one file per label, named after it
         return by_name[stem.lower()]
