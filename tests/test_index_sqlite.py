@@ -333,3 +333,90 @@ def test_stats_bar_chart_on_a_terminal(db: Path) -> None:
     text = out.decode()
     assert proc.returncode == 0
     assert "Modality: 24 series" in text and "\u2588" in text and "{" not in text
+
+
+def _kv_and_fts(db: Path, word: str) -> tuple[int, int]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return (con.execute("SELECT count(*) FROM kv").fetchone()[0],
+                con.execute("SELECT count(*) FROM fts WHERE fts MATCH ?", (word,)).fetchone()[0])
+
+
+def test_changed_and_removed_documents_leave_no_values_behind(tmp_path: Path) -> None:
+    """kv rows and FTS text are made in SQL from the stored JSON; changing or deleting a document
+    must take away exactly what was added (deep objects, lists of objects, repeated list values too)."""
+    db = tmp_path / "i.db"
+    deep = "00400275 RequestAttributesSequence_object"
+    doc: dict[str, Any] = {SERIES_KEY: "1.2.3", MOD: "CT", "00200037 ImageOrientationPatient_float": [1, 0, 0, 0, 1, 0],
+           deep: [{"00321060 RequestedProcedureDescription_keyword": "oldword scan",
+                   "00400008 ScheduledProtocolCodeSequence_object": {"00080100 CodeValue_keyword": ["A1", "B2"]}}],
+           "00200010 StudyID_keyword": 17, "00000000 Flag_keyword": True}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    assert kaapcli("index", tmp_path / "a.json", "--index", db).returncode == 0
+    field = f'"{deep}.00400008 ScheduledProtocolCodeSequence_object.00080100 CodeValue_keyword"'
+    assert uids(search(db, f"{field}:B2 AND StudyID:17 AND oldword AND ImageOrientationPatient:0")) == ["1.2.3"]
+    assert uids(search(db, '"00000000 Flag_keyword":true AND "true"')) == ["1.2.3"]
+    rows_before = _kv_and_fts(db, "oldword")[0]
+    assert rows_before == 9  # uid, modality, orientation 0 and 1 (once each), description, 2 codes, id, flag
+    doc[deep][0]["00321060 RequestedProcedureDescription_keyword"] = "newword scan"
+    doc[deep][0]["00400008 ScheduledProtocolCodeSequence_object"]["00080100 CodeValue_keyword"] = ["C3"]
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    assert "(0 added, 1 updated, 0 unchanged)" in kaapcli("index", tmp_path / "a.json", "--index", db).stderr
+    assert search(db, f"{field}:B2") == [] and search(db, "oldword") == []
+    assert uids(search(db, f"{field}:C3 AND newword")) == ["1.2.3"]
+    assert _kv_and_fts(db, "oldword") == (rows_before - 1, 0)
+    assert kaapcli("unindex", "--series", "1.2.3", "--index", db).returncode == 0
+    assert _kv_and_fts(db, "newword") == (0, 0)
+
+
+def test_schema_1_index_is_upgraded(tmp_path: Path) -> None:
+    """An index written before kv rows were made in SQL (schema 1) is rebuilt when opened."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as con:
+        con.executescript("""
+            CREATE TABLE docs(id INTEGER PRIMARY KEY, project TEXT NOT NULL, uid TEXT NOT NULL, doc TEXT NOT NULL,
+                              UNIQUE(project, uid));
+            CREATE TABLE keys(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
+            CREATE TABLE kv(doc INTEGER NOT NULL, i INTEGER NOT NULL, key INTEGER NOT NULL, text TEXT, num REAL,
+                            PRIMARY KEY(doc, i)) WITHOUT ROWID;
+            CREATE INDEX kv_value ON kv(key, text, num);
+            CREATE VIRTUAL TABLE fts USING fts5(body, content='');
+            CREATE TABLE datasets(project TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
+                                  PRIMARY KEY(project, name, uid)) WITHOUT ROWID;
+            PRAGMA user_version = 1;""")
+        for rowid, doc in enumerate(DOCS[:6], 1):
+            con.execute("INSERT INTO docs VALUES (?, 'admin', ?, ?)", (rowid, doc[SERIES_KEY], json.dumps(doc)))
+            con.execute("INSERT INTO fts(rowid, body) VALUES (?, ?)", (rowid, "written by schema 1"))
+    assert uids(search(db, "Modality:CT AND Rows:>=512")) == uids([d for d in DOCS[:6] if d[MOD] == "CT"
+                                                                  and (rows(d) or 0) >= 512])
+    assert search(db, "schema", "--count") == [0] and search(db, "chest", "--count") == [
+        sum("chest" in words(d) for d in DOCS[:6])]
+    assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
+    assert _kv_and_fts(db, "chest") == (0, 0)
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_nan_is_refused_per_document(tmp_path: Path) -> None:
+    db = tmp_path / "i.db"
+    (tmp_path / "d.jsonl").write_text(f'{{"{SERIES_KEY}": "1.1", "{THICK}": NaN}}\n'
+                                      f'{{"{SERIES_KEY}": "1.2", "{THICK}": "nan", "{ROWS}": " 512 "}}\n')
+    proc = kaapcli("index", tmp_path / "d.jsonl", "--index", db)
+    assert proc.returncode == 1 and "series 1.1: NaN or Infinity is not a valid JSON value" in proc.stderr
+    assert uids(search(db, "*")) == ["1.2"]
+    # the string "nan" in a numeric field is no number: kept as text; " 512 " is one (as float() reads it)
+    assert uids(search(db, "SliceThickness:* AND Rows:512")) == ["1.2"] and search(db, "SliceThickness:>0") == []
+
+
+def test_search_does_not_import_pydicom(db: Path) -> None:
+    """Field names resolve through pydicom's data dictionary, loaded without pydicom (numpy, ...): start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kaapcli.cli.app import main; main(['search', 'Modality:CT', '--count', '--index', "
+            f"{str(db)!r}]); print('pydicom' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == [str(sum(d[MOD] == "CT" for d in DOCS)), "False"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from kaapcli.exitcodes import UsageError
 
@@ -144,23 +145,56 @@ def is_numeric(key: str) -> bool:
     return key_type(key) in NUMERIC_TYPES
 
 
+@lru_cache(maxsize=1)
+def _dicom_dictionary() -> dict[int, tuple[str, str, str, str, str]]:
+    """pydicom's data dictionary (tag → VR, VM, name, retired, keyword).
+
+    ``import pydicom`` costs ~0.5 s (numpy, its pixel handlers), more than a whole ``kaapcli search``;
+    the dictionary is one plain module in it, loaded here on its own unless pydicom is imported already.
+    """
+    import sys
+
+    if "pydicom" in sys.modules:
+        from pydicom._dicom_dict import DicomDictionary
+
+        return DicomDictionary
+    import importlib.util
+
+    spec = importlib.util.find_spec("pydicom")  # finds the package without importing it
+    locations = spec.submodule_search_locations if spec else None
+    if not locations:  # pragma: no cover - pydicom is a dependency
+        raise ModuleNotFoundError("pydicom")
+    module_spec = importlib.util.spec_from_file_location("_kaapcli_dicom_dict",
+                                                         Path(locations[0]) / "_dicom_dict.py")
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.DicomDictionary  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=1)
+def _keyword_tags() -> dict[str, int]:
+    """Keyword → tag, as ``pydicom.datadict.keyword_dict``."""
+    return {entry[4]: tag for tag, entry in _dicom_dictionary().items()}
+
+
 @lru_cache(maxsize=512)
 def _keyword_keys(name: str) -> tuple[str, ...]:
     """Document keys of one DICOM keyword or derived field name (case-insensitive)."""
     for key in DERIVED_KEYS:
         if key.split(" ", 1)[1].split("_", 1)[0].lower() == name.lower():
             return tuple(k for k in DERIVED_KEYS if k.split(" ", 1)[1].split("_", 1)[0].lower() == name.lower())
-    from pydicom.datadict import dictionary_keyword, dictionary_VR, keyword_dict
-
+    dictionary = _dicom_dictionary()
+    keyword_dict = _keyword_tags()
     tag = keyword_dict.get(name)
     if tag is None:  # case-insensitive fallback: modality → Modality
         lowered = {k.lower(): v for k, v in keyword_dict.items()}
         tag = lowered.get(name.lower())
     if tag is None:
         return ()
-    keyword = dictionary_keyword(tag)
+    vr_text, _, _, _, keyword = dictionary[tag]
     prefix = f"{tag:08X} {keyword}"
-    vrs = [vr.strip() for vr in dictionary_VR(tag).split(" or ")]
+    vrs = [vr.strip() for vr in vr_text.split(" or ")]
     if "PN" in vrs:
         return tuple(f"{prefix}_keyword_{part}" for part in ("alphabetic", "ideographic", "phonetic"))
     suffixes = sorted({_VR_SUFFIX[vr] for vr in vrs if vr in _VR_SUFFIX})

@@ -3,16 +3,22 @@
 Schema (one file may hold several projects)::
 
     docs(id, project, uid, doc)      the documents as JSON; (project, uid) unique
-    keys(id, key)                    document keys, so kv rows and indexes hold a small integer per key
-    kv(doc, i, key, text, num)       one row per leaf value (lists → one row per element; objects →
-                                     dotted keys, as OpenSearch flattens them); text OR num is set
-      kv_value(key, text, num)       the one index of field queries: terms, wildcards with a literal prefix,
-                                     ranges (numbers: text IS NULL), sorting, value counts
+    keys(id, key)                    document keys, so kv rows hold a small integer per key
+    kv(key, v, doc)                  one row per leaf value (lists → one row per element; objects → dotted
+                                     keys, as OpenSearch flattens them), and at the same time the one index
+                                     of field queries (a WITHOUT ROWID table ordered by its primary key):
+                                     terms, wildcards with a literal prefix, ranges, sorting, value counts.
+                                     ``v`` is a number for numeric keys (``_integer``/``_float``), else text;
+                                     SQLite orders every number before every text, so ``v < ''`` means
+                                     "a number".
     fts(body)                        contentless FTS5 over every value of a document, rowid = docs.id
     datasets(project, name, uid)
 
+kv rows and FTS text are made inside SQLite from the stored JSON (``json_tree``), when a document is
+written and again, identically, when it is changed or deleted.
+
 A query AST becomes one SQL ``WHERE`` over ``docs d``: every field condition is
-``d.id IN (SELECT doc FROM kv WHERE key IN (<key ids>) AND ...)``, which SQLite answers from an index.
+``d.id IN (SELECT doc FROM kv WHERE key IN (<key ids>) AND ...)``, which SQLite answers from kv's key order.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,48 +49,62 @@ from kaapcli.core.index.query import (
 )
 from kaapcli.exitcodes import CantCreateError, DataError, NoInputError
 
-SCHEMA = """
+KV_TABLE = "CREATE TABLE IF NOT EXISTS kv(key INTEGER NOT NULL, v NOT NULL, doc INTEGER NOT NULL, " \
+           "PRIMARY KEY(key, v, doc)) WITHOUT ROWID"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, project TEXT NOT NULL, uid TEXT NOT NULL,
                                 doc TEXT NOT NULL, UNIQUE(project, uid));
 CREATE TABLE IF NOT EXISTS keys(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS kv(doc INTEGER NOT NULL, i INTEGER NOT NULL, key INTEGER NOT NULL, text TEXT, num REAL,
-                              PRIMARY KEY(doc, i)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_value ON kv(key, text, num);
+{KV_TABLE};
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(body, content='');
 CREATE TABLE IF NOT EXISTS datasets(project TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
                                     PRIMARY KEY(project, name, uid)) WITHOUT ROWID;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 """
 MAX_CHAR = "\U0010ffff"  # appended to a date bound so "2020-12-31" covers that whole day of a datetime
 
+# The leaf values of the documents whose ids are the JSON list :ids.  Built in SQL rather than bound row by
+# row from Python, which cost more than everything else indexing does (~80 rows per document).
+_LEAVES = ("FROM docs d, json_tree(d.doc) t WHERE d.id IN (SELECT value FROM json_each(:ids)) "
+           "AND t.atom IS NOT NULL")
+# the dotted key of a leaf: top-level members directly, anything deeper through kaapcli_key()
+_LEAF_KEY = "CASE WHEN t.path = '$' THEN t.key ELSE kaapcli_key(t.path, t.key) END"
+# numeric keys (the JSON list :numeric of key ids) hold numbers, or text when a value is no number
+# (DESIGN §3.1); other keys hold text; booleans are 'true'/'false'
+_LEAF_VALUE = ("CASE WHEN t.type IN ('true', 'false') THEN t.type "
+               "WHEN k.id NOT IN (SELECT value FROM json_each(:numeric)) THEN CAST(t.atom AS TEXT) "
+               "WHEN t.type IN ('integer', 'real') THEN t.atom + 0.0 "
+               "ELSE coalesce(kaapcli_float(t.atom), t.atom) END")
+INSERT_KEYS = f"INSERT OR IGNORE INTO keys(key) SELECT DISTINCT {_LEAF_KEY} {_LEAVES}"
+KV_ROWS = (f"SELECT k.id, {_LEAF_VALUE}, d.id "
+           f"{_LEAVES.replace(' WHERE ', f' JOIN keys k ON k.key = {_LEAF_KEY} WHERE ', 1)}")
+# the FTS text of a document: its leaf values, one per line
+_FTS_BODY = ("(SELECT group_concat(CASE t.type WHEN 'true' THEN 'True' WHEN 'false' THEN 'False' "
+             "ELSE t.atom END, char(10)) FROM json_tree(d.doc) t WHERE t.atom IS NOT NULL)")
+FTS_ROWS = f"SELECT d.id, {_FTS_BODY} FROM docs d WHERE d.id IN (SELECT value FROM json_each(:ids))"
 
-def flatten(doc: Doc, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, scalar) for every leaf value, list elements one by one."""
-    for key, value in doc.items():
-        path = f"{prefix}{key}"
-        for item in value if isinstance(value, list) else (value,):
-            if isinstance(item, dict):
-                yield from flatten(item, path + ".")
-            elif item is not None:
-                yield path, item
-
-
-def kv_rows(doc_rowid: int, doc: Doc, key_id: Callable[[str], int]) -> list[tuple[int, int, int, str | None,
-                                                                                   float | None]]:
-    rows: list[tuple[int, int, int, str | None, float | None]] = []
-    for i, (key, value) in enumerate(flatten(doc)):
-        if is_numeric(key) and not isinstance(value, bool):
-            try:
-                rows.append((doc_rowid, i, key_id(key), None, float(value)))
-                continue
-            except (TypeError, ValueError):
-                pass  # a malformed number is kept as text (DESIGN §3.1)
-        rows.append((doc_rowid, i, key_id(key), json.dumps(value) if isinstance(value, bool) else str(value), None))
-    return rows
+_PATH_PART = re.compile(r'\.(?:("(?:[^"\\]|\\.)*")|([^.\[]+))')  # ."quoted label" or .label; [n] skipped
 
 
-def fts_body(doc: Doc) -> str:
-    return "\n".join(str(v) for _, v in flatten(doc))
+@lru_cache(maxsize=4096)
+def _dotted(path: str) -> str:
+    """A json_tree path (``$."K1"[0]."K2"``) as the dotted key it stands for (``K1.K2``)."""
+    return ".".join(json.loads(quoted) if quoted else name for quoted, name in _PATH_PART.findall(path))
+
+
+def _leaf_key(path: str, label: Any) -> str:
+    """The key of a json_tree leaf below the top level: its container's key, plus its label in an object."""
+    prefix = _dotted(path)
+    return prefix if isinstance(label, int) else f"{prefix}.{label}" if prefix else str(label)
+
+
+def _float(text: str) -> float | None:
+    """A number given as a string, as Python reads it; None when it is none (or NaN, which SQLite stores as NULL)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return None if value != value else value
 
 
 class SqliteIndex(Index):
@@ -100,9 +121,16 @@ class SqliteIndex(Index):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA cache_size=-131072")  # 128 MiB: index pages stay cached during bulk inserts
-            if self.db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            self.db.execute("PRAGMA temp_store=MEMORY")
+            self.db.create_function("kaapcli_key", 2, _leaf_key, deterministic=True)
+            self.db.create_function("kaapcli_float", 1, _float, deterministic=True)
+            self.keys: dict[str, int] = {}
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 self.db.executescript(SCHEMA)
-            self.keys: dict[str, int] = dict(self.db.execute("SELECT key, id FROM keys"))
+            elif version == 1:
+                self._upgrade_from_1()
+            self.keys = dict(self.db.execute("SELECT key, id FROM keys"))
         except sqlite3.DatabaseError as exc:
             code = CantCreateError if isinstance(exc, sqlite3.OperationalError) and create else DataError
             raise code(f"index {path}: {exc}", hint="is it a kaapcli index (SQLite) file?") from exc
@@ -111,6 +139,21 @@ class SqliteIndex(Index):
 
     def close(self) -> None:
         self.db.close()
+
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 had kv(doc, i, key, text, num) + an index, rows and FTS text made in Python: remake them."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DROP TABLE kv")
+            db.execute(KV_TABLE)
+            db.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
+            self._add_values(json.dumps([r[0] for r in db.execute("SELECT id FROM docs")]))
+            db.execute("PRAGMA user_version = 2")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- writing
     def write(self, docs: Sequence[Doc], *, replace: bool) -> WriteStats:
@@ -125,29 +168,36 @@ class SqliteIndex(Index):
             existing = {uid: (rowid, text) for rowid, uid, text in db.execute(
                 "SELECT id, uid, doc FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
                 (self.project, json.dumps(list(by_uid))))}
-            kv: list[tuple[int, int, int, str | None, float | None]] = []
-            fts: list[tuple[int, str]] = []
+            added: list[tuple[str, str, str]] = []
+            updated: list[tuple[str, int]] = []
             for uid, doc in by_uid.items():
+                new = doc
                 if uid in existing:
-                    rowid, old_text = existing[uid]
-                    old = json.loads(old_text)
+                    old = json.loads(existing[uid][1])
                     new = doc if replace else merge(old, doc)
                     if new == old:
                         stats.unchanged += 1
                         continue
-                    stats.updated += 1
-                    db.execute("UPDATE docs SET doc = ? WHERE id = ?", (json.dumps(new, ensure_ascii=False), rowid))
-                    db.execute("DELETE FROM kv WHERE doc = ?", (rowid,))
-                    db.execute("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)", (rowid, fts_body(old)))
+                try:  # NaN and Infinity are not JSON (SQLite's JSON functions, OpenSearch refuse them)
+                    text = json.dumps(new, ensure_ascii=False, allow_nan=False)
+                except ValueError:
+                    stats.errors.append(f"series {uid}: NaN or Infinity is not a valid JSON value")
+                    continue
+                if uid in existing:
+                    updated.append((text, existing[uid][0]))
                 else:
-                    new = doc
-                    stats.added += 1
-                    rowid = db.execute("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)",
-                                       (self.project, uid, json.dumps(new, ensure_ascii=False))).lastrowid
-                kv.extend(kv_rows(rowid, new, self._key_id))
-                fts.append((rowid, fts_body(new)))
-            db.executemany("INSERT INTO kv VALUES (?, ?, ?, ?, ?)", kv)
-            db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", fts)
+                    added.append((self.project, uid, text))
+            changed = json.dumps([rowid for _, rowid in updated])
+            self._remove_values(changed)  # made from the old documents, so before they change
+            db.executemany("UPDATE docs SET doc = ? WHERE id = ?", updated)
+            db.executemany("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)", added)
+            new_ids = [r[0] for r in db.execute(
+                "SELECT id FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
+                (self.project, json.dumps([a[1] for a in added])))] if added else []
+            texts = [*(a[2] for a in added), *(u[0] for u in updated)]
+            self._add_values(json.dumps([*new_ids, *(rowid for _, rowid in updated)]),
+                             register_keys=self._may_add_keys(by_uid.values(), texts))
+            stats.added, stats.updated = len(added), len(updated)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -155,14 +205,31 @@ class SqliteIndex(Index):
             raise
         return stats
 
-    def _key_id(self, key: str) -> int:
-        """The id of a document key, registered on first sight (inside the caller's transaction)."""
-        ident = self.keys.get(key)
-        if ident is None:  # another writer may have registered it since we loaded the table
-            self.db.execute("INSERT OR IGNORE INTO keys(key) VALUES (?)", (key,))
-            ident = self.db.execute("SELECT id FROM keys WHERE key = ?", (key,)).fetchone()[0]
-            self.keys[key] = ident
-        return ident
+    def _may_add_keys(self, docs: Iterable[Doc], texts: Iterable[str]) -> bool:
+        """False when the documents certainly have no key we do not know yet, so the pass registering keys
+        can be skipped: their top-level keys are known, and no text holds an object or a list in a list
+        (``{`` after the start, ``[[``, ``, [``; one inside a string value merely costs the pass)."""
+        return not set().union(*docs).issubset(self.keys) or \
+            any("{" in text[1:] or "[[" in text or ", [" in text for text in texts)
+
+    def _add_values(self, ids: str, *, register_keys: bool = True) -> None:
+        """kv rows and FTS text of the documents ``ids`` (a JSON list), inside the caller's transaction."""
+        if register_keys:
+            self.db.execute(INSERT_KEYS, {"ids": ids})
+        args = {"ids": ids, "numeric": self._numeric_ids()}
+        self.db.execute(f"INSERT OR IGNORE INTO kv(key, v, doc) {KV_ROWS}", args)  # a list may repeat a value
+        self.db.execute(f"INSERT INTO fts(rowid, body) {FTS_ROWS}", args)
+
+    def _remove_values(self, ids: str) -> None:
+        """Undo :meth:`_add_values` for the (still stored) documents ``ids``."""
+        args = {"ids": ids, "numeric": self._numeric_ids()}
+        self.db.executemany("DELETE FROM kv WHERE key = ? AND v = ? AND doc = ?", self.db.execute(KV_ROWS, args))
+        self.db.execute(f"INSERT INTO fts(fts, rowid, body) SELECT 'delete', * FROM ({FTS_ROWS})", args)
+
+    def _numeric_ids(self) -> str:
+        """The ids of numeric keys, as a JSON list; read afresh, as other writers may have added keys."""
+        self.keys = dict(self.db.execute("SELECT key, id FROM keys"))
+        return json.dumps([ident for key, ident in self.keys.items() if is_numeric(key)])
 
     def key_ids(self, keys: Sequence[str]) -> list[int]:
         if any(k not in self.keys for k in keys):
@@ -174,11 +241,9 @@ class SqliteIndex(Index):
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = list(db.execute(f"SELECT d.id, d.doc FROM docs d WHERE {where}", params))
-            blob = json.dumps([r[0] for r in rows])
-            db.executemany("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)",
-                           [(rowid, fts_body(json.loads(text))) for rowid, text in rows])
-            db.execute("DELETE FROM kv WHERE doc IN (SELECT value FROM json_each(?))", (blob,))
+            rows = [r[0] for r in db.execute(f"SELECT d.id FROM docs d WHERE {where}", params)]
+            blob = json.dumps(rows)
+            self._remove_values(blob)
             db.execute("DELETE FROM docs WHERE id IN (SELECT value FROM json_each(?))", (blob,))
             db.execute("COMMIT")
         except BaseException:
@@ -196,16 +261,15 @@ class SqliteIndex(Index):
     def search(self, node: Node, *, fields: Sequence[str] | None = None, limit: int | None = None,
                sort: Sort | None = None) -> Iterator[Doc]:
         where, params = self._where(node)
-        order = "d.uid"
-        if sort is not None:
-            column = "num" if all(is_numeric(k) for k in sort.keys) else "coalesce(text, num)"
-            keys = ", ".join("?" * len(sort.keys))
-            value = f"(SELECT {'max' if sort.descending else 'min'}({column}) FROM kv WHERE kv.doc = d.id " \
-                    f"AND kv.key IN ({keys}))"
-            direction = "DESC" if sort.descending else "ASC"
-            order = f"{value} IS NULL, {value} {direction}, d.uid"  # documents without the field last
-            params += self.key_ids(sort.keys) * 2
-        sql = f"SELECT d.doc FROM docs d WHERE {where} ORDER BY {order}"
+        join, order = "", "d.uid"
+        if sort is not None:  # by the smallest (largest) value of a document; documents without one last
+            marks = ", ".join("?" * len(sort.keys))
+            numbers = " AND v < ''" if all(is_numeric(k) for k in sort.keys) else ""
+            join = f"LEFT JOIN (SELECT doc, {'max' if sort.descending else 'min'}(v) AS v FROM kv " \
+                   f"WHERE key IN ({marks}){numbers} GROUP BY doc) s ON s.doc = d.id"
+            order = f"s.v IS NULL, s.v {'DESC' if sort.descending else 'ASC'}, d.uid"
+            params = [*self.key_ids(sort.keys), *params]
+        sql = f"SELECT d.doc FROM docs d {join} WHERE {where} ORDER BY {order}"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -220,9 +284,9 @@ class SqliteIndex(Index):
     def value_counts(self, keys: Sequence[str], node: Node, top: int | None = None) -> list[tuple[Any, int]]:
         where, params = self._where(node)
         marks = ", ".join("?" * len(keys))
-        sql = (f"SELECT coalesce(kv.num, kv.text) AS v, count(DISTINCT kv.doc) AS n FROM kv "
+        sql = (f"SELECT kv.v, count(DISTINCT kv.doc) AS n FROM kv "
                f"WHERE kv.key IN ({marks}) AND kv.doc IN (SELECT d.id FROM docs d WHERE {where}) "
-               f"GROUP BY v ORDER BY n DESC, v")
+               f"GROUP BY kv.v ORDER BY n DESC, kv.v")
         args = [*self.key_ids(keys), *params]
         if top is not None:
             sql += " LIMIT ?"
@@ -332,7 +396,7 @@ def _sql(node: Node, params: list[Any], ids: KeyIds) -> str:
     if isinstance(node, Text):
         if node.wildcard:  # a whole value of any field, case-insensitive
             params.append(_like(node.value))
-            return "d.id IN (SELECT doc FROM kv WHERE text LIKE ? ESCAPE '\\')"
+            return "d.id IN (SELECT doc FROM kv WHERE typeof(v) = 'text' AND v LIKE ? ESCAPE '\\')"
         tokens = _TOKEN.findall(node.value)
         if not tokens:
             return "0"
@@ -351,31 +415,31 @@ def _sql(node: Node, params: list[Any], ids: KeyIds) -> str:
     parts = []
     if isinstance(node, Term):
         if numeric:
-            parts.append(_in_kv("text IS NULL AND num = ?", ids(numeric), params, float(node.value)))
+            parts.append(_in_kv("v = ?", ids(numeric), params, float(node.value)))
         if text:
-            parts.append(_in_kv("text = ?", ids(text), params, node.value))
+            parts.append(_in_kv("v = ?", ids(text), params, node.value))
     elif isinstance(node, Wildcard):
-        parts.append(_in_kv("text GLOB ?", ids(text), params, _glob(node.pattern)))
+        parts.append(_in_kv("v GLOB ?", ids(text), params, _glob(node.pattern)))
     elif isinstance(node, Range):
-        for keys, column in ((numeric, "num"), (text, "text")):
+        for keys, numbers in ((numeric, True), (text, False)):
             if not keys:
                 continue
-            conds, values = (["text IS NULL"] if column == "num" else []), []
+            conds = ["v < ''"] if numbers else []  # numeric keys: numbers only, not malformed (text) values
+            values: list[Any] = []
             rounding = any(key_type(k) in ("date", "time", "datetime") for k in keys)
             if node.low is not None:
-                low = float(node.low) if column == "num" else node.low
+                low = float(node.low) if numbers else node.low
                 if not node.include_low and rounding:  # {2020-01-01 TO ...: after that whole day
                     low = f"{low}{MAX_CHAR}"
-                conds.append(f"{column} {'>=' if node.include_low else '>'} ?")
+                conds.append(f"v {'>=' if node.include_low else '>'} ?")
                 values.append(low)
             if node.high is not None:
-                high = float(node.high) if column == "num" else node.high
+                high = float(node.high) if numbers else node.high
                 if node.include_high and rounding:  # ... TO 2020-12-31]: up to the end of that day
                     high = f"{high}{MAX_CHAR}"
-                conds.append(f"{column} {'<=' if node.include_high else '<'} ?")
+                conds.append(f"v {'<=' if node.include_high else '<'} ?")
                 values.append(high)
-            parts.append(_in_kv(" AND ".join(conds) if len(conds) > (column == "num") else f"{column} IS NOT NULL",
-                                ids(keys), params, *values))
+            parts.append(_in_kv(" AND ".join(conds) or "1", ids(keys), params, *values))
     else:  # pragma: no cover - exhaustive
         raise TypeError(f"unknown query node {node!r}")
     return _either(parts)
