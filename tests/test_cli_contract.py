@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, dicom_files, kaapcli
+
 from kaapcli.exitcodes import EXIT_CODES
 
 

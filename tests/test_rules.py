@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import kaapcli
 
 
@@ -118,3 +117,23 @@ def test_group_rule_fires_only_when_every_input_of_a_patient_is_present(tmp_path
     (out / fired[0]).unlink()
     again = kaapcli("trigger", "-r", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert again.returncode == 0 and not list(out.iterdir())
+
+
+def test_match_uses_the_index_query_language(mock_studies: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    series = sorted({p.parent for p in mock_studies.rglob("*.dcm")})
+    import pydicom
+
+    wanted = pydicom.dcmread(next(series[1].glob("*.dcm")), stop_before_pixels=True).PatientID
+    rules = write_rules(tmp_path / "r.json", [
+        {"name": "one-patient", "match": f'PatientID:"{wanted}" AND Rows:>=32 AND -Modality:MR',
+         "run": ["sh", "-c", "echo {patient_id} > {out}/{series_uid}.txt"]},
+        {"name": "none", "match": "Rows:>512", "run": ["false"]}])
+    assert kaapcli("rules", "check", rules).returncode == 0
+    proc = kaapcli("trigger", "-r", rules, mock_studies, "-o", out, "--journal", tmp_path / "j.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.read_text().strip() for p in out.iterdir()] == [wanted]
+    bad = write_rules(tmp_path / "bad.json", [{"name": "b", "match": "Modality:(CT", "run": ["true"]}])
+    checked = kaapcli("rules", "check", bad)
+    assert checked.returncode == 78 and "match" in checked.stderr and "position" in checked.stderr

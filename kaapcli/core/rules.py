@@ -255,12 +255,19 @@ def matches(rule: Rule, series: Series) -> bool:
     if not rule.matches_tags(series.header):
         return False
     if rule.match:
-        if series.document is None:
-            return False
-        from kaapcli.core.index import query as q
-
-        return bool(q.matches(q.parse(rule.match), series.document))
+        return series.document is not None and document_matches(rule.match, series.document)
     return True
+
+
+def document_matches(query: str, document: dict[str, Any]) -> bool:
+    """Evaluate an index query on one document with the embedded index itself (in memory), so a rule's
+    ``match`` means exactly what ``kaapcli search`` means."""
+    from kaapcli.core.index import query as q
+    from kaapcli.core.index.sqlite import SqliteIndex
+
+    with SqliteIndex(Path(":memory:"), "rules", create=True) as index:
+        index.write([document], replace=True)
+        return index.count(q.parse(query)) > 0
 
 
 def complete_groups(rule: Rule, series: Iterable[Series]) -> Iterator[tuple[str, dict[str, Series]]]:
@@ -329,19 +336,19 @@ def now() -> str:
 
 
 def execute(rule_name: str, series_uid: str, argv: list[str], journal: Journal, *, timeout: float | None = None,
-            env: Mapping[str, str] = (), cwd: Path | None = None) -> RunRecord:
+            env: Mapping[str, str] | None = None, cwd: Path | None = None) -> RunRecord:
     """Run one argv, logging to the journal's log directory; never raises for a failing command."""
     run_id = secrets.token_hex(6)
     fsio.ensure_dir(journal.logs)
     log = journal.logs / f"{run_id}.log"
     record = RunRecord(id=run_id, rule=rule_name, series_uid=series_uid, argv=argv, start=now(), log=str(log),
-                       env=dict(env))
+                       env=dict(env or {}))
     journal.append(record)
     start = time.monotonic()
     with open(log, "wb") as fh:
         try:
             proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=cwd,
-                                  env={**os.environ, **dict(env)}, stdin=subprocess.DEVNULL)
+                                  env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
             record.exit_code = proc.returncode
             record.status = "ok" if proc.returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
