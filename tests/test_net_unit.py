@@ -141,3 +141,104 @@ def test_scan_reads_file_meta(mock_ct: Path) -> None:
     inst = dimse.scan(path)
     assert inst.has_meta and inst.sop_class == "1.2.840.10008.5.1.4.1.1.2" and inst.syntax == dimse.EXPLICIT_LE
     assert inst.sop_instance == path.stem
+
+
+# --------------------------------------------------------------------------- the plain-socket upper layer (ul.py)
+
+def test_read_meta_agrees_with_pydicom(mock_ct: Path) -> None:
+    import pydicom
+    from pydicom.filereader import read_file_meta_info
+
+    from kaapcli.core.net import ul
+
+    path = sorted(mock_ct.rglob("*.dcm"))[0]
+    values, offset = ul.read_meta(path)
+    meta = read_file_meta_info(path)
+    assert values["00020002"] == meta.MediaStorageSOPClassUID and values["00020010"] == meta.TransferSyntaxUID
+    # the dataset starts right after the file meta: the bytes pydicom reads as the first dataset element
+    first = next(iter(pydicom.dcmread(path, stop_before_pixels=True)))
+    tag = first.tag.group.to_bytes(2, "little") + first.tag.elem.to_bytes(2, "little")
+    assert path.read_bytes()[offset:offset + 4] == tag
+    assert dimse.scan(path).offset == offset
+
+
+def test_file_meta_is_valid_part10(tmp_path: Path) -> None:
+    from pydicom.filereader import read_file_meta_info
+
+    from kaapcli.core.net import ul
+
+    data = ul.file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", dimse.EXPLICIT_LE, "SENDER")
+    (tmp_path / "meta").write_bytes(data)
+    meta = read_file_meta_info(tmp_path / "meta")
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4" and meta.TransferSyntaxUID == dimse.EXPLICIT_LE
+    assert meta.SourceApplicationEntityTitle == "SENDER" and meta.FileMetaInformationGroupLength == len(data) - 144
+
+
+@pytest.fixture()
+def rx(tmp_path: Path):
+    from kaapcli.core.net.scp import Receiver
+
+    receiver = Receiver(tmp_path / "rx", port=0, timeouts=Timeouts.of(5))
+    receiver.start()
+    yield receiver
+    receiver.stop(grace=2)
+
+
+def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
+    """Our SCU in tiny PDUs, pynetdicom's SCU (C-ECHO, C-STORE) → our SCP: identical files, no spool left."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from kaapcli.core.net import ul
+
+    files = sorted(mock_ct.rglob("*.dcm"))[:3]
+    peer = parse_peer(f"RX@127.0.0.1:{rx.port}")
+    inst = dimse.scan(files[0])
+    scu = ul.StoreSCU(peer, "TINY", Timeouts.of(5), dimse.contexts_for([inst]))
+    scu.connect()
+    scu.max_data = 1000  # many P-DATA-TF per dataset
+    status = scu.store(inst.sop_class, inst.sop_instance, inst.syntax, (inst.path, inst.offset))
+    scu.release()
+    assert status == ul.StoreStatus(0)
+
+    ae = AE("PYNETDICOM")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, dimse.IMPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="RX")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assert assoc.send_c_store(pydicom.dcmread(files[1])).Status == 0  # re-encoded as implicit VR by pynetdicom
+    assoc.release()
+
+    stored = {p.stem: p for p in (rx.out).rglob("*.dcm") if not p.name.startswith(".")}
+    assert stored.keys() == {files[0].stem, files[1].stem} and rx.stored == 2
+    received = stored[files[0].stem]
+    assert received.read_bytes()[ul.read_meta(received)[1]:] == files[0].read_bytes()[inst.offset:]
+    got = pydicom.dcmread(stored[files[1].stem])
+    assert got.file_meta.TransferSyntaxUID == dimse.IMPLICIT_LE
+    assert got.file_meta.SourceApplicationEntityTitle == "PYNETDICOM"
+    assert got.PixelData == pydicom.dcmread(files[1]).PixelData
+    assert list((rx.out / ".kaapcli" / "incoming").iterdir()) == []
+
+
+def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
+    import time
+
+    from kaapcli.core.net import ul
+
+    inst = dimse.scan(sorted(mock_ct.rglob("*.dcm"))[0])
+    scu = ul.StoreSCU(parse_peer(f"RX@127.0.0.1:{rx.port}"), "ABORTER", Timeouts.of(5), dimse.contexts_for([inst]))
+    scu.connect()
+    context_id = scu.accepted[(inst.sop_class, inst.syntax)]
+    scu._send(context_id, 0x01, ul.c_store_rq(1, inst.sop_class, inst.sop_instance))
+    scu._send_pdv(context_id, 0x00, inst.path.read_bytes()[inst.offset:inst.offset + 1000])  # not the last fragment
+    spool = rx.out / ".kaapcli" / "incoming"
+    deadline = time.monotonic() + 5
+    while not list(spool.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(spool.iterdir())) == 1  # being written as it arrives
+    scu.abort()
+    while list(spool.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(spool.iterdir()) == [] and rx.stored == 0 and not list(rx.out.rglob("*.dcm"))

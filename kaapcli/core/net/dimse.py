@@ -1,15 +1,16 @@
-"""The DIMSE service user: C-ECHO, C-STORE (send), C-FIND, C-GET and C-MOVE over pynetdicom.
+"""The DIMSE service user: C-ECHO, C-FIND, C-GET and C-MOVE over pynetdicom; C-STORE (send) over :mod:`ul`.
 
-Sending never decodes: files go out as their encoded bytes (``STORE_SEND_CHUNKED_DATASET``) in a
-presentation context proposed for exactly their SOP class and transfer syntax; only when the peer
-refuses that syntax for an uncompressed file is the file read and re-encoded in an accepted one.
-Every status is checked, and every failure says which peer and why.
+Sending never decodes: files go out as their encoded bytes, streamed from disk by the plain-socket
+:class:`~kaapcli.core.net.ul.StoreSCU`, in a presentation context proposed for exactly their SOP class and
+transfer syntax; only when the peer refuses that syntax for an uncompressed file is the file read and
+re-encoded in an accepted one. Every status is checked, and every failure says which peer and why.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -21,6 +22,7 @@ from typing import Any
 
 from kaapcli.core import dicom
 from kaapcli.core.batch import ItemResult
+from kaapcli.core.net import ul
 from kaapcli.core.net.peers import Peer, Timeouts
 from kaapcli.core.net.query import Query
 from kaapcli.exitcodes import ExitCode, KaapcliError, UnavailableError
@@ -69,10 +71,9 @@ def quiet_pynetdicom() -> None:
 
 
 def make_ae(calling_aet: str, timeouts: Timeouts) -> Any:
-    from pynetdicom import AE, _config
+    from pynetdicom import AE
 
     quiet_pynetdicom()
-    _config.STORE_SEND_CHUNKED_DATASET = True  # a file path is streamed as it is encoded on disk
     ae = AE(ae_title=calling_aet)
     ae.connection_timeout = timeouts.connect
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts.acse, timeouts.dimse, timeouts.network
@@ -136,14 +137,20 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
 
 def status_text(status: Any, table: str = "storage") -> tuple[str, str]:
     """(category, one-line description) of a DIMSE response status dataset."""
+    return describe_status(int(status.Status), str(status.get("ErrorComment", "") or ""), table)
+
+
+def describe_status(code: int, comment: str = "", table: str = "storage") -> tuple[str, str]:
+    """(category, one-line description) of a DIMSE status code and its error comment."""
+    comment = comment.strip()
+    if code == 0x0000 and not comment:
+        return "Success", "0x0000 Success"  # the common case, without importing pynetdicom
     from pynetdicom import status as st
 
-    code = int(status.Status)
     tables = {"storage": st.STORAGE_SERVICE_CLASS_STATUS, "find": st.QR_FIND_SERVICE_CLASS_STATUS,
               "move": st.QR_MOVE_SERVICE_CLASS_STATUS, "get": st.QR_GET_SERVICE_CLASS_STATUS}
     category = st.code_to_category(code)
     meaning = tables[table].get(code, ("", ""))[1] or category
-    comment = str(status.get("ErrorComment", "") or "").strip()
     return category, f"0x{code:04X} {meaning}" + (f" ({comment})" if comment else "")
 
 
@@ -178,14 +185,22 @@ class Instance:
     syntax: str
     nbytes: int
     has_meta: bool  # a Part 10 file with file meta: can be streamed as it is
+    offset: int = -1  # where its dataset starts (after the file meta); -1: unknown, read it with pydicom
 
 
 def scan(path: Path) -> Instance:
     """SOP class, SOP instance and transfer syntax of a file: file meta only when there is one."""
+    size = path.stat().st_size
+    try:  # the common case, a Part 10 file, without pydicom
+        meta_values, offset = ul.read_meta(path)
+        sop_class, sop_instance, syntax = (meta_values.get(tag, "") for tag in ("00020002", "00020003", "00020010"))
+        if sop_class and sop_instance and syntax:
+            return Instance(path, sop_class, sop_instance, syntax, size, True, offset)
+    except (OSError, ValueError, struct.error):
+        pass
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
 
-    size = path.stat().st_size
     try:
         meta = read_file_meta_info(path)
         values = [meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
@@ -255,40 +270,49 @@ class SendJob:
         for inst in rest:
             self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code)))
 
-    def run(self, assoc: Any) -> None:
+    def run(self, scu: ul.StoreSCU) -> None:
         """Send every instance on an established association; every status checked."""
-        from pydicom import dcmread
-
-        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         try:
             for i, inst in enumerate(self.instances):
                 if self.stop.is_set():
                     return  # interrupted: the rest is simply not sent (and not in the ledger)
-                if (inst.sop_class, inst.syntax) in accepted and inst.has_meta:
-                    payload: Any = inst.path  # streamed without decoding
-                elif inst.syntax in UNCOMPRESSED and any((inst.sop_class, ts) in accepted for ts in UNCOMPRESSED):
-                    payload = dcmread(inst.path, force=True)  # the peer wants another uncompressed encoding
-                else:
+                try:
+                    syntax, dataset = self._payload(inst, scu.accepted)
+                except KaapcliError as exc:
+                    self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: cannot send: {exc.message}",
+                                         code=int(ExitCode.DATAERR)))
+                    continue
+                if syntax is None:
                     self.emit(self._refused(inst))
                     continue
                 try:
-                    status = assoc.send_c_store(payload)
-                except (ValueError, AttributeError, RuntimeError) as exc:
-                    if not assoc.is_established:
-                        self.fail_rest(self.instances[i:], f"not sent: {self.peer}: association lost ({exc})",
-                                       ExitCode.UNAVAILABLE)
-                        return
-                    self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: cannot send: {exc}",
-                                         code=int(ExitCode.DATAERR)))
-                    continue
-                if not status:
-                    self.fail_rest(self.instances[i:], f"no C-STORE response from {self.peer} "
-                                   "(association aborted or timed out)", ExitCode.UNAVAILABLE)
+                    status = scu.store(inst.sop_class, inst.sop_instance, syntax, dataset)
+                except ul.AssociationLost as exc:
+                    self.fail_rest(self.instances[i:], f"no C-STORE response from {self.peer} ({exc})",
+                                   ExitCode.UNAVAILABLE)
                     return
                 self.emit(self._result(inst, status))
         finally:
-            if assoc.is_established:
-                assoc.release()
+            scu.release()
+
+    @staticmethod
+    def _payload(inst: Instance, accepted: Any) -> tuple[str | None, Any]:
+        """(transfer syntax, dataset) to send: the file's own bytes streamed from disk when the peer accepted its
+        syntax; else the file read and re-encoded in another uncompressed syntax the peer accepted."""
+        if (inst.sop_class, inst.syntax) in accepted and inst.offset >= 0:
+            return inst.syntax, (inst.path, inst.offset)
+        candidates = [inst.syntax, *UNCOMPRESSED] if inst.syntax in UNCOMPRESSED else [inst.syntax]
+        syntax = next((ts for ts in candidates if (inst.sop_class, ts) in accepted), None)
+        if syntax is None:
+            return None, None
+        from pydicom.uid import UID
+        from pynetdicom.dsutils import encode
+
+        uid = UID(syntax)
+        encoded = encode(dicom.read(inst.path), uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
+        if encoded is None:
+            raise KaapcliError(f"cannot encode the dataset in {uid.name}")
+        return syntax, encoded
 
     def _refused(self, inst: Instance) -> ItemResult:
         from pydicom.uid import UID
@@ -297,8 +321,8 @@ class SendJob:
                           message=f"{inst.path}: {self.peer} accepts no presentation context for "
                                   f"{UID(inst.sop_class).name} in {UID(inst.syntax).name}")
 
-    def _result(self, inst: Instance, status: Any) -> ItemResult:
-        category, text = status_text(status)
+    def _result(self, inst: Instance, status: ul.StoreStatus) -> ItemResult:
+        category, text = describe_status(status.code, status.comment)
         if category in ("Success", "Warning"):
             if self.acknowledged is not None:
                 self.acknowledged(inst, category.lower())
@@ -316,8 +340,6 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
     Raises UnavailableError when no association at all could be established (a dead or refusing peer);
     otherwise returns one result per instance (an association lost midway fails its remaining files).
     """
-    from pynetdicom.presentation import build_context
-
     stop = stop or threading.Event()
     lock = threading.Lock()
 
@@ -328,10 +350,10 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
     jobs = [SendJob(peer, calling_aet, timeouts, chunk, locked, stop, acknowledged)
             for chunk in plan(instances, associations)]
 
-    def connect(job: SendJob) -> Any:
-        ae = make_ae(calling_aet, timeouts)
-        contexts = [build_context(sop, [ts]) for sop, ts in contexts_for(job.instances)]
-        return associate(ae, peer, contexts)
+    def connect(job: SendJob) -> ul.StoreSCU:
+        scu = ul.StoreSCU(peer, calling_aet, timeouts, contexts_for(job.instances))
+        scu.connect()
+        return scu
 
     def run(job: SendJob) -> UnavailableError | None:
         try:

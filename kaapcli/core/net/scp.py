@@ -1,8 +1,10 @@
 """The receiver: a Storage SCP that writes what it is sent straight to disk, and tells when series are complete.
 
-Datasets are never decoded: the handler takes the encoded bytes of the C-STORE (``event.encoded_dataset()``),
-reads only the few header elements the output layout needs, and writes the Part 10 file through
-:func:`fsio.atomic_write` — so no partial file ever sits under a final name, even after SIGKILL.
+Datasets are never decoded nor held in memory: each association runs on its own thread over
+:class:`~kaapcli.core.net.ul.StoreSCP`, which writes every C-STORE's fragments as they arrive to a hidden
+spool file under ``OUT/.kaapcli/incoming`` (after a file meta built from the command); then only the few
+header elements the output layout needs are read and the file is renamed into place — so no partial file
+ever sits under a final name, even after SIGKILL.
 
 A series counts as complete after ``series_timeout`` seconds without a new instance; then every hook of
 ``Receiver.hooks`` is called with a :class:`SeriesReceipt` (the index and pipeline commands plug in here).
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from kaapcli.core import dicom, fsio
+from kaapcli.core.net import ul
 from kaapcli.core.net.peers import Timeouts
-from kaapcli.exitcodes import DataError, KaapcliError, UnavailableError
+from kaapcli.exitcodes import CantCreateError, DataError, KaapcliError, UnavailableError
 
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 RECEIPTS_DIR = Path(".kaapcli") / "series"
-MAX_PDU = 4 * 1024 * 1024  # large PDUs: fewer, bigger reads per dataset
+SPOOL_DIR = Path(".kaapcli") / "incoming"  # datasets being received (hidden .*.kaapcli-part files)
+MAX_ASSOCIATIONS = 64
 LOG = logging.getLogger("kaapcli.net")
 
 # C-STORE response statuses (PS3.4 Annex B.2.3)
@@ -74,21 +80,34 @@ class StoreWriter:
 
     def write(self, encoded: bytes) -> tuple[Path, Any]:
         """Write a Part 10 byte string; returns the path and the header elements read."""
+        dest, header = self._destination(io.BytesIO(encoded))
+        fsio.write_bytes(dest, encoded)
+        return dest, header
+
+    def place(self, spooled: Path) -> tuple[Path, Any]:
+        """Move a complete Part 10 file (on the same file system) to its place: one atomic rename."""
+        dest, header = self._destination(spooled)
+        fsio.ensure_dir(dest.parent)
+        try:
+            os.replace(spooled, dest)
+        except OSError as exc:
+            raise CantCreateError(f"{dest}: cannot write: {exc.strerror}") from exc
+        return dest, header
+
+    def _destination(self, source: Any) -> tuple[Path, Any]:
         import pydicom
 
         try:
-            header = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=self.fields)
+            header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=self.fields)
         except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's bad data
             raise DataError(f"cannot read the received dataset: {exc}") from exc
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             dicom.require(header, keyword)
-        dest = self.out / fsio.render_template(self.layout, dicom.template_values(header, self.layout))
-        fsio.write_bytes(dest, encoded)
-        return dest, header
+        return self.out / fsio.render_template(self.layout, dicom.template_values(header, self.layout)), header
 
 
 class Receiver:
-    """A Verification + Storage SCP over ``AE.start_server``; :meth:`poll` completes quiet series."""
+    """A Verification + Storage SCP (one thread per association); :meth:`poll` completes quiet series."""
 
     def __init__(self, out: Path, *, aet: str = "KAAPCLI", bind: str = "127.0.0.1", port: int = 11112,
                  layout: str = DEFAULT_LAYOUT, allow_aets: list[str] | None = None, series_timeout: float = 10.0,
@@ -107,72 +126,90 @@ class Receiver:
         self._series: dict[str, SeriesReceipt] = {}
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._associations: set[ul.StoreSCP] = set()
+        self._syntaxes: list[str] = []
 
     # ------------------------------------------------------------------ server
 
     def start(self) -> None:
         from pydicom.uid import AllTransferSyntaxes
-        from pynetdicom import AE, _config, evt
-        from pynetdicom.sop_class import Verification
 
-        _config.UNRESTRICTED_STORAGE_SERVICE = True  # any SOP class, private ones included
-        fsio.ensure_dir(self.out)
-        ae = AE(ae_title=self.aet)
-        ae.maximum_pdu_size = MAX_PDU
-        ae.acse_timeout, ae.dimse_timeout = self.timeouts.acse, self.timeouts.dimse
-        ae.network_timeout = self.timeouts.network
-        ae.maximum_associations = 64
-        if self.allow_aets:
-            ae.require_calling_aet = self.allow_aets
-        syntaxes = list(AllTransferSyntaxes)
-        ae.add_supported_context(Verification, syntaxes[:3])
-        # With UNRESTRICTED_STORAGE_SERVICE, pynetdicom accepts any abstract syntax proposed with these.
-        from pynetdicom.presentation import AllStoragePresentationContexts
-
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
-        from kaapcli.core.net.dimse import no_delay
-
-        handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_C_STORE, self._handle_store),
-                    (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        # every transfer syntax pydicom knows, compressed ones included; any SOP class, private ones included
+        self._syntaxes = [str(ts) for ts in AllTransferSyntaxes]
+        fsio.ensure_dir(self.out / SPOOL_DIR)
         try:
-            self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
+            listener = socket.create_server((self.bind, self.port), backlog=MAX_ASSOCIATIONS)
         except OSError as exc:
             raise UnavailableError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror}",
                                    hint="is another receiver running on that port? choose --port") from exc
-        self.port = int(self._server.server_address[1])
+        listener.settimeout(0.2)  # accept() wakes up to notice stop()
+        self._listener = listener
+        self.port = int(listener.getsockname()[1])
+        self._acceptor = threading.Thread(target=self._accept, name="kaapcli-receive", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while self._listener is not None:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by stop()
+            conn.settimeout(None)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self.out / SPOOL_DIR, self._handle_store,
+                          self.allow_aets)
+        with self._lock:
+            busy = len(self._associations) >= MAX_ASSOCIATIONS
+            if not busy:
+                self._associations.add(scp)
+        if busy:
+            scp.refuse()
+            return
+        try:
+            if scp.negotiate():
+                scp.serve()
+        finally:
+            with self._lock:
+                self._associations.discard(scp)
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running associations finish (up to ``grace`` s), complete every open series."""
-        if self._server is not None:
-            self._server.shutdown()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            if self._acceptor is not None:
+                self._acceptor.join()
             deadline = time.monotonic() + grace
             # Only associations that carry data are waited for: a bare TCP connection (a port probe, a
             # liveness check) never sends an A-ASSOCIATE-RQ and would otherwise hold us until its timeout.
-            while (any(a.is_established for a in self._server.active_associations)
-                   and time.monotonic() < deadline):
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if not any(scp.established for scp in self._associations):
+                        break
                 time.sleep(0.05)
-            for assoc in self._server.active_associations:
-                assoc.abort()
-            self._server = None
+            with self._lock:
+                running = list(self._associations)
+            for scp in running:
+                scp.interrupt()
         self.poll(flush=True)
 
-    def _handle_store(self, event: Any) -> int:
+    def _handle_store(self, incoming: ul.Incoming) -> int:
         try:
-            dest, header = self.writer.write(event.encoded_dataset())
-        except KaapcliError as exc:
-            LOG.error("C-STORE from %s: %s", event.assoc.requestor.ae_title, exc.message)
-            with self._lock:
-                self.failed += 1
-            return OUT_OF_RESOURCES if exc.code != DataError.code else CANNOT_UNDERSTAND
+            dest, header = self.writer.place(incoming.path)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status, never raise
-            LOG.error("C-STORE from %s: %s", event.assoc.requestor.ae_title, exc)
+            incoming.path.unlink(missing_ok=True)
+            message = exc.message if isinstance(exc, KaapcliError) else str(exc)
+            LOG.error("C-STORE from %s: %s", incoming.calling_aet, message)
             with self._lock:
                 self.failed += 1
-            return OUT_OF_RESOURCES
-        requested = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: the called AE title as the sender chose it
-        self._record(dest, header, event.assoc.requestor.ae_title, requested.called_ae_title)
+            return CANNOT_UNDERSTAND if isinstance(exc, DataError) else OUT_OF_RESOURCES
+        self._record(dest, header, incoming.calling_aet, incoming.called_aet)
         if self.on_stored is not None:
             self.on_stored(dest)
         return SUCCESS
