@@ -217,6 +217,7 @@ def send(
 # --------------------------------------------------------------------------- receive
 
 def receive(
+    ctx: typer.Context,
     out: OutDir,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
                                       help="TCP port to listen on (0: any free port, printed on stderr).")] = 11112,
@@ -233,6 +234,18 @@ def receive(
         "--on-complete", metavar="CMD", show_default=False,
         help="Run CMD when a series is complete; placeholders {series_dir} {series_uid} {study_uid} "
              "{calling_aet} {called_aet}.")] = None,
+    rules_file: Annotated[Path | None, typer.Option(
+        "--rules", show_default=False, help="Rules file: run the matching rules of each complete series.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Rules running at once.")] = 2,
+    journal: Annotated[Path | None, typer.Option(
+        "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
+        help="Run journal of the rules (default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")] = None,
+    index: Annotated[str | None, typer.Option(
+        "--index", show_default=False,
+        help="Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).")] = None,
+    project: Annotated[str | None, typer.Option(
+        "--project", show_default=False,
+        help="Index project (default: from a called AE title kp-<project>, else admin).")] = None,
     timeout: Timeout = None,
     quiet: Quiet = False,
 ) -> None:
@@ -240,7 +253,9 @@ def receive(
 
     Prints each stored path on stdout as it is written. A series is complete after --series-timeout
     seconds without new instances; its receipt (calling AE = dataset, called AE = project, files) is
-    written to OUT/.kaapcli/series/<SeriesInstanceUID>.json and --on-complete runs.
+    written to OUT/.kaapcli/series/<SeriesInstanceUID>.json, then it is indexed (--index; a calling AE
+    kp-<dataset> also adds it to that dataset), its rules run (--rules, at most --jobs at once, each
+    run journalled) and --on-complete runs. A failing rule never stops the receiver.
     """
     import time
 
@@ -260,7 +275,14 @@ def receive(
         reporter.info(f"series complete: {receipt.series_uid} ({receipt.instances} instances, "
                       f"{receipt.calling_aet} -> {receipt.called_aet}) in {receipt.series_dir}")
 
-    hooks = [announce]
+    from kaapcli.core.hooks import IndexHook, RulesHook
+
+    hooks: list[Any] = [announce]
+    if index is not None:
+        hooks.append(IndexHook(index, project, ctx.find_root().obj))
+    rules_hook = RulesHook(rules_file, journal, None, jobs) if rules_file else None
+    if rules_hook is not None:
+        hooks.append(rules_hook)
     if on_complete:
         hooks.append(_command_hook(on_complete, reporter))
     allowed = [_aet(a, "--allow-aet") for a in allow_aet or []]
@@ -276,6 +298,8 @@ def receive(
     except KeyboardInterrupt:  # SIGINT, and SIGTERM (cli/app.py turns it into KeyboardInterrupt)
         reporter.info("stopping: finishing in-flight associations")
     receiver.stop()
+    if rules_hook is not None:
+        rules_hook.close()  # let running rules finish
     reporter.info(f"{receiver.stored} files received, {receiver.failed} failed")
     raise typer.Exit(0)
 

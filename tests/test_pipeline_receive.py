@@ -1,0 +1,62 @@
+"""A receiving node: DCMTK storescu → kaapcli receive --rules --index; rules fire in order, runs are journalled."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import dcmtk, kaapcli
+from peers import receiver  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.network
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_receiver_runs_rules_in_order_skips_dependents_and_indexes(receiver, mock_ct: Path,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([
+        {"name": "first", "search_tags": {"0x0008,0x0060": "CT"},
+         "run": ["sh", "-c", f"echo first {{calling_aet}} {{called_aet}} >> {marks}/{{series_uid}}"]},
+        {"name": "second", "depends_on": ["first"],
+         "run": ["sh", "-c", f"echo second >> {marks}/{{series_uid}}; exit 4"]},
+        {"name": "third", "depends_on": ["second"], "run": ["sh", "-c", f"echo third >> {marks}/{{series_uid}}"]},
+        {"name": "not-ct", "search_tags": {"Modality": "MR"}, "run": ["false"]},
+    ]))
+    journal = tmp_path / "runs.jsonl"
+    index = tmp_path / "index.db"
+    rx = receiver("--series-timeout", "0.5", "--rules", str(rules), "--journal", str(journal),
+                  "--index", str(index))
+    proc = subprocess.run([dcmtk("storescu"), "-aet", "kp-cohort1", "-aec", "kp-lung", "+sd", "+r", "+sp", "*.dcm",
+                           "127.0.0.1", str(rx.port), str(mock_ct)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert wait_for(lambda: len(list(marks.iterdir())) == 2 and all(
+        m.read_text().count("\n") == 2 for m in marks.iterdir()))
+    time.sleep(0.5)
+    code, _, stderr = rx.finish(signal.SIGTERM)
+    assert code == 0, stderr
+    for mark in marks.iterdir():
+        assert mark.read_text() == "first kp-cohort1 kp-lung\nsecond\n"  # third skipped: its dependency failed
+    runs = [json.loads(line) for line in kaapcli("runs", "--journal", journal).stdout.splitlines()]
+    statuses = sorted((r["rule"], r["status"]) for r in runs)
+    assert statuses == sorted([("first", "ok")] * 2 + [("second", "failed")] * 2 + [("third", "skipped")] * 2)
+    # indexed into project "lung" (called AE kp-lung), dataset "cohort1" (calling AE kp-cohort1)
+    found = kaapcli("search", "Modality:CT", "--index", index, "--project", "lung", "--count")
+    assert found.stdout.strip() == "2", found.stderr
+    members = kaapcli("dataset", "show", "cohort1", "--index", index, "--project", "lung")
+    assert sorted(members.stdout.split()) == sorted(m.name for m in marks.iterdir())
