@@ -209,14 +209,15 @@ class Receiver:
             with self._lock:
                 self.failed += 1
             return CANNOT_UNDERSTAND if isinstance(exc, DataError) else OUT_OF_RESOURCES
-        self._record(dest, header, incoming.calling_aet, incoming.called_aet)
+        self.record(dest, header, incoming.calling_aet, incoming.called_aet)
         if self.on_stored is not None:
             self.on_stored(dest)
         return SUCCESS
 
     # ------------------------------------------------------------------ series bookkeeping
 
-    def _record(self, dest: Path, header: Any, calling: str, called: str) -> None:
+    def record(self, dest: Path, header: Any, calling: str, called: str) -> None:
+        """Count a stored file towards its series (the receiver calls it; so does `kaapcli watch`)."""
         uid = str(header.SeriesInstanceUID)
         now = _now()
         with self._lock:

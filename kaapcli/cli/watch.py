@@ -1,0 +1,94 @@
+"""``kaapcli watch``: a folder (or Orthanc's change feed) as a source of series for rules and the index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kaapcli.cli.common import Format, Reporter, Sink
+
+
+def watch(
+    ctx: typer.Context,
+    inbox: Annotated[Path | None, typer.Argument(help="Folder to watch (files are taken once stable).",
+                                                 show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Store: taken files are moved here under --layout (default: they stay where they are).")] = None,
+    orthanc: Annotated[str | None, typer.Option(
+        "--orthanc", metavar="URL", show_default=False,
+        help="Poll this Orthanc's /changes feed instead of a folder (needs -o; credentials from "
+             "KAAPCLI_ORTHANC_USER / KAAPCLI_ORTHANC_PASSWORD).")] = None,
+    rules_file: Annotated[Path | None, typer.Option(
+        "--rules", show_default=False, help="Rules file: run the matching rules of each complete series.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Rules running at once.")] = 2,
+    journal: Annotated[Path | None, typer.Option(
+        "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
+        help="Run journal of the rules (default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")] = None,
+    index: Annotated[str | None, typer.Option(
+        "--index", show_default=False, help="Index each complete series here (path, URL or profile).")] = None,
+    project: Annotated[str | None, typer.Option("--project", show_default=False, help="Index project.")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="Path of a stored file under OUT, from {DICOM keywords}.")
+                      ] = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
+    stable: Annotated[float, typer.Option("--stable", min=0.0,
+                                          help="A dropped file is taken after this many seconds unchanged.")] = 2.0,
+    series_timeout: Annotated[float, typer.Option(
+        "--series-timeout", min=0.0, help="A series is complete after this many seconds without new files.")] = 10.0,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between polls.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Take what is there (or the whole change feed), "
+                                                      "complete every series, then exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Watch a folder (DIANA's folder watcher) or Orthanc's change feed (ObservableOrthanc).
+
+    Complete series are indexed (--index) and their rules run (--rules), as by kaapcli receive;
+    stdout lists each stored file. Runs until SIGINT/SIGTERM (exit 0), or with --once until done.
+    """
+    from kaapcli.core import watch as w
+    from kaapcli.core.hooks import IndexHook, RulesHook
+    from kaapcli.core.net.scp import Receiver
+    from kaapcli.exitcodes import UsageError
+
+    if (inbox is None) == (orthanc is None):
+        raise UsageError("give a folder to watch, or --orthanc URL (not both)")
+    if orthanc and out is None:
+        raise UsageError("--orthanc needs -o STORE: where the series are written")
+    if inbox is not None and not inbox.is_dir():
+        from kaapcli.exitcodes import NoInputError
+
+        raise NoInputError(f"{inbox}: no such directory")
+    reporter = Reporter("watch", quiet)
+    sink = Sink(Format.paths)
+    hooks: list[Any] = [lambda r: reporter.info(f"series complete: {r.series_uid} ({r.instances} files)")]
+    if index is not None:
+        hooks.append(IndexHook(index, project, ctx.find_root().obj))
+    rules_hook = RulesHook(rules_file, journal, None, jobs) if rules_file else None
+    if rules_hook is not None:
+        hooks.append(rules_hook)
+    store = out or inbox
+    assert store is not None
+    receiver = Receiver(store, layout=layout, series_timeout=series_timeout, hooks=hooks,
+                        on_stored=lambda p: sink.write_line(str(p)))
+    try:
+        if orthanc:
+            source: Any = w.OrthancWatch(orthanc, receiver, auth=w.environ_auth())
+            reporter.info(f"watching {orthanc}/changes into {store} (Ctrl-C to stop)")
+            w.run_forever(source.poll, receiver, interval, lambda done: once and done)
+        else:
+            source = w.FolderWatch(inbox, receiver, store=out is not None, stable=stable,  # type: ignore[arg-type]
+                                   on_error=reporter.error)
+            reporter.info(f"watching {inbox} (Ctrl-C to stop)")
+            w.run_forever(source.scan, receiver, interval, lambda settling: once and settling == 0)
+    except KeyboardInterrupt:
+        reporter.info("stopping")
+    finally:
+        if rules_hook is not None:
+            rules_hook.close()
+    reporter.info(f"{receiver.stored} files taken")
+    raise typer.Exit(0)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(watch)
