@@ -25,6 +25,7 @@ Choices where PS3.15 leaves freedom (documented in docs/anonymize.md):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -540,17 +541,23 @@ def burned_in_reason(ds: Any, has_pixels: bool = False) -> str:
 _MAP_CONNECTIONS: dict[str, sqlite3.Connection] = {}
 
 
-def record_map(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
-    """Add (kind, original, pseudonym) rows to the SQLite map.  Workers write concurrently: WAL + busy timeout."""
-    key = str(path)
-    con = _MAP_CONNECTIONS.get(key)
-    if con is None:
-        fsio.ensure_dir(path.parent)
-        con = sqlite3.connect(path, timeout=60)
+def init_map(path: Path) -> None:
+    """Create the map (WAL mode, table) once, in the parent: switching the journal mode needs an exclusive
+    lock that concurrent workers would fight over ("database is locked") before the busy timeout applies."""
+    fsio.ensure_dir(path.parent)
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("CREATE TABLE IF NOT EXISTS pseudonyms (kind TEXT NOT NULL, original TEXT NOT NULL, "
                     "pseudonym TEXT NOT NULL, PRIMARY KEY (kind, original))")
-        _MAP_CONNECTIONS[key] = con
+        con.commit()
+
+
+def record_map(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
+    """Add (kind, original, pseudonym) rows to the map made by :func:`init_map`; workers write concurrently."""
+    key = str(path)
+    con = _MAP_CONNECTIONS.get(key)
+    if con is None:
+        con = _MAP_CONNECTIONS[key] = sqlite3.connect(path, timeout=60)
     with con:
         con.executemany("INSERT OR IGNORE INTO pseudonyms VALUES (?, ?, ?)", list(rows))
 
@@ -663,6 +670,8 @@ class AnonymizeOperator(BaseOperator):
         self.keyed = Keyed(key)
         self.opts = options
         self.map_path = map_path
+        if map_path is not None:
+            init_map(map_path)
         self.kaapana_tags = load_kaapana_tags() if options.profile == "kaapana" else ()
         self.safe_private = load_safe_private() if options.retain_safe_private else frozenset()
         self.actions: dict[tuple[int, str], str] = {}  # (tag, VR) -> action, filled as tags are met
