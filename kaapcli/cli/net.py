@@ -394,9 +394,7 @@ def retrieve(
     Sub-operation counts are checked: anything failed, or fewer files than the peer reported, makes
     exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works.
     """
-    from kaapcli.core.net import dicomweb, dimse
-    from kaapcli.core.net.query import retrieve_query
-    from kaapcli.core.net.scp import Receiver, StoreWriter
+    from kaapcli.core.net.fetch import Fetcher
     from kaapcli.exitcodes import ExitCode, UsageError
 
     target = _peer(ctx, peer)
@@ -405,7 +403,6 @@ def retrieve(
     requests = _retrieve_requests(key or [], from_query, reference_of)
     if not requests:
         raise UsageError("nothing to retrieve", hint="give -k SeriesInstanceUID=..., --from-query or --reference-of")
-    writer = StoreWriter(out, layout)
     reporter = Reporter("retrieve", quiet)
     _route_logs(reporter)
     sink = Sink(fmt)
@@ -416,23 +413,12 @@ def retrieve(
             with lock:
                 sink.write_line(str(path))
 
-    receiver = None
-    if not target.web and method is Method.move:
-        receiver = Receiver(out, aet=_aet(aet or calling, "--aet"), bind=bind, port=port, layout=layout,
-                            series_timeout=3600, timeouts=timeouts, on_stored=on_stored)
-        receiver.start()
     failed = 0
     files = 0
-    try:
+    with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
+                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
         for uids in requests:
-            if target.web:
-                outcome = dicomweb.retrieve(target, uids, writer, timeouts, on_stored)
-            elif receiver is not None:
-                outcome = dimse.move(target, retrieve_query(uids), receiver, calling_aet=calling,
-                                     destination=receiver.aet, timeouts=timeouts)
-            else:
-                outcome = dimse.get(target, retrieve_query(uids), writer, calling_aet=calling, timeouts=timeouts,
-                                    on_stored=on_stored)
+            outcome = fetcher.fetch(uids)
             files += len(outcome.files)
             if fmt is Format.jsonl:
                 sink.record(outcome.record())
@@ -440,9 +426,6 @@ def retrieve(
                 failed += 1
                 reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} completed, "
                                f"{outcome.failed} failed, {outcome.warning} warning, {len(outcome.files)} received)")
-    finally:
-        if receiver is not None:
-            receiver.stop(grace=5)
     reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)
 

@@ -519,7 +519,8 @@ def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Ti
 
     assoc = associate(ae, peer, contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        _final(outcome, assoc.send_c_get(query.identifier(), StudyRootQueryRetrieveInformationModelGet), peer, "get")
+        _final(outcome, assoc.send_c_get(query.retrieve_identifier(), StudyRootQueryRetrieveInformationModelGet),
+               peer, "get")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -545,7 +546,8 @@ def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destinati
 
     receiver.on_stored = collect
     try:
-        responses = assoc.send_c_move(query.identifier(), destination, StudyRootQueryRetrieveInformationModelMove)
+        responses = assoc.send_c_move(query.retrieve_identifier(), destination,
+                                     StudyRootQueryRetrieveInformationModelMove)
         outcome.files = stored
         _final(outcome, responses, peer, "move")
     finally:

@@ -67,6 +67,17 @@ class Query:
             setattr(ds, keyword, value or None)
         return ds
 
+    def retrieve_identifier(self) -> Any:
+        """The C-GET/C-MOVE identifier: the level and its unique keys only (PS3.4 C.4.2.2.1, C.4.3.2.1);
+        return keys there make some SCPs (Orthanc at the study level) look up the wrong resource."""
+        from pydicom.dataset import Dataset
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE" if self.level == "instance" else self.level.upper()
+        for keyword, value in self.keys.items():
+            setattr(ds, keyword, value)
+        return ds
+
     def qido_path(self) -> str:
         if self.level == "patient":
             raise UsageError("--level patient: QIDO-RS has no patient level",
