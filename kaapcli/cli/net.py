@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from kaapcli.cli.common import Format, Inputs, OutDir, Reporter, Sink
+from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
 
 PANEL = "Network options"
 PeerArg = Annotated[str, typer.Argument(
@@ -234,18 +235,11 @@ def receive(
         "--on-complete", metavar="CMD", show_default=False,
         help="Run CMD when a series is complete; placeholders {series_dir} {series_uid} {study_uid} "
              "{calling_aet} {called_aet}.")] = None,
-    rules_file: Annotated[Path | None, typer.Option(
-        "--rules", show_default=False, help="Rules file: run the matching rules of each complete series.")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Rules running at once.")] = 2,
-    journal: Annotated[Path | None, typer.Option(
-        "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
-        help="Run journal of the rules (default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")] = None,
-    index: Annotated[str | None, typer.Option(
-        "--index", show_default=False,
-        help="Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).")] = None,
-    project: Annotated[str | None, typer.Option(
-        "--project", show_default=False,
-        help="Index project (default: from a called AE title kp-<project>, else admin).")] = None,
+    rules_file: LiveRules = None,
+    jobs: LiveJobs = 2,
+    journal: JournalFile = None,
+    index: LiveIndex = None,
+    project: LiveProject = None,
     timeout: Timeout = None,
     quiet: Quiet = False,
 ) -> None:

@@ -15,6 +15,16 @@ RulesFile = Annotated[Path, typer.Option("--rules", "-r", help="Rules file (JSON
 JournalFile = Annotated[Path | None, typer.Option(
     "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
     help="Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")]
+# The options of the live pipeline commands (receive, watch).
+LiveRules = Annotated[Path | None, typer.Option(
+    "--rules", show_default=False, help="Rules file: run the matching rules of each complete series.")]
+LiveJobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Rules running at once.")]
+LiveIndex = Annotated[str | None, typer.Option(
+    "--index", show_default=False,
+    help="Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).")]
+LiveProject = Annotated[str | None, typer.Option(
+    "--project", show_default=False,
+    help="Index project (default: from a called AE title kp-<project>, else admin).")]
 
 rules_app = typer.Typer(help="Check a rules file.", no_args_is_help=True)
 runs_app = typer.Typer(help="The run journal: list runs, retry one.", invoke_without_command=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kaapcli.cli.common import Format, Reporter, Sink
+from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
 
 
 def watch(
@@ -21,15 +22,11 @@ def watch(
         "--orthanc", metavar="URL", show_default=False,
         help="Poll this Orthanc's /changes feed instead of a folder (needs -o; credentials from "
              "KAAPCLI_ORTHANC_USER / KAAPCLI_ORTHANC_PASSWORD).")] = None,
-    rules_file: Annotated[Path | None, typer.Option(
-        "--rules", show_default=False, help="Rules file: run the matching rules of each complete series.")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Rules running at once.")] = 2,
-    journal: Annotated[Path | None, typer.Option(
-        "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
-        help="Run journal of the rules (default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")] = None,
-    index: Annotated[str | None, typer.Option(
-        "--index", show_default=False, help="Index each complete series here (path, URL or profile).")] = None,
-    project: Annotated[str | None, typer.Option("--project", show_default=False, help="Index project.")] = None,
+    rules_file: LiveRules = None,
+    jobs: LiveJobs = 2,
+    journal: JournalFile = None,
+    index: LiveIndex = None,
+    project: LiveProject = None,
     layout: Annotated[str, typer.Option("--layout", help="Path of a stored file under OUT, from {DICOM keywords}.")
                       ] = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
     stable: Annotated[float, typer.Option("--stable", min=0.0,

@@ -768,8 +768,6 @@ class AnonymizeOperator(BaseOperator):
         from pydicom.dataset import FileMetaDataset
         from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-        from kaapcli.core.mock import IMPLEMENTATION_UID
-
         old = getattr(ds, "file_meta", None)
         syntax = old.get("TransferSyntaxUID") if old is not None else None
         if not syntax:
@@ -779,8 +777,8 @@ class AnonymizeOperator(BaseOperator):
         meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or (old.get("MediaStorageSOPClassUID") if old else "")
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = syntax
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "KAAPCLI"
+        meta.ImplementationClassUID = dicom.IMPLEMENTATION_UID
+        meta.ImplementationVersionName = dicom.IMPLEMENTATION_VERSION
         ds.file_meta = meta
         ds.preamble = b"\0" * 128
 

@@ -78,6 +78,24 @@ def series_uid(path: Path) -> str:
     return str(require(ds, "SeriesInstanceUID"))
 
 
+IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1543.1"  # kaapcli's implementation class UID (PS3.10 7.1)
+IMPLEMENTATION_VERSION = "KAAPCLI_010"
+
+
+def file_meta(sop_class: str, sop_uid: str, syntax: str | None = None) -> Any:
+    """Part 10 file meta for an object kaapcli writes (explicit VR little endian unless told otherwise)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
 def uid_from(seed: str, prefix: str = "2.25.") -> str:
     """A deterministic UID under 2.25 (PS3.5 B.2: UUID-derived) from any seed string."""
     digest = hashlib.sha256(seed.encode()).digest()[:16]

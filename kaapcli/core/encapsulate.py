@@ -98,19 +98,10 @@ def study_context(study_from: Path | None, keywords: dict[str, str]) -> dict[str
 
 def _base_dataset(sop_class: str, sop_uid: str, context: dict[str, str], study_seed: str) -> Any:
     """A dataset with file meta, SOP common, patient and study attributes filled in."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.dataset import Dataset
 
-    from kaapcli.core.mock import IMPLEMENTATION_UID
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "KAAPCLI_010"
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = dicom.file_meta(sop_class, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: file names and titles may be anything
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid

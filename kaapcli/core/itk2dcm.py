@@ -28,7 +28,6 @@ from kaapcli.core.seg import SegInfo, masks_to_seg
 from kaapcli.exitcodes import DataError, UsageError
 
 SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
-IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1543.1"  # kaapcli's implementation class UID (as kaapcli mock)
 NIFTI = re.compile(r"\.(nii\.gz|nii)$")
 
 
@@ -177,9 +176,7 @@ def write_series(image: Any, channel: Channel, case: str, index: int, out: Path,
     import SimpleITK as sitk
     from pydicom.datadict import dictionary_VR
     from pydicom.dataset import Dataset as PydicomDataset
-    from pydicom.dataset import FileMetaDataset
     from pydicom.tag import Tag
-    from pydicom.uid import ExplicitVRLittleEndian
 
     from kaapcli import __version__
 
@@ -193,12 +190,8 @@ def write_series(image: Any, channel: Channel, case: str, index: int, out: Path,
     written = []
     for k in range(stored.shape[0]):
         sop_uid = dicom.uid_from(f"{base}/series/{index}/instance/{k}")
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
         ds = PydicomDataset()
-        ds.file_meta = meta
+        ds.file_meta = dicom.file_meta(sop_class, sop_uid)
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = case, case, "", ""

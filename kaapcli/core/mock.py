@@ -27,7 +27,6 @@ SOP_CLASSES = {
     "MR": "1.2.840.10008.5.1.4.1.1.4",
     "PT": "1.2.840.10008.5.1.4.1.1.128",
 }
-IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1543.1"  # kaapcli implementation class UID (UUID-derived root)
 
 # Tissue values per modality: CT in HU; MR and PT in arbitrary, positive units.
 TISSUES: dict[str, dict[str, float]] = {
@@ -153,20 +152,13 @@ class MockOperator(BaseOperator):
         return written
 
     def instance(self, study: dict[str, Any], series_index: int, series_uid: str, i: int, base: str) -> Any:
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import ExplicitVRLittleEndian
+        from pydicom.dataset import Dataset
 
         spec = self.spec
         sop_class = SOP_CLASSES[spec.modality]
         sop_uid = dicom.uid_from(f"{base}/instance/{i}")
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "KAAPCLI_010"
         ds = Dataset()
-        ds.file_meta = meta
+        ds.file_meta = dicom.file_meta(sop_class, sop_uid)
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid

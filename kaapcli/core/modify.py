@@ -423,16 +423,14 @@ def _erase(ds: Any, path: TagPath) -> None:
 
 def _sync_file_meta(ds: Any, sop_before: tuple[Any, Any]) -> None:
     """Keep MediaStorageSOP*UID equal to SOP*UID when an edit changed them; name kaapcli as the writer."""
-    from kaapcli.core.mock import IMPLEMENTATION_UID
-
     meta = ds.file_meta
     if (ds.get("SOPClassUID"), ds.get("SOPInstanceUID")) != sop_before:
         if ds.get("SOPClassUID"):
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         if ds.get("SOPInstanceUID"):
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.ImplementationClassUID = IMPLEMENTATION_UID  # PS3.10 7.1: the implementation that wrote the file
-    meta.ImplementationVersionName = "KAAPCLI_010"
+    meta.ImplementationClassUID = dicom.IMPLEMENTATION_UID  # PS3.10 7.1: the implementation that wrote the file
+    meta.ImplementationVersionName = dicom.IMPLEMENTATION_VERSION
 
 
 def complete_file_meta(ds: Any) -> list[str]:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kaapcli.core import dicom
 from kaapcli.core.net.peers import Peer, Timeouts
 from kaapcli.exitcodes import UnavailableError
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
-IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1543.1"  # kaapcli's, as written in file meta (core/mock.py)
+IMPLEMENTATION_UID = dicom.IMPLEMENTATION_UID.encode()  # as in the file meta kaapcli writes
 IMPLEMENTATION_VERSION = b"KAAPCLI"
 MAX_PDU = 4 * 1024 * 1024  # what we accept, and the largest P-DATA-TF we send to a peer without a limit
 VERIFICATION = "1.2.840.10008.1.1"
