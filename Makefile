@@ -17,7 +17,7 @@ $(BIN)/kaapcli: pyproject.toml
 venv: $(BIN)/kaapcli
 
 demo: venv
-	$(MAKE) -C examples demo KAAPCLI=$(abspath $(BIN))/kaapcli
+	$(MAKE) -C examples demo KAAPCLI=$(abspath $(BIN))/kaapcli PYTHON=$(abspath $(BIN))/python
 
 # Installs what the tests talk to (DCMTK, dicom3tools, Orthanc + DICOMweb, dcm2niix, Chromium) when missing.
 system-deps:
