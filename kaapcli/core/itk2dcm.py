@@ -136,16 +136,10 @@ def scan(root: Path, modality: str = "CT") -> Dataset:
 # --------------------------------------------------------------------------- writing images
 
 def _read_image(path: Path) -> Any:
-    import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read image: {reason[:200]}") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: need a 3-D scalar image (got {image.GetDimension()}-D, "
-                        f"{image.GetNumberOfComponentsPerPixel()} component(s))")
+    from kaapcli.core.resample import read_scalar_volume
+
+    image = read_scalar_volume(path)
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise DataError(f"{path}: direction matrix is not orthonormal (sheared image)")

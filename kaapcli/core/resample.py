@@ -56,6 +56,21 @@ def read_image_file(path: Path) -> Any:
                         hint=IMAGE_HINT) from exc
 
 
+def read_scalar_volume(path: Path, what: str = "image") -> Any:
+    """A 3-D scalar image file (NIfTI/NRRD/MetaImage), every failure a DataError naming the file."""
+    try:
+        image = read_image_file(path)
+    except DataError as exc:
+        reason = exc.message.replace(str(path), path.name)
+        if not reason.startswith("cannot read image"):
+            reason = f"cannot read image: {reason}"
+        raise DataError(f"{path}: {reason}", hint=exc.hint) from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: {what} must be a 3-D scalar image (got {image.GetDimension()}-D, "
+                        f"{image.GetNumberOfComponentsPerPixel()} component(s))")
+    return image
+
+
 def check_nifti_complete(path: Path) -> None:
     """Fail on a truncated NIfTI file, which ITK's reader would silently fill with zeros.
 

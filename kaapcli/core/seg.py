@@ -414,14 +414,9 @@ def mask_on_reference(path: Path, ref: Reference) -> tuple[np.ndarray, list[str]
     """A label image read from ``path`` on the reference grid (nearest-neighbour resampled if needed)."""
     import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read image: {reason[:200]}") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: a mask must be a 3-D scalar image (got {image.GetDimension()}-D, "
-                        f"{image.GetNumberOfComponentsPerPixel()} component(s))")
+    from kaapcli.core.resample import read_scalar_volume
+
+    image = read_scalar_volume(path, "a mask")
     values = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
         raise DataError(f"{path}: not a label image (non-integer values)")
