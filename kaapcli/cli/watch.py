@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kaapcli.cli.common import Format, Reporter, Sink
+from kaapcli.cli.net import DEFAULT_LAYOUT, Layout
 from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
 
 
@@ -27,8 +28,7 @@ def watch(
     journal: JournalFile = None,
     index: LiveIndex = None,
     project: LiveProject = None,
-    layout: Annotated[str, typer.Option("--layout", help="Path of a stored file under OUT, from {DICOM keywords}.")
-                      ] = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
+    layout: Layout = DEFAULT_LAYOUT,
     stable: Annotated[float, typer.Option("--stable", min=0.0,
                                           help="A dropped file is taken after this many seconds unchanged.")] = 2.0,
     series_timeout: Annotated[float, typer.Option(
