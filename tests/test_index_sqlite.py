@@ -344,7 +344,7 @@ def _kv_and_fts(db: Path, word: str) -> tuple[int, int]:
 
 
 def test_changed_and_removed_documents_leave_no_values_behind(tmp_path: Path) -> None:
-    """kv rows and FTS text are made in SQL from the stored JSON; changing or deleting a document
+    """kv rows (made in SQL) and FTS text (made in Python) come from the stored JSON; changing or deleting a document
     must take away exactly what was added (deep objects, lists of objects, repeated list values too)."""
     db = tmp_path / "i.db"
     deep = "00400275 RequestAttributesSequence_object"
@@ -397,7 +397,27 @@ def test_schema_1_index_is_upgraded(tmp_path: Path) -> None:
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
     assert _kv_and_fts(db, "chest") == (0, 0)
     with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
+    """Schema 2 made FTS text in SQL (numbers formatted by SQLite): opening it remakes that text in Python, so
+    that a later change or delete removes exactly the words that were added."""
+    import sqlite3
+
+    db = tmp_path / "v2.db"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[:4]))
+    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
+    with sqlite3.connect(db) as con:
+        con.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
+        con.execute("INSERT INTO fts(rowid, body) SELECT id, 'written by schema 2' FROM docs")
+        con.execute("PRAGMA user_version = 2")
+    assert search(db, "schema", "--count") == [0]
+    assert search(db, "chest", "--count") == [sum("chest" in words(d) for d in DOCS[:4])]
+    assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
+    assert _kv_and_fts(db, "chest") == (0, 0)
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_nan_is_refused_per_document(tmp_path: Path) -> None:

@@ -11,11 +11,13 @@ Schema (one file may hold several projects)::
                                      ``v`` is a number for numeric keys (``_integer``/``_float``), else text;
                                      SQLite orders every number before every text, so ``v < ''`` means
                                      "a number".
-    fts(body)                        contentless FTS5 over every value of a document, rowid = docs.id
+    fts(body)                        contentless FTS5 over every value of a document (:func:`fts_text`),
+                                     rowid = docs.id
     datasets(project, name, uid)
 
-kv rows and FTS text are made inside SQLite from the stored JSON (``json_tree``), when a document is
-written and again, identically, when it is changed or deleted.
+kv rows are made inside SQLite from the stored JSON (``json_tree``), FTS text in Python from the parsed
+document (SQLite's ``group_concat`` over ``json_tree`` cost five times more), when a document is written
+and again, identically, when it is changed or deleted.
 
 A query AST becomes one SQL ``WHERE`` over ``docs d``: every field condition is
 ``d.id IN (SELECT doc FROM kv WHERE key IN (<key ids>) AND ...)``, which SQLite answers from kv's key order.
@@ -59,7 +61,7 @@ CREATE TABLE IF NOT EXISTS keys(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(body, content='');
 CREATE TABLE IF NOT EXISTS datasets(project TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
                                     PRIMARY KEY(project, name, uid)) WITHOUT ROWID;
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 """
 MAX_CHAR = "\U0010ffff"  # appended to a date bound so "2020-12-31" covers that whole day of a datetime
 
@@ -78,10 +80,6 @@ _LEAF_VALUE = ("CASE WHEN t.type IN ('true', 'false') THEN t.type "
 INSERT_KEYS = f"INSERT OR IGNORE INTO keys(key) SELECT DISTINCT {_LEAF_KEY} {_LEAVES}"
 KV_ROWS = (f"SELECT k.id, {_LEAF_VALUE}, d.id "
            f"{_LEAVES.replace(' WHERE ', f' JOIN keys k ON k.key = {_LEAF_KEY} WHERE ', 1)}")
-# the FTS text of a document: its leaf values, one per line
-_FTS_BODY = ("(SELECT group_concat(CASE t.type WHEN 'true' THEN 'True' WHEN 'false' THEN 'False' "
-             "ELSE t.atom END, char(10)) FROM json_tree(d.doc) t WHERE t.atom IS NOT NULL)")
-FTS_ROWS = f"SELECT d.id, {_FTS_BODY} FROM docs d WHERE d.id IN (SELECT value FROM json_each(:ids))"
 
 _PATH_PART = re.compile(r'\.(?:("(?:[^"\\]|\\.)*")|([^.\[]+))')  # ."quoted label" or .label; [n] skipped
 
@@ -96,6 +94,24 @@ def _leaf_key(path: str, label: Any) -> str:
     """The key of a json_tree leaf below the top level: its container's key, plus its label in an object."""
     prefix = _dotted(path)
     return prefix if isinstance(label, int) else f"{prefix}.{label}" if prefix else str(label)
+
+
+def fts_text(doc: Any) -> str:
+    """The full-text body of a document: its leaf values, one per line."""
+    lines: list[str] = []
+
+    def leaves(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                leaves(item)
+        elif isinstance(value, list):
+            for item in value:
+                leaves(item)
+        elif value is not None:
+            lines.append(value if isinstance(value, str) else str(value))
+
+    leaves(doc)
+    return "\n".join(lines)
 
 
 def _float(text: str) -> float | None:
@@ -128,8 +144,8 @@ class SqliteIndex(Index):
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self.db.executescript(SCHEMA)
-            elif version == 1:
-                self._upgrade_from_1()
+            elif version < 3:
+                self._upgrade(version)
             self.keys = dict(self.db.execute("SELECT key, id FROM keys"))
         except sqlite3.DatabaseError as exc:
             code = CantCreateError if isinstance(exc, sqlite3.OperationalError) and create else DataError
@@ -140,16 +156,21 @@ class SqliteIndex(Index):
     def close(self) -> None:
         self.db.close()
 
-    def _upgrade_from_1(self) -> None:
-        """Schema 1 had kv(doc, i, key, text, num) + an index, rows and FTS text made in Python: remake them."""
+    def _upgrade(self, version: int) -> None:
+        """Schema 1 had kv(doc, i, key, text, num) + an index, made in Python; schema 2 made FTS text in SQL.
+        Remake what changed from the stored documents."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("DROP TABLE kv")
-            db.execute(KV_TABLE)
+            if version == 1:
+                db.execute("DROP TABLE kv")
+                db.execute(KV_TABLE)
             db.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
-            self._add_values(json.dumps([r[0] for r in db.execute("SELECT id FROM docs")]))
-            db.execute("PRAGMA user_version = 2")
+            docs = [(rowid, json.loads(text)) for rowid, text in db.execute("SELECT id, doc FROM docs")]
+            db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, fts_text(d)) for i, d in docs])
+            if version == 1:
+                self._add_kv(json.dumps([rowid for rowid, _ in docs]))
+            db.execute("PRAGMA user_version = 3")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -170,6 +191,8 @@ class SqliteIndex(Index):
                 (self.project, json.dumps(list(by_uid))))}
             added: list[tuple[str, str, str]] = []
             updated: list[tuple[str, int]] = []
+            new_docs: dict[str, Doc] = {}
+            old_docs: list[tuple[int, Doc]] = []
             for uid, doc in by_uid.items():
                 new = doc
                 if uid in existing:
@@ -183,20 +206,22 @@ class SqliteIndex(Index):
                 except ValueError:
                     stats.errors.append(f"series {uid}: NaN or Infinity is not a valid JSON value")
                     continue
+                new_docs[uid] = new
                 if uid in existing:
                     updated.append((text, existing[uid][0]))
+                    old_docs.append((existing[uid][0], old))
                 else:
                     added.append((self.project, uid, text))
-            changed = json.dumps([rowid for _, rowid in updated])
-            self._remove_values(changed)  # made from the old documents, so before they change
+            self._remove_values(old_docs)  # made from the old documents, so before they change
             db.executemany("UPDATE docs SET doc = ? WHERE id = ?", updated)
             db.executemany("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)", added)
-            new_ids = [r[0] for r in db.execute(
-                "SELECT id FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
-                (self.project, json.dumps([a[1] for a in added])))] if added else []
-            texts = [*(a[2] for a in added), *(u[0] for u in updated)]
-            self._add_values(json.dumps([*new_ids, *(rowid for _, rowid in updated)]),
-                             register_keys=self._may_add_keys(by_uid.values(), texts))
+            rowids = {uid: rowid for uid, rowid in db.execute(
+                "SELECT uid, id FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
+                (self.project, json.dumps([a[1] for a in added])))} if added else {}
+            rowids.update((uid, existing[uid][0]) for uid in new_docs if uid in existing)
+            self._add_values([(rowids[uid], doc) for uid, doc in new_docs.items()],
+                             register_keys=self._may_add_keys(new_docs.values(), (t for t, _ in updated),
+                                                              (a[2] for a in added)))
             stats.added, stats.updated = len(added), len(updated)
             db.execute("COMMIT")
         except BaseException:
@@ -205,26 +230,32 @@ class SqliteIndex(Index):
             raise
         return stats
 
-    def _may_add_keys(self, docs: Iterable[Doc], texts: Iterable[str]) -> bool:
+    def _may_add_keys(self, docs: Iterable[Doc], *texts: Iterable[str]) -> bool:
         """False when the documents certainly have no key we do not know yet, so the pass registering keys
         can be skipped: their top-level keys are known, and no text holds an object or a list in a list
         (``{`` after the start, ``[[``, ``, [``; one inside a string value merely costs the pass)."""
         return not set().union(*docs).issubset(self.keys) or \
-            any("{" in text[1:] or "[[" in text or ", [" in text for text in texts)
+            any("{" in text[1:] or "[[" in text or ", [" in text for some in texts for text in some)
 
-    def _add_values(self, ids: str, *, register_keys: bool = True) -> None:
-        """kv rows and FTS text of the documents ``ids`` (a JSON list), inside the caller's transaction."""
+    def _add_values(self, docs: Sequence[tuple[int, Doc]], *, register_keys: bool = True) -> None:
+        """kv rows and FTS text of the stored documents ``(rowid, doc)``, inside the caller's transaction."""
+        self._add_kv(json.dumps([rowid for rowid, _ in docs]), register_keys=register_keys)
+        self.db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, fts_text(d)) for i, d in docs])
+
+    def _add_kv(self, ids: str, *, register_keys: bool = True) -> None:
         if register_keys:
             self.db.execute(INSERT_KEYS, {"ids": ids})
         args = {"ids": ids, "numeric": self._numeric_ids()}
         self.db.execute(f"INSERT OR IGNORE INTO kv(key, v, doc) {KV_ROWS}", args)  # a list may repeat a value
-        self.db.execute(f"INSERT INTO fts(rowid, body) {FTS_ROWS}", args)
 
-    def _remove_values(self, ids: str) -> None:
-        """Undo :meth:`_add_values` for the (still stored) documents ``ids``."""
-        args = {"ids": ids, "numeric": self._numeric_ids()}
+    def _remove_values(self, docs: Sequence[tuple[int, Doc]]) -> None:
+        """Undo :meth:`_add_values` for the still stored documents ``(rowid, doc)``."""
+        if not docs:
+            return
+        args = {"ids": json.dumps([rowid for rowid, _ in docs]), "numeric": self._numeric_ids()}
         self.db.executemany("DELETE FROM kv WHERE key = ? AND v = ? AND doc = ?", self.db.execute(KV_ROWS, args))
-        self.db.execute(f"INSERT INTO fts(fts, rowid, body) SELECT 'delete', * FROM ({FTS_ROWS})", args)
+        self.db.executemany("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)",
+                            [(i, fts_text(d)) for i, d in docs])
 
     def _numeric_ids(self) -> str:
         """The ids of numeric keys, as a JSON list; read afresh, as other writers may have added keys."""
@@ -241,10 +272,11 @@ class SqliteIndex(Index):
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = [r[0] for r in db.execute(f"SELECT d.id FROM docs d WHERE {where}", params)]
-            blob = json.dumps(rows)
-            self._remove_values(blob)
-            db.execute("DELETE FROM docs WHERE id IN (SELECT value FROM json_each(?))", (blob,))
+            rows = [(rowid, json.loads(text)) for rowid, text in
+                    db.execute(f"SELECT d.id, d.doc FROM docs d WHERE {where}", params)]
+            self._remove_values(rows)
+            db.execute("DELETE FROM docs WHERE id IN (SELECT value FROM json_each(?))",
+                       (json.dumps([rowid for rowid, _ in rows]),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
