@@ -70,7 +70,11 @@ MAX_CHAR = "\U0010ffff"  # appended to a date bound so "2020-12-31" covers that 
 _LEAVES = ("FROM docs d, json_tree(d.doc) t WHERE d.id IN (SELECT value FROM json_each(:ids)) "
            "AND t.atom IS NOT NULL")
 # the dotted key of a leaf: top-level members directly, anything deeper through kaapcli_key()
-_LEAF_KEY = "CASE WHEN t.path = '$' THEN t.key ELSE kaapcli_key(t.path, t.key) END"
+_LEAF_KEY = ("CASE WHEN t.path = '$' THEN t.key "
+             # an element of a top-level list whose key needs quotes but holds none: the key, read in SQL
+             """WHEN typeof(t.key) = 'integer' AND t.path GLOB '$."*"' """
+             """AND instr(substr(t.path, 4), '"') = length(t.path) - 3 THEN substr(t.path, 4, length(t.path) - 4) """
+             "ELSE kaapcli_key(t.path, t.key) END")
 # numeric keys (the JSON list :numeric of key ids) hold numbers, or text when a value is no number
 # (DESIGN §3.1); other keys hold text; booleans are 'true'/'false'
 _LEAF_VALUE = ("CASE WHEN t.type IN ('true', 'false') THEN t.type "
@@ -96,21 +100,22 @@ def _leaf_key(path: str, label: Any) -> str:
     return prefix if isinstance(label, int) else f"{prefix}.{label}" if prefix else str(label)
 
 
-def fts_text(doc: Any) -> str:
+def fts_text(doc: Doc) -> str:
     """The full-text body of a document: its leaf values, one per line."""
     lines: list[str] = []
 
-    def leaves(value: Any) -> None:
-        if isinstance(value, dict):
-            for item in value.values():
-                leaves(item)
-        elif isinstance(value, list):
-            for item in value:
-                leaves(item)
-        elif value is not None:
-            lines.append(value if isinstance(value, str) else str(value))
+    def leaves(values: Iterable[Any]) -> None:
+        for value in values:
+            if type(value) is str:
+                lines.append(value)
+            elif isinstance(value, dict):
+                leaves(value.values())
+            elif isinstance(value, list):
+                leaves(value)
+            elif value is not None:
+                lines.append(str(value))
 
-    leaves(doc)
+    leaves(doc.values())
     return "\n".join(lines)
 
 
@@ -138,6 +143,9 @@ class SqliteIndex(Index):
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA cache_size=-131072")  # 128 MiB: index pages stay cached during bulk inserts
             self.db.execute("PRAGMA temp_store=MEMORY")
+            # bulk writes touch kv pages all over; checkpointing every 64 MiB rather than every 4 MiB copies
+            # each page to the database file once instead of several times
+            self.db.execute("PRAGMA wal_autocheckpoint=16384")
             self.db.create_function("kaapcli_key", 2, _leaf_key, deterministic=True)
             self.db.create_function("kaapcli_float", 1, _float, deterministic=True)
             self.keys: dict[str, int] = {}
