@@ -102,7 +102,7 @@ def index_cmd(
     """
     from kaapcli.core import fsio
     from kaapcli.core.batch import default_workers
-    from kaapcli.core.index.base import BULK_SIZE, WriteStats, doc_id
+    from kaapcli.core.index.base import BULK_SIZE, WriteStats
     from kaapcli.core.index.ingest import read_sources
 
     start = time.perf_counter()
@@ -132,7 +132,7 @@ def index_cmd(
                 for warning in source.warnings:
                     reporter.warning(warning)
                 failed += len(source.errors)
-                uids = [doc_id(d) for d in source.docs]
+                uids = [d.uid for d in source.docs]
                 ndocs += len(uids)
                 if format is Format.jsonl:
                     status = "failed" if source.errors and not uids else "ok"

@@ -8,6 +8,7 @@ here in terms of the backend primitives, so they behave the same on both backend
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,6 +59,75 @@ def doc_id(doc: Doc) -> str:
     return uid.strip()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A document ready to write: its id, JSON text, full-text words and top-level keys, made once.
+    ``kaapcli index`` makes them in the worker processes that read the inputs, so the writer only writes."""
+
+    uid: str
+    text: str
+    words: str
+    keys: frozenset[str]
+    nested: bool  # holds an object: keys below the top level
+
+    @classmethod
+    def of(cls, doc: Doc) -> Stored:
+        """DataError for a document without a SeriesInstanceUID or holding NaN/Infinity (which is no JSON)."""
+        uid = doc_id(doc)
+        try:
+            text = json.dumps(doc, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value") from None
+        words, nested = _words(doc)
+        return cls(uid, text, words, frozenset(doc), nested)
+
+    @property
+    def doc(self) -> Doc:
+        return json.loads(self.text)  # type: ignore[no-any-return]
+
+
+def full_text(doc: Doc) -> str:
+    """The words of a document for full-text search: its leaf values, one per line."""
+    return _words(doc)[0]
+
+
+def _words(doc: Doc) -> tuple[str, bool]:
+    lines: list[str] = []
+    nested = False
+
+    def leaves(values: Iterable[Any]) -> None:
+        nonlocal nested
+        for value in values:
+            if type(value) is str:
+                lines.append(value)
+            elif isinstance(value, dict):
+                nested = True
+                leaves(value.values())
+            elif isinstance(value, list):
+                leaves(value)
+            elif value is not None:
+                lines.append(str(value))
+
+    leaves(doc.values())
+    return "\n".join(lines), nested
+
+
+def stored(docs: Iterable[Doc | Stored], errors: list[str]) -> list[Stored]:
+    """Documents as :class:`Stored`; those holding NaN are reported in ``errors`` and left out (a document
+    without id raises: that is the caller's mistake, not the data's)."""
+    result = []
+    for doc in docs:
+        if not isinstance(doc, Stored):
+            doc_id(doc)
+            try:
+                doc = Stored.of(doc)
+            except DataError as exc:
+                errors.append(exc.message)
+                continue
+        result.append(doc)
+    return result
+
+
 def merge(old: Doc, new: Doc) -> Doc:
     """OpenSearch partial-update semantics: objects merge key by key, every other value is replaced."""
     out = dict(old)
@@ -83,7 +153,7 @@ class Index(ABC):
 
     # -- primitives every backend implements
     @abstractmethod
-    def write(self, docs: Sequence[Doc], *, replace: bool) -> WriteStats:
+    def write(self, docs: Sequence[Doc | Stored], *, replace: bool) -> WriteStats:
         """Merge-update (or with ``replace`` overwrite) documents, keyed by :func:`doc_id`."""
 
     @abstractmethod

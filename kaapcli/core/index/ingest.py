@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from kaapcli.core import dicom, fsio
-from kaapcli.core.index.base import Doc, doc_id
+from kaapcli.core.index.base import Stored
 from kaapcli.exitcodes import KaapcliError
 
 JSON_SUFFIXES = (".json",)
@@ -28,20 +28,19 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 @dataclass
 class Source:
     label: str
-    docs: list[Doc] = field(default_factory=list)
+    docs: list[Stored] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # one line each, naming the file (and line)
     warnings: list[str] = field(default_factory=list)
     skipped: bool = False  # neither JSON nor DICOM
 
 
-def _checked(doc: object, where: str) -> Doc:
+def _checked(doc: object, where: str) -> Stored:
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: expected a JSON object (a series meta document), found {type(doc).__name__}")
     try:
-        doc_id(doc)
+        return Stored.of(doc)
     except KaapcliError as exc:
         raise ValueError(f"{where}: {exc.message}") from None
-    return doc
 
 
 def _loads(text: str) -> object:
@@ -99,7 +98,7 @@ def _series_source(uid: str, paths: tuple[Path, ...]) -> Source:
     source = Source(f"series {uid} ({len(paths)} files)")
     try:
         doc, notes = series_document(list(paths))
-        source.docs.append(doc)
+        source.docs.append(Stored.of(doc))
         source.warnings.extend(notes)
     except KaapcliError as exc:
         source.errors.append(f"series {uid}: {exc.message}")
@@ -109,20 +108,22 @@ def _series_source(uid: str, paths: tuple[Path, ...]) -> Source:
 
 
 def read_sources(files: list[Path], workers: int = 1) -> Iterator[Source]:
-    """One Source per JSON/JSONL file (in order), then one per DICOM series (sorted by UID)."""
-    dicom_files: list[Path] = []
-    for path in files:
-        if path.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES:
-            yield read_json(path)
-        elif fsio.is_dicom(path):
-            dicom_files.append(path)
-        else:
-            yield Source(str(path), skipped=True)
-    if not dicom_files:
-        return
-    groups: dict[str, list[Path]] = {}
+    """One Source per JSON/JSONL file (in order), one per other file that is no DICOM (skipped), then one per
+    DICOM series (sorted by UID).  With several workers, files are read and parsed in a process pool: JSON
+    documents arrive ready to write (:class:`Stored`), so the writing process only writes."""
+    json_files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in JSON_SUFFIXES + JSONL_SUFFIXES]
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
     try:
+        yield from pool.map(read_json, json_files, chunksize=64) if pool and len(json_files) > 64 \
+            else map(read_json, json_files)
+        dicom_files = []
+        for path in others:
+            if fsio.is_dicom(path):
+                dicom_files.append(path)
+            else:
+                yield Source(str(path), skipped=True)
+        groups: dict[str, list[Path]] = {}
         keys = pool.map(_series_key, dicom_files, chunksize=32) if pool else map(_series_key, dicom_files)
         for path, uid, error in keys:
             if error:
@@ -135,4 +136,3 @@ def read_sources(files: list[Path], workers: int = 1) -> Iterator[Source]:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-

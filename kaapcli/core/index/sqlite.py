@@ -11,7 +11,7 @@ Schema (one file may hold several projects)::
                                      ``v`` is a number for numeric keys (``_integer``/``_float``), else text;
                                      SQLite orders every number before every text, so ``v < ''`` means
                                      "a number".
-    fts(body)                        contentless FTS5 over every value of a document (:func:`fts_text`),
+    fts(body)                        contentless FTS5 over every value of a document (``base.full_text``),
                                      rowid = docs.id
     datasets(project, name, uid)
 
@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kaapcli.core.index.base import Doc, Index, Sort, WriteStats, doc_id, merge
+from kaapcli.core.index.base import Doc, Index, Sort, Stored, WriteStats, full_text, merge, stored
 from kaapcli.core.index.query import (
     And,
     Exists,
@@ -100,25 +100,6 @@ def _leaf_key(path: str, label: Any) -> str:
     return prefix if isinstance(label, int) else f"{prefix}.{label}" if prefix else str(label)
 
 
-def fts_text(doc: Doc) -> str:
-    """The full-text body of a document: its leaf values, one per line."""
-    lines: list[str] = []
-
-    def leaves(values: Iterable[Any]) -> None:
-        for value in values:
-            if type(value) is str:
-                lines.append(value)
-            elif isinstance(value, dict):
-                leaves(value.values())
-            elif isinstance(value, list):
-                leaves(value)
-            elif value is not None:
-                lines.append(str(value))
-
-    leaves(doc.values())
-    return "\n".join(lines)
-
-
 def _float(text: str) -> float | None:
     """A number given as a string, as Python reads it; None when it is none (or NaN, which SQLite stores as NULL)."""
     try:
@@ -175,7 +156,7 @@ class SqliteIndex(Index):
                 db.execute(KV_TABLE)
             db.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
             docs = [(rowid, json.loads(text)) for rowid, text in db.execute("SELECT id, doc FROM docs")]
-            db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, fts_text(d)) for i, d in docs])
+            db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, full_text(d)) for i, d in docs])
             if version == 1:
                 self._add_kv(json.dumps([rowid for rowid, _ in docs]))
             db.execute("PRAGMA user_version = 3")
@@ -185,51 +166,41 @@ class SqliteIndex(Index):
             raise
 
     # -- writing
-    def write(self, docs: Sequence[Doc], *, replace: bool) -> WriteStats:
+    def write(self, docs: Sequence[Doc | Stored], *, replace: bool) -> WriteStats:
         stats = WriteStats()
-        by_uid: dict[str, Doc] = {}
-        for doc in docs:  # the last document of a uid wins, merged over the earlier ones like separate writes
-            uid = doc_id(doc)
-            by_uid[uid] = doc if replace or uid not in by_uid else merge(by_uid[uid], doc)
+        by_uid: dict[str, Stored] = {}
+        for item in stored(docs, stats.errors):  # the last of a uid wins, merged over earlier ones like separate writes
+            earlier = by_uid.get(item.uid)
+            by_uid[item.uid] = item if replace or earlier is None else Stored.of(merge(earlier.doc, item.doc))
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             existing = {uid: (rowid, text) for rowid, uid, text in db.execute(
                 "SELECT id, uid, doc FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
                 (self.project, json.dumps(list(by_uid))))}
-            added: list[tuple[str, str, str]] = []
-            updated: list[tuple[str, int]] = []
-            new_docs: dict[str, Doc] = {}
+            added: list[Stored] = []
+            updated: list[tuple[int, Stored]] = []
             old_docs: list[tuple[int, Doc]] = []
-            for uid, doc in by_uid.items():
-                new = doc
-                if uid in existing:
-                    old = json.loads(existing[uid][1])
-                    new = doc if replace else merge(old, doc)
-                    if new == old:
-                        stats.unchanged += 1
-                        continue
-                try:  # NaN and Infinity are not JSON (SQLite's JSON functions, OpenSearch refuse them)
-                    text = json.dumps(new, ensure_ascii=False, allow_nan=False)
-                except ValueError:
-                    stats.errors.append(f"series {uid}: NaN or Infinity is not a valid JSON value")
+            for uid, item in by_uid.items():
+                if uid not in existing:
+                    added.append(item)
                     continue
-                new_docs[uid] = new
-                if uid in existing:
-                    updated.append((text, existing[uid][0]))
-                    old_docs.append((existing[uid][0], old))
-                else:
-                    added.append((self.project, uid, text))
+                rowid, text = existing[uid]
+                old = json.loads(text)
+                new = item.doc if replace else merge(old, item.doc)
+                if new == old:
+                    stats.unchanged += 1
+                    continue
+                updated.append((rowid, item if replace else Stored.of(new)))
+                old_docs.append((rowid, old))
             self._remove_values(old_docs)  # made from the old documents, so before they change
-            db.executemany("UPDATE docs SET doc = ? WHERE id = ?", updated)
-            db.executemany("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)", added)
-            rowids = {uid: rowid for uid, rowid in db.execute(
+            db.executemany("UPDATE docs SET doc = ? WHERE id = ?", [(item.text, rowid) for rowid, item in updated])
+            db.executemany("INSERT INTO docs(project, uid, doc) VALUES (?, ?, ?)",
+                           [(self.project, item.uid, item.text) for item in added])
+            rowids = dict(db.execute(
                 "SELECT uid, id FROM docs WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
-                (self.project, json.dumps([a[1] for a in added])))} if added else {}
-            rowids.update((uid, existing[uid][0]) for uid in new_docs if uid in existing)
-            self._add_values([(rowids[uid], doc) for uid, doc in new_docs.items()],
-                             register_keys=self._may_add_keys(new_docs.values(), (t for t, _ in updated),
-                                                              (a[2] for a in added)))
+                (self.project, json.dumps([item.uid for item in added])))) if added else {}
+            self._add_values([*((rowids[item.uid], item) for item in added), *updated])
             stats.added, stats.updated = len(added), len(updated)
             db.execute("COMMIT")
         except BaseException:
@@ -238,17 +209,14 @@ class SqliteIndex(Index):
             raise
         return stats
 
-    def _may_add_keys(self, docs: Iterable[Doc], *texts: Iterable[str]) -> bool:
-        """False when the documents certainly have no key we do not know yet, so the pass registering keys
-        can be skipped: their top-level keys are known, and no text holds an object or a list in a list
-        (``{`` after the start, ``[[``, ``, [``; one inside a string value merely costs the pass)."""
-        return not set().union(*docs).issubset(self.keys) or \
-            any("{" in text[1:] or "[[" in text or ", [" in text for some in texts for text in some)
-
-    def _add_values(self, docs: Sequence[tuple[int, Doc]], *, register_keys: bool = True) -> None:
-        """kv rows and FTS text of the stored documents ``(rowid, doc)``, inside the caller's transaction."""
-        self._add_kv(json.dumps([rowid for rowid, _ in docs]), register_keys=register_keys)
-        self.db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, fts_text(d)) for i, d in docs])
+    def _add_values(self, items: Sequence[tuple[int, Stored]]) -> None:
+        """kv rows and FTS text of the stored documents ``(rowid, item)``, inside the caller's transaction.
+        The pass registering new keys is skipped when the documents certainly bring none: their top-level
+        keys are known and none holds an object."""
+        known = not any(item.nested for _, item in items) and \
+            set().union(*(item.keys for _, item in items)).issubset(self.keys)
+        self._add_kv(json.dumps([rowid for rowid, _ in items]), register_keys=not known)
+        self.db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, item.words) for i, item in items])
 
     def _add_kv(self, ids: str, *, register_keys: bool = True) -> None:
         if register_keys:
@@ -263,7 +231,7 @@ class SqliteIndex(Index):
         args = {"ids": json.dumps([rowid for rowid, _ in docs]), "numeric": self._numeric_ids()}
         self.db.executemany("DELETE FROM kv WHERE key = ? AND v = ? AND doc = ?", self.db.execute(KV_ROWS, args))
         self.db.executemany("INSERT INTO fts(fts, rowid, body) VALUES ('delete', ?, ?)",
-                            [(i, fts_text(d)) for i, d in docs])
+                            [(i, full_text(d)) for i, d in docs])
 
     def _numeric_ids(self) -> str:
         """The ids of numeric keys, as a JSON list; read afresh, as other writers may have added keys."""
