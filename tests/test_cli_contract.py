@@ -27,6 +27,16 @@ def test_help_is_fast_and_imports_no_heavy_library() -> None:
     assert kaapcli("--help").returncode == 0
 
 
+def test_a_run_imports_only_its_command_module(tmp_path: Path) -> None:
+    """Start-up: `kaapcli [--config F] echo ...` imports kaapcli.cli.net, not the modules of unrelated commands."""
+    (tmp_path / "k.toml").write_text("")
+    code = (f"import sys; from kaapcli.cli.app import main; main(['--config', {str(tmp_path / 'k.toml')!r}, 'echo', "
+            "'--help']); print(sorted(m for m in sys.modules if m.startswith('kaapcli.cli.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert "'kaapcli.cli.net'" in loaded and "anonymize" not in loaded and "'kaapcli.cli.index'" not in loaded
+
+
 def test_version_and_usage_errors_exit_2() -> None:
     assert kaapcli("--version").stdout.startswith("kaapcli ")
     bad = kaapcli("mock", "--no-such-option")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from conftest import dicom_files, kaapcli
 from peers import orthanc, storescp  # noqa: F401 - fixtures
 

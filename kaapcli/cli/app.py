@@ -9,6 +9,7 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ import kaapcli.cli
 from kaapcli.exitcodes import ExitCode, KaapcliError
 
 NOT_COMMANDS = {"app", "common", "gendocs"}
+COMPLETE_VAR = "_KAAPCLI_COMPLETE"  # typer's shell completion calls back with it set
 
 app = typer.Typer(
     name="kaapcli",
@@ -69,22 +71,50 @@ def default_map(command: click.Command, defaults: dict[str, Any]) -> dict[str, A
     return result
 
 
-def _register_commands() -> None:
-    for info in sorted(pkgutil.iter_modules(kaapcli.cli.__path__), key=lambda m: m.name):
-        if info.name not in NOT_COMMANDS and not info.name.startswith("_"):
-            try:
-                module = importlib.import_module(f"kaapcli.cli.{info.name}")
-                module.register(app)
-            except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
-                sys.stderr.write(f"kaapcli: warning: commands of {info.name} unavailable: "
-                                 f"{type(exc).__name__}: {exc}\n")
+def command_modules() -> list[str]:
+    """The modules of ``kaapcli.cli`` that define commands (each has ``register(app)``)."""
+    return sorted(info.name for info in pkgutil.iter_modules(kaapcli.cli.__path__)
+                  if info.name not in NOT_COMMANDS and not info.name.startswith("_"))
 
 
-_register_commands()
+_registered: set[str] = set()
 
 
-def click_command() -> click.Command:
+def _register(modules: Iterable[str]) -> None:
+    for name in modules:
+        if name in _registered:
+            continue
+        _registered.add(name)
+        try:
+            importlib.import_module(f"kaapcli.cli.{name}").register(app)
+        except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
+            sys.stderr.write(f"kaapcli: warning: commands of {name} unavailable: {type(exc).__name__}: {exc}\n")
+
+
+def click_command(args: Sequence[str] | None = None) -> click.Command:
+    """The click command of the app.  Given the arguments of a run that names a command, only that command's
+    module is imported (start-up time); otherwise (help, completion, docs) every command is."""
+    modules = command_modules()
+    name = _command_name(args) if args is not None and COMPLETE_VAR not in os.environ else None
+    if name is not None:
+        from kaapcli.cli._commands import COMMANDS
+
+        modules = [COMMANDS[name]] if name in COMMANDS else modules
+    _register(modules)
     return typer.main.get_command(app)
+
+
+def _command_name(args: Sequence[str]) -> str | None:
+    """The command a run names: its first argument that is neither a root option nor an option's value."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--config":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:  # library warnings (pydicom's "Expected explicit VR", ...) are not our one-line messages
         warnings.simplefilter("ignore")
     try:
-        result = click_command().main(args=args, prog_name="kaapcli", standalone_mode=False)
+        result = click_command(args).main(args=args, prog_name="kaapcli", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
