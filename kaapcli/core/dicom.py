@@ -194,26 +194,47 @@ def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] |
     """Values of a few top-level elements, as text, from the first ``head`` bytes of a Part 10 file.
 
     Grouping and ordering a series needs one or two tags of every file; a full pydicom read costs
-    about five times more.  This walks the element headers of the common case (preamble, explicit
-    VR little endian, defined lengths) and returns ``None`` for anything else, so the caller falls
-    back to :func:`read`.  Absent tags are absent from the result.  A file that
-    ends inside an element raises DataError (pydicom would read it silently, short).
+    about five times more.  See :func:`peek_bytes`; ``None`` also when the file cannot be opened.
     """
-    import struct
-
-    wanted = set(tags)
-    last = max(wanted)
     try:
         with open(path, "rb") as fh:
             buf = fh.read(head)
     except OSError:
         return None
+    return peek_bytes(buf, tags, whole=len(buf) < head)
+
+
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[int, str] | None:
+    """Values of a few top-level elements, as text, from the start of a Part 10 file (``whole``: all of it).
+
+    This walks the element headers of the common case (preamble, explicit VR little endian) and
+    returns ``None`` for anything else or when ``buf`` ends before the tags, so the caller falls
+    back to :func:`read`.  Absent tags are absent from the result.  A whole file that ends inside an
+    element raises DataError (pydicom would read it silently, short).
+    """
+    import struct
+
+    wanted = set(tags)
+    last = max(wanted)
     if buf[128:132] != b"DICM":
         return None
     found: dict[int, str] = {}
-    pos, in_meta, syntax = 132, True, ""
+    pos, in_meta, syntax, depth = 132, True, "", 0  # depth: inside undefined-length sequences and items
     while pos + 8 <= len(buf):
         group, element = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | element
+        if group == 0xFFFE:  # item and delimiters: no VR, a 4-byte length
+            length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+            if tag in (_ITEM_END, _SEQUENCE_END):
+                depth -= 1
+            elif length == 0xFFFFFFFF:
+                depth += 1
+                length = 0
+            pos = start + length
+            continue
         vr = buf[pos + 4:pos + 6]
         if not vr.isalpha() or not vr.isupper():
             return None
@@ -227,23 +248,26 @@ def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] |
             if syntax in _NOT_EXPLICIT_LE:
                 return None
             in_meta = False
-        tag = group << 16 | element
-        if not in_meta and tag > last:
+        if not in_meta and depth == 0 and tag > last:
             return found
         if length == 0xFFFFFFFF:
-            return None
+            if vr != b"SQ":  # encapsulated pixel data (or an undefined-length UN): not walked
+                return None
+            depth += 1  # its items and elements follow; its delimiter ends it
+            pos = start
+            continue
         if start + length > len(buf):
-            if len(buf) < head:  # the file itself ends here
+            if whole:
                 raise DataError(f"truncated file: ends inside ({group:04X},{element:04X})")
             return None
         value = buf[start:start + length]
         if tag == 0x00020010:
             syntax = value.decode("latin-1").strip(" \x00")
-        elif not in_meta and tag in wanted:
+        elif not in_meta and depth == 0 and tag in wanted:
             found[tag] = value.decode("latin-1").strip(" \x00")
         pos = start + length
-    if len(buf) < head:  # read the whole file
-        if pos == len(buf):
+    if whole:
+        if pos == len(buf) and depth == 0:
             return found
         raise DataError("truncated file: ends inside an element header")
     return None

@@ -20,7 +20,7 @@ from kaapcli.core.index.query import SERIES_KEY, TAGS_KEY, Ids, Node
 from kaapcli.exitcodes import ConfigError, DataError
 
 DEFAULT_PROJECT = "admin"
-BULK_SIZE = 2000
+BULK_SIZE = 500
 Doc = dict[str, Any]
 
 

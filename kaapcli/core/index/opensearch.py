@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from kaapcli.core.index.base import BULK_SIZE, Doc, Index, Sort, WriteStats, doc_id, redact
+from kaapcli.core.index.base import BULK_SIZE, Doc, Index, Sort, Stored, WriteStats, redact, stored
 from kaapcli.core.index.query import (
     SERIES_KEY,
     And,
@@ -117,14 +117,15 @@ class OpenSearchIndex(Index):
         self.client.close()
 
     # -- writing
-    def write(self, docs: Sequence[Doc], *, replace: bool) -> WriteStats:
+    def write(self, docs: Sequence[Doc | Stored], *, replace: bool) -> WriteStats:
         stats = WriteStats()
-        for start in range(0, len(docs), BULK_SIZE):
+        items = stored(docs, stats.errors)
+        for start in range(0, len(items), BULK_SIZE):
             lines: list[str] = []
-            for doc in docs[start:start + BULK_SIZE]:
+            for item in items[start:start + BULK_SIZE]:
                 action = "index" if replace else "update"
-                lines.append(json.dumps({action: {"_index": self.index, "_id": doc_id(doc)}}))
-                lines.append(json.dumps(doc if replace else {"doc": doc, "doc_as_upsert": True}, ensure_ascii=False))
+                lines.append(json.dumps({action: {"_index": self.index, "_id": item.uid}}))
+                lines.append(item.text if replace else f'{{"doc": {item.text}, "doc_as_upsert": true}}')
             body = "\n".join(lines) + "\n"
             response = self._call(lambda body=body: self.client.bulk(body=body))  # type: ignore[misc]
             self.dirty = True
