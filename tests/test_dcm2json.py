@@ -18,9 +18,10 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from kaapcli.core.dicom import peek
+from kaapcli.core.dicom import peek, peek_bytes
 from kaapcli.core.fsio import is_dicom
 from kaapcli.core.meta import instance_document, series_document
+from kaapcli.exitcodes import DataError
 from tests.conftest import dcmtk, dicom_files, kaapcli, pydicom_test_files
 
 KEY_RE = re.compile(r"[0-9A-F]{8} [A-Za-z0-9]+_(keyword|date|time|datetime|integer|float|object)"
@@ -414,6 +415,45 @@ def test_series_document_orders_by_instance_number_then_path(mock_ct: Path, tmp_
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         assert peek(f, [0x0020000E, 0x00200013]) == {0x0020000E: ds.SeriesInstanceUID,
                                                       0x00200013: str(ds.InstanceNumber)}
+
+
+def test_peek_walks_undefined_length_sequences_and_agrees_with_pydicom(tmp_path: Path) -> None:
+    """Real headers carry undefined-length sequences (nested, with items of both kinds) before the UIDs; peek
+    steps over them; on every explicit-VR-little-endian file of pydicom's test data it reads what pydicom reads."""
+    import pydicom.data
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    source = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(source)
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator = "T-D0050", "SRT"
+    outer = Dataset()
+    outer.ReferencedSOPInstanceUID = "1.2.3.999"  # a deeper (0008,1155): not a top-level value
+    outer.AnatomicRegionSequence = Sequence([inner])
+    ds.ReferencedImageSequence = Sequence([outer, Dataset()])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    outer["AnatomicRegionSequence"].is_undefined_length = True
+    outer.is_undefined_length_sequence_item = True
+    target = tmp_path / "seq.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    raw = target.read_bytes()
+    assert b"\xfe\xff\xdd\xe0" in raw  # a sequence delimiter was written: the case under test
+    tags = [0x0020000D, 0x0020000E, 0x00080018, 0x00081155]
+    assert peek(target, tags) == {0x0020000D: ds.StudyInstanceUID, 0x0020000E: ds.SeriesInstanceUID,
+                                  0x00080018: ds.SOPInstanceUID}
+    with pytest.raises(DataError):  # cut inside the sequence: the whole file is short
+        peek_bytes(raw[:raw.index(b"T-D0050")], tags, whole=True)
+    assert peek_bytes(raw[:raw.index(b"T-D0050")], tags) is None  # only a head: pydicom reads the rest
+    agreed = 0
+    for name in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):  # no download
+        found = peek(Path(name), tags[:3])
+        if found is None:
+            continue
+        header = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+        assert found == {tag: str(header[tag].value) for tag in tags[:3] if tag in header}, name
+        agreed += 1
+    assert agreed >= 20
 
 
 def test_peek_declines_what_it_cannot_read_fast() -> None:
