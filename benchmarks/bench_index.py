@@ -12,7 +12,7 @@ documents with distinct UIDs and varied Modality/Rows/StudyDate/SeriesDescriptio
    end to end (``kaapcli search``, including Python start-up).  Anchor: ``jq`` selecting the same
    documents from a JSONL file of the 100,000 documents.
 
-Usage: python benchmarks/bench_index.py [--docs 10000] [--big 100000] [--keep DIR]
+Usage: python benchmarks/bench_index.py [--docs 10000] [--big 100000] [--repeat 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the indexing step (the median counts)")
     parser.add_argument("--keep", type=Path)
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_index-"))
@@ -91,12 +92,15 @@ def main() -> None:
             doc = clone(base, i)
             (src / f"{doc[SERIES]}.json").write_text(json.dumps(doc))
         db = work / "small.db"
-        db.unlink(missing_ok=True)
-        cpu0 = _child_cpu()
-        start = time.perf_counter()
-        run(sys.executable, "-m", "kaapcli", "index", src, "--index", db, "-q")
-        t_index = time.perf_counter() - start
-        cpu_index = _child_cpu() - cpu0
+        runs = []
+        for _ in range(args.repeat):  # a fresh index each time
+            db.unlink(missing_ok=True)
+            cpu0 = _child_cpu()
+            start = time.perf_counter()
+            run(sys.executable, "-m", "kaapcli", "index", src, "--index", db, "-q")
+            runs.append((time.perf_counter() - start, _child_cpu() - cpu0))
+        t_index, cpu_index = statistics.median(runs)
+        print("  runs: " + ", ".join(f"{t:.2f} s" for t, _ in runs))
         jq = shutil.which("jq")
         t_jq = None
         if jq:
