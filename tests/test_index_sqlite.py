@@ -440,3 +440,16 @@ def test_search_does_not_import_pydicom(db: Path) -> None:
             f"{str(db)!r}]); print('pydicom' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == [str(sum(d[MOD] == "CT" for d in DOCS)), "False"]
+
+
+def test_values_round_trip_exactly(tmp_path: Path) -> None:
+    """Integers beyond 64 bits stay integers, non-ASCII text stays itself, from JSON and JSONL input
+    (orjson, used for speed, would read such integers as floats)."""
+    db = tmp_path / "i.db"
+    doc = {SERIES_KEY: "1.9", "00000000 Huge_integer": 123456789012345678901234567890,
+           "00100010 PatientName_keyword": "Müller^Jürgen", "00000000 List_integer": [1, -98765432109876543210987]}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    (tmp_path / "b.jsonl").write_text(json.dumps({**doc, SERIES_KEY: "1.10"}) + "\n")
+    assert kaapcli("index", tmp_path / "a.json", tmp_path / "b.jsonl", "--index", db).returncode == 0
+    assert search(db, "*") == [{**doc, SERIES_KEY: "1.10"}, doc]
+    assert uids(search(db, "Müller*")) == ["1.10", "1.9"]

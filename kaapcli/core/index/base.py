@@ -9,12 +9,15 @@ here in terms of the backend primitives, so they behave the same on both backend
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from kaapcli.core.index.query import SERIES_KEY, TAGS_KEY, Ids, Node
 from kaapcli.exitcodes import ConfigError, DataError
@@ -74,16 +77,32 @@ class Stored:
     def of(cls, doc: Doc) -> Stored:
         """DataError for a document without a SeriesInstanceUID or holding NaN/Infinity (which is no JSON)."""
         uid = doc_id(doc)
+        words, nested, finite = _words(doc)
+        if not finite:
+            raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value")
         try:
-            text = json.dumps(doc, ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value") from None
-        words, nested = _words(doc)
+            text = orjson.dumps(doc).decode()  # 10x faster than json.dumps
+        except TypeError:  # an integer beyond 64 bits
+            text = json.dumps(doc, ensure_ascii=False)
         return cls(uid, text, words, frozenset(doc), nested)
 
     @property
     def doc(self) -> Doc:
-        return json.loads(self.text)  # type: ignore[no-any-return]
+        return loads(self.text)  # type: ignore[no-any-return]
+
+
+_LONG_INTEGER = re.compile(r"[:\[,]\s*-?\d{19}")  # a number token that may not fit 64 bits
+
+
+def loads(text: str) -> Any:
+    """JSON as orjson reads it (3x faster); stdlib json reads what orjson would read as a float (integers
+    beyond 64 bits) and reads or explains what it refuses (NaN, error positions)."""
+    if _LONG_INTEGER.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def full_text(doc: Doc) -> str:
@@ -91,12 +110,13 @@ def full_text(doc: Doc) -> str:
     return _words(doc)[0]
 
 
-def _words(doc: Doc) -> tuple[str, bool]:
+def _words(doc: Doc) -> tuple[str, bool, bool]:
+    """Full-text words; whether the document holds an object; whether every number in it is finite."""
     lines: list[str] = []
-    nested = False
+    nested, finite = False, True
 
     def leaves(values: Iterable[Any]) -> None:
-        nonlocal nested
+        nonlocal nested, finite
         for value in values:
             if type(value) is str:
                 lines.append(value)
@@ -106,10 +126,12 @@ def _words(doc: Doc) -> tuple[str, bool]:
             elif isinstance(value, list):
                 leaves(value)
             elif value is not None:
+                if type(value) is float and not math.isfinite(value):
+                    finite = False
                 lines.append(str(value))
 
     leaves(doc.values())
-    return "\n".join(lines), nested
+    return "\n".join(lines), nested, finite
 
 
 def stored(docs: Iterable[Doc | Stored], errors: list[str]) -> list[Stored]:

@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from kaapcli.core import dicom, fsio
-from kaapcli.core.index.base import Stored
+from kaapcli.core.index.base import Stored, loads
 from kaapcli.exitcodes import KaapcliError
 
 JSON_SUFFIXES = (".json",)
@@ -43,14 +41,6 @@ def _checked(doc: object, where: str) -> Stored:
         raise ValueError(f"{where}: {exc.message}") from None
 
 
-def _loads(text: str) -> object:
-    """JSON as orjson reads it (3x faster); what it refuses, stdlib json reads or explains (NaN, positions)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
 def read_json(path: Path) -> Source:
     """A ``.json`` file (one document or a list of them) or a ``.jsonl`` file (one per line)."""
     source = Source(str(path))
@@ -64,14 +54,14 @@ def read_json(path: Path) -> Source:
             if not line.strip():
                 continue
             try:
-                source.docs.append(_checked(_loads(line), f"{path}:{number}"))
+                source.docs.append(_checked(loads(line), f"{path}:{number}"))
             except json.JSONDecodeError as exc:
                 source.errors.append(f"{path}:{number}: invalid JSON: {exc.msg} at column {exc.colno}")
             except ValueError as exc:
                 source.errors.append(str(exc))
         return source
     try:
-        data = _loads(text)
+        data = loads(text)
     except json.JSONDecodeError as exc:
         source.errors.append(f"{path}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
         return source
