@@ -102,7 +102,7 @@ def index_cmd(
     """
     from kaapcli.core import fsio
     from kaapcli.core.batch import default_workers
-    from kaapcli.core.index.base import BULK_SIZE, WriteStats
+    from kaapcli.core.index.base import BULK_SIZE, Stored, WriteStats
     from kaapcli.core.index.ingest import read_sources
 
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def index_cmd(
     stats = WriteStats()
     failed = skipped = ndocs = 0
     ix = None if dry_run else _open(ctx, index, project, create=True)
-    pending: list[dict[str, Any]] = []
+    pending: list[Stored] = []
 
     def flush() -> None:
         if ix is not None and pending:

@@ -100,7 +100,7 @@ class StoreWriter:
         return dest, header
 
     def _destination(self, head: bytes, source: Callable[[], Any], size: int | None) -> tuple[Path, Any]:
-        header = self._quick(head, whole=len(head) < self.HEAD)
+        header: Any = self._quick(head, whole=len(head) < self.HEAD)
         if header is None:
             import pydicom
 
