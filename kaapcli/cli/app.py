@@ -94,13 +94,10 @@ def _register(modules: Iterable[str]) -> None:
 def click_command(args: Sequence[str] | None = None) -> click.Command:
     """The click command of the app.  Given the arguments of a run that names a command, only that command's
     module is imported (start-up time); otherwise (help, completion, docs) every command is."""
-    modules = command_modules()
-    name = _command_name(args) if args is not None and COMPLETE_VAR not in os.environ else None
-    if name is not None:
-        from kaapcli.cli._commands import COMMANDS
+    from kaapcli.cli._commands import COMMANDS
 
-        modules = [COMMANDS[name]] if name in COMMANDS else modules
-    _register(modules)
+    name = _command_name(args) if args is not None and COMPLETE_VAR not in os.environ else None
+    _register([COMMANDS[name]] if name in COMMANDS else command_modules())
     return typer.main.get_command(app)
 
 

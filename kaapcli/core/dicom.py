@@ -204,7 +204,7 @@ def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] |
     return peek_bytes(buf, tags, whole=len(buf) < head)
 
 
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_ITEM_END, _SEQUENCE_END = 0xFFFEE00D, 0xFFFEE0DD
 
 
 def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[int, str] | None:

@@ -349,35 +349,29 @@ def _in_kv(condition: str, keys: Sequence[int], params: list[Any], *values: Any)
     return f"d.id IN (SELECT doc FROM kv WHERE key IN ({marks}) AND {condition})"
 
 
-def _glob(pattern: str) -> str:
-    """Query wildcard pattern → SQLite GLOB (``[*]`` etc. for literals)."""
-    out: list[str] = []
+def _wildcard_parts(pattern: str) -> Iterator[tuple[str, bool]]:
+    """The characters of a query wildcard pattern, each with whether it stands for itself: ``*`` and ``?``
+    are wildcards unless a backslash escapes them (a backslash escapes any character)."""
     i = 0
     while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            out.append({"*": "[*]", "?": "[?]", "[": "[[]"}.get(pattern[i + 1], pattern[i + 1]))
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            yield pattern[i + 1], True
             i += 2
-            continue
-        out.append("[[]" if ch == "[" else ch)
-        i += 1
-    return "".join(out)
+        else:
+            yield pattern[i], pattern[i] not in "*?"
+            i += 1
+
+
+def _glob(pattern: str) -> str:
+    """Query wildcard pattern → SQLite GLOB (``[*]`` etc. for literals)."""
+    return "".join({"*": "[*]", "?": "[?]", "[": "[[]"}.get(ch, ch) if literal else ch
+                   for ch, literal in _wildcard_parts(pattern))
 
 
 def _like(pattern: str) -> str:
     """Query wildcard pattern → LIKE with ``\\`` as escape."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            ch = pattern[i + 1]
-            out.append("\\" + ch if ch in "%_\\" else ch)
-            i += 2
-            continue
-        out.append("%" if ch == "*" else "_" if ch == "?" else "\\" + ch if ch in "%_\\" else ch)
-        i += 1
-    return "".join(out)
+    return "".join(("\\" + ch if ch in "%_\\" else ch) if literal else {"*": "%", "?": "_"}[ch]
+                   for ch, literal in _wildcard_parts(pattern))
 
 
 def _split(keys: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -83,7 +83,7 @@ class StoreWriter:
 
     def write(self, encoded: bytes) -> tuple[Path, Any]:
         """Write a Part 10 byte string; returns the path and the header elements read."""
-        dest, header = self._destination(encoded[:self.HEAD], lambda: io.BytesIO(encoded), len(encoded))
+        dest, header = self._destination(encoded[:self.HEAD], lambda: io.BytesIO(encoded))
         fsio.write_bytes(dest, encoded)
         return dest, header
 
@@ -91,7 +91,7 @@ class StoreWriter:
         """Move a complete Part 10 file (on the same file system) to its place: one atomic rename."""
         with open(spooled, "rb") as fh:
             head = fh.read(self.HEAD)
-        dest, header = self._destination(head, lambda: spooled, None)
+        dest, header = self._destination(head, lambda: spooled)
         fsio.ensure_dir(dest.parent)
         try:
             os.replace(spooled, dest)
@@ -99,7 +99,7 @@ class StoreWriter:
             raise CantCreateError(f"{dest}: cannot write: {exc.strerror}") from exc
         return dest, header
 
-    def _destination(self, head: bytes, source: Callable[[], Any], size: int | None) -> tuple[Path, Any]:
+    def _destination(self, head: bytes, source: Callable[[], Any]) -> tuple[Path, Any]:
         header: Any = self._quick(head, whole=len(head) < self.HEAD)
         if header is None:
             import pydicom
