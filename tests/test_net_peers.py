@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_receive_compressed_syntaxes_unchanged(receiver, tmp_path: Path) -> None
 def test_receive_four_concurrent_senders_lose_nothing(receiver, mock_studies: Path, mock_ct: Path) -> None:  # noqa: F811
     rx = receiver("--series-timeout", "60")
     studies = sorted(p for p in mock_studies.iterdir() if p.is_dir() and not p.name.startswith("."))
-    senders = [subprocess.Popen(["python", "-m", "kaapcli", "send", str(s), "--to", rx.peer, "-q"],
+    senders = [subprocess.Popen([sys.executable, "-m", "kaapcli", "send", str(s), "--to", rx.peer, "-q"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for s in studies]
     senders.append(subprocess.Popen([dcmtk("storescu"), "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(rx.port),
                                      str(mock_ct)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
@@ -352,7 +353,7 @@ def test_send_interrupted_then_resumed(receiver, tmp_path: Path) -> None:  # noq
     assert kaapcli("mock", "-o", data, "--slices", "150", "--rows", "128", "--columns", "128", "-q").returncode == 0
     rx = receiver("--series-timeout", "60")
     ledger = tmp_path / "ledger.jsonl"
-    sender = subprocess.Popen(["python", "-m", "kaapcli", "send", str(data), "--to", rx.peer, "--resume", str(ledger),
+    sender = subprocess.Popen([sys.executable, "-m", "kaapcli", "send", str(data), "--to", rx.peer, "--resume", str(ledger),
                                "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while (not ledger.exists() or len(ledger.read_text().splitlines()) < 5) and time.monotonic() < deadline:
