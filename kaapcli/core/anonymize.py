@@ -622,16 +622,16 @@ def pixel_element_end(path: Path, start: int, implicit: bool, little: bool) -> i
 
 def write_spliced(ds: Any, source: Path, pixels: tuple[int, int], dest: Path) -> int:
     """Write the de-identified header, then the source's Pixel Data element copied byte for byte."""
-    import io
-
-    header = io.BytesIO()
-    ds.save_as(header, enforce_file_format=True)
+    meta = ds.file_meta
+    implicit, little = ds.original_encoding
+    header = dicom.encode_file_meta(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
+                                    meta.TransferSyntaxUID) + dicom.encode_dataset(ds, implicit, little)
     start, end = pixels
     with open(source, "rb") as src, fsio.atomic_write(dest) as out:
-        out.write(header.getvalue())
+        out.write(header)
         out.flush()  # the pixel bytes go to the descriptor directly, after the header
         copy_range(src, out, start, end - start)
-    return header.tell() + end - start
+    return len(header) + end - start
 
 
 def copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None:
@@ -676,8 +676,7 @@ class AnonymizeOperator(BaseOperator):
         self.safe_private = load_safe_private() if options.retain_safe_private else frozenset()
         self.actions: dict[tuple[int, str], str] = {}  # (tag, VR) -> action, filled as tags are met
         # Import pydicom (~0.3 s) and parse the table once here in the parent: forked workers inherit both.
-        import pydicom.uid  # noqa: F401
-
+        dicom.import_pydicom()
         load_table()
 
     def options(self) -> dict[str, Any]:
