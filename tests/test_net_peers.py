@@ -353,8 +353,8 @@ def test_send_interrupted_then_resumed(receiver, tmp_path: Path) -> None:  # noq
     assert kaapcli("mock", "-o", data, "--slices", "150", "--rows", "128", "--columns", "128", "-q").returncode == 0
     rx = receiver("--series-timeout", "60")
     ledger = tmp_path / "ledger.jsonl"
-    sender = subprocess.Popen([sys.executable, "-m", "kaapcli", "send", str(data), "--to", rx.peer,
-                               "--resume", str(ledger), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = subprocess.Popen([sys.executable, "-m", "kaapcli", "send", str(data), "--to", rx.peer, "--resume",
+                               str(ledger), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while (not ledger.exists() or len(ledger.read_text().splitlines()) < 5) and time.monotonic() < deadline:
         time.sleep(0.01)
