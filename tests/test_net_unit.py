@@ -185,7 +185,8 @@ def rx(tmp_path: Path):
 
 
 def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
-    """Our SCU in tiny PDUs, pynetdicom's SCU (C-ECHO, C-STORE) → our SCP: identical files, no spool left."""
+    """Our SCU in tiny PDUs with requests outstanding, pynetdicom's SCU (C-ECHO, C-STORE) → our SCP: identical
+    files, no spool left."""
     import pydicom
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification
@@ -194,13 +195,15 @@ def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
 
     files = sorted(mock_ct.rglob("*.dcm"))[:3]
     peer = parse_peer(f"RX@127.0.0.1:{rx.port}")
-    inst = dimse.scan(files[0])
+    inst, other = dimse.scan(files[0]), dimse.scan(files[2])
     scu = ul.StoreSCU(peer, "TINY", Timeouts.of(5), dimse.contexts_for([inst]))
     scu.connect()
+    assert scu.window == ul.WINDOW  # our SCP grants the asynchronous operations window proposed
     scu.max_data = 1000  # many P-DATA-TF per dataset
-    status = scu.store(inst.sop_class, inst.sop_instance, inst.syntax, (inst.path, inst.offset))
+    sent = [scu.store(i.sop_class, i.sop_instance, i.syntax, (i.path, i.offset)) for i in (inst, other)]
+    assert sent == [(1, []), (2, [])]  # both sent before any response was read
+    assert sorted(scu.drain()) == [(1, ul.StoreStatus(0)), (2, ul.StoreStatus(0))] and not scu.outstanding
     scu.release()
-    assert status == ul.StoreStatus(0)
 
     ae = AE("PYNETDICOM")
     ae.add_requested_context(Verification)
@@ -212,7 +215,7 @@ def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
     assoc.release()
 
     stored = {p.stem: p for p in (rx.out).rglob("*.dcm") if not p.name.startswith(".")}
-    assert stored.keys() == {files[0].stem, files[1].stem} and rx.stored == 2
+    assert stored.keys() == {f.stem for f in files} and rx.stored == 3
     received = stored[files[0].stem]
     assert received.read_bytes()[ul.read_meta(received)[1]:] == files[0].read_bytes()[inst.offset:]
     got = pydicom.dcmread(stored[files[1].stem])

@@ -271,11 +271,18 @@ class SendJob:
             self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code)))
 
     def run(self, scu: ul.StoreSCU) -> None:
-        """Send every instance on an established association; every status checked."""
+        """Send every instance on an established association, as many ahead of their responses as the peer
+        granted; every status checked, whatever order the responses come in."""
+        pending: dict[int, Instance] = {}  # message id -> instance whose response has not arrived
+
+        def answered(responses: list[tuple[int, ul.StoreStatus]]) -> None:
+            for message_id, status in responses:
+                self.emit(self._result(pending.pop(message_id), status))
+
         try:
             for i, inst in enumerate(self.instances):
                 if self.stop.is_set():
-                    return  # interrupted: the rest is simply not sent (and not in the ledger)
+                    break  # interrupted: the rest is not sent (nor in the ledger); what is in flight is answered
                 try:
                     syntax, dataset = self._payload(inst, scu.accepted)
                 except KaapcliError as exc:
@@ -286,12 +293,18 @@ class SendJob:
                     self.emit(self._refused(inst))
                     continue
                 try:
-                    status = scu.store(inst.sop_class, inst.sop_instance, syntax, dataset)
+                    message_id, responses = scu.store(inst.sop_class, inst.sop_instance, syntax, dataset)
                 except ul.AssociationLost as exc:
-                    self.fail_rest(self.instances[i:], f"no C-STORE response from {self.peer} ({exc})",
-                                   ExitCode.UNAVAILABLE)
+                    self.fail_rest([*pending.values(), *self.instances[i:]],
+                                   f"no C-STORE response from {self.peer} ({exc})", ExitCode.UNAVAILABLE)
                     return
-                self.emit(self._result(inst, status))
+                pending[message_id] = inst
+                answered(responses)
+            try:
+                answered(scu.drain())
+            except ul.AssociationLost as exc:
+                self.fail_rest(list(pending.values()), f"no C-STORE response from {self.peer} ({exc})",
+                               ExitCode.UNAVAILABLE)
         finally:
             scu.release()
 

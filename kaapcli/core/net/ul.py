@@ -11,6 +11,7 @@ Nothing here imports pydicom or pynetdicom. Echo, find, get and move stay on pyn
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 import struct
@@ -28,6 +29,9 @@ IMPLEMENTATION_UID = dicom.IMPLEMENTATION_UID.encode()  # as in the file meta ka
 IMPLEMENTATION_VERSION = b"KAAPCLI"
 MAX_PDU = 4 * 1024 * 1024  # what we accept, and the largest P-DATA-TF we send to a peer without a limit
 VERIFICATION = "1.2.840.10008.1.1"
+# C-STOREs a sender may have outstanding (PS3.7 D.3.3.3 Asynchronous Operations Window): proposed by StoreSCU, granted
+# by StoreSCP.  A peer that does not answer the proposal gets the default, one: every file waits for its response.
+WINDOW = 16
 META_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, and reason by source
@@ -153,6 +157,12 @@ def _items(data: bytes | bytearray, pos: int = 0) -> Iterator[tuple[int, bytearr
         pos += 4 + length
 
 
+def _window(user_information: bytes | bytearray) -> int | None:
+    """Maximum-number-operations-invoked of an Asynchronous Operations Window sub-item (None: no such item)."""
+    return next((struct.unpack(">H", value[:2])[0] for kind, value in _items(user_information)
+                 if kind == 0x53 and len(value) == 4), None)
+
+
 def file_meta(sop_class: str, sop_instance: str, syntax: str, source_aet: str) -> bytes:
     """Preamble, prefix and file meta group (PS3.10 7.1) of a Part 10 file, explicit VR little endian."""
     def element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -251,6 +261,8 @@ class StoreSCU(Connection):
         self.proposed = {2 * i + 1: pair for i, pair in enumerate(contexts)}
         self.accepted: dict[tuple[str, str], int] = {}
         self.message_id = 0
+        self.window = 1  # until the peer grants more
+        self.outstanding: set[int] = set()  # message ids sent and not yet answered
 
     def connect(self) -> None:
         """Open the association, or raise UnavailableError naming the peer and what happened."""
@@ -297,7 +309,7 @@ class StoreSCU(Connection):
             body += _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, sop_class.encode("ascii"))
                           + _item(0x40, syntax.encode("ascii")))
         body += _item(0x50, _item(0x51, struct.pack(">I", MAX_PDU)) + _item(0x52, IMPLEMENTATION_UID)
-                      + _item(0x55, IMPLEMENTATION_VERSION))
+                      + _item(0x53, struct.pack(">HH", WINDOW, 1)) + _item(0x55, IMPLEMENTATION_VERSION))
         return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
     def _accepted(self, body: bytearray) -> None:
@@ -307,6 +319,8 @@ class StoreSCU(Connection):
                 self.accepted[self.proposed[item[0]]] = item[0]  # one syntax proposed per context
             elif kind == 0x50:
                 self._peer_max(item)
+                granted = _window(item)
+                self.window = 1 if granted is None else min(granted or WINDOW, WINDOW)  # 0: unlimited
 
     def release(self) -> None:
         """A-RELEASE; a peer that does not answer it properly is simply disconnected."""
@@ -320,15 +334,18 @@ class StoreSCU(Connection):
             pass
         self.close()
 
-    def store(self, sop_class: str, sop_instance: str, syntax: str, dataset: bytes | tuple[Path, int]) -> StoreStatus:
+    def store(self, sop_class: str, sop_instance: str, syntax: str,
+              dataset: bytes | tuple[Path, int]) -> tuple[int, list[tuple[int, StoreStatus]]]:
         """Send one dataset — encoded bytes, or (file, offset) to stream a file's dataset from disk — in the
-        accepted context (``sop_class``, ``syntax``) and return the peer's status.
+        accepted context (``sop_class``, ``syntax``).  Returns its message id and the (message id, status) of
+        the responses read to keep at most ``window`` requests outstanding: the sender reads and sends the next
+        files while the peer stores the previous ones.  :meth:`drain` collects the rest.
 
         Raises AssociationLost (after aborting) when the association breaks or the peer does not answer in time.
         """
         context_id = self.accepted[(sop_class, syntax)]
         self.message_id = self.message_id % 0xFFFF + 1
-        try:
+        with self._guard():
             if self.sock is None:
                 raise AssociationLost("not connected")
             self.sock.settimeout(self.timeouts.network)
@@ -337,14 +354,33 @@ class StoreSCU(Connection):
                 self._send(context_id, 0x00, dataset)
             else:
                 self._send_file(context_id, *dataset)
-            self.sock.settimeout(self.timeouts.dimse)
-            return self._response()
+            self.outstanding.add(self.message_id)
+            return self.message_id, self._responses(self.window - 1)
+
+    def drain(self) -> list[tuple[int, StoreStatus]]:
+        """The responses to every request still outstanding."""
+        with self._guard():
+            return self._responses(0)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
         except TimeoutError as exc:
             self.abort()
             raise AssociationLost("timed out") from exc
         except (OSError, AssociationLost) as exc:
             self.abort()
             raise AssociationLost(str(exc) or type(exc).__name__) from exc
+
+    def _responses(self, keep: int) -> list[tuple[int, StoreStatus]]:
+        """Read responses until at most ``keep`` requests are outstanding."""
+        done = []
+        if self.sock is not None and len(self.outstanding) > keep:
+            self.sock.settimeout(self.timeouts.dimse)
+        while len(self.outstanding) > keep:
+            done.append(self._response())
+        return done
 
     def _send_file(self, context_id: int, path: Path, offset: int) -> None:
         with open(path, "rb") as fh:
@@ -358,7 +394,7 @@ class StoreSCU(Connection):
                 if last:
                     return
 
-    def _response(self) -> StoreStatus:
+    def _response(self) -> tuple[int, StoreStatus]:
         command_set = b""
         while True:
             kind, body = self._read_pdu()
@@ -372,12 +408,14 @@ class StoreSCU(Connection):
                     if control & 0x02:
                         return self._status(parse_command(command_set))
 
-    def _status(self, elements: dict[int, bytes]) -> StoreStatus:
+    def _status(self, elements: dict[int, bytes]) -> tuple[int, StoreStatus]:
         if _int(elements, 0x0100) != 0x8001:
             raise AssociationLost("the peer answered a C-STORE with another message")
-        if _int(elements, 0x0120) != self.message_id:
-            raise AssociationLost("the peer answered another message than the one sent")
-        return StoreStatus(_int(elements, 0x0900, 0xFFFF), _text(elements.get(0x0902, b"")))
+        message_id = _int(elements, 0x0120)
+        if message_id not in self.outstanding:
+            raise AssociationLost("the peer answered a message that was not sent")
+        self.outstanding.discard(message_id)
+        return message_id, StoreStatus(_int(elements, 0x0900, 0xFFFF), _text(elements.get(0x0902, b"")))
 
 
 def _pdvs(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
@@ -439,6 +477,7 @@ class StoreSCP(Connection):
         self.called_aet, self.calling_aet = _text(body[4:20]), _text(body[20:36])
         proposed: list[tuple[int, str, list[str]]] = []
         context_ok = False
+        asked: int | None = None  # outstanding C-STOREs the requester proposes; requests are served in order anyway
         for item_kind, item in _items(body, 68):
             if item_kind == 0x10:
                 context_ok = item.rstrip(b"\0 ") == APPLICATION_CONTEXT
@@ -448,6 +487,7 @@ class StoreSCP(Connection):
                 proposed.append((item[0], abstract, [_text(v) for k, v in subs if k == 0x40]))
             elif item_kind == 0x50:
                 self._peer_max(item)
+                asked = _window(item)
         if not context_ok:
             return self._reject(1, 1, 2)  # application context name not supported
         if self.allow_aets and self.calling_aet not in self.allow_aets:
@@ -459,9 +499,10 @@ class StoreSCP(Connection):
                 self.contexts[context_id] = (abstract, syntax)
             offered = syntax or (syntaxes[0] if syntaxes else "")
             results += _item(0x21, bytes([context_id, 0, 0 if syntax else 4, 0]) + _item(0x40, offered.encode()))
+        granted = b"" if asked is None else _item(0x53, struct.pack(">HH", min(asked or WINDOW, WINDOW), 1))
         accept = (struct.pack(">HH", 1, 0) + bytes(body[4:36]) + bytes(32) + _item(0x10, APPLICATION_CONTEXT)
                   + results + _item(0x50, _item(0x51, struct.pack(">I", MAX_PDU)) + _item(0x52, IMPLEMENTATION_UID)
-                                    + _item(0x55, IMPLEMENTATION_VERSION)))
+                                    + granted + _item(0x55, IMPLEMENTATION_VERSION)))
         try:
             self.sock.sendall(struct.pack(">BBI", 0x02, 0, len(accept)) + accept)
         except OSError:
