@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import compile_kaapcli
+
 KAAPANA_TAGS = Path(__file__).resolve().parent.parent / "kaapcli" / "data" / "kaapana_anonymize_tags.tsv"
 
 
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="kaapcli workers (default: all cores)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of kaapcli and dicognito (best is kept)")
     args = parser.parse_args()
+    compile_kaapcli()
     with tempfile.TemporaryDirectory(prefix="bench-anon-") as tmp:
         root = Path(tmp)
         src = root / "ct"

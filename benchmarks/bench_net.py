@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import compile_kaapcli
+
 KAAPCLI = [sys.executable, "-m", "kaapcli"]
 
 
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each case (ratios use the medians)")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = parser.parse_args()
+    compile_kaapcli()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_net_"))
     work.mkdir(parents=True, exist_ok=True)
     data, data4 = work / "ct", work / "ct4"

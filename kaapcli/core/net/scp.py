@@ -13,6 +13,7 @@ The receipt is also written to ``OUT/.kaapcli/series/<SeriesInstanceUID>.json``.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -43,7 +44,12 @@ CANNOT_UNDERSTAND = 0xC000
 
 
 def _now() -> str:
-    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
+    return _iso_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _iso_second(second: int) -> str:  # files arrive hundreds a second: format each second once
+    return datetime.fromtimestamp(second, UTC).astimezone().isoformat(timespec="seconds")
 
 
 @dataclass
@@ -80,6 +86,7 @@ class StoreWriter:
         self.fields = sorted({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                               *dicom.template_fields(layout)})
         self._tags = _ascii_tags(self.fields)
+        self._dirs: set[Path] = set()  # directories made: one mkdir per series, not per file
 
     def write(self, encoded: bytes) -> tuple[Path, Any]:
         """Write a Part 10 byte string; returns the path and the header elements read."""
@@ -92,9 +99,14 @@ class StoreWriter:
         with open(spooled, "rb") as fh:
             head = fh.read(self.HEAD)
         dest, header = self._destination(head, lambda: spooled)
-        fsio.ensure_dir(dest.parent)
+        if dest.parent not in self._dirs:
+            fsio.ensure_dir(dest.parent)
+            self._dirs.add(dest.parent)
         try:
-            os.replace(spooled, dest)
+            try:
+                os.replace(spooled, dest)
+            except FileNotFoundError:  # the directory was moved away since (e.g. by a rule): make it again
+                os.replace(spooled, fsio.ensure_dir(dest.parent) / dest.name)
         except OSError as exc:
             raise CantCreateError(f"{dest}: cannot write: {exc.strerror}") from exc
         return dest, header
