@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,16 @@ def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
     while list(spool.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert list(spool.iterdir()) == [] and rx.stored == 0 and not list(rx.out.rglob("*.dcm"))
+
+
+def test_writer_remakes_a_series_directory_moved_away(mock_ct: Path, tmp_path: Path) -> None:
+    """The writer makes each directory once; one moved away meanwhile (a rule took the series) is made again."""
+    from kaapcli.core.net.scp import StoreWriter
+
+    writer = StoreWriter(tmp_path / "out")
+    first, second = sorted(mock_ct.rglob("*.dcm"))[:2]
+    for src in (first, second):
+        shutil.copy(src, tmp_path / "spooled")
+        dest, _ = writer.place(tmp_path / "spooled")
+        assert dest.read_bytes() == src.read_bytes()
+        shutil.rmtree(dest.parent)

@@ -12,6 +12,7 @@ Nothing here imports pydicom or pynetdicom. Echo, find, get and move stay on pyn
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import socket
 import struct
@@ -215,11 +216,13 @@ class Connection:
             raise AssociationLost(f"unknown PDU type 0x{kind:02X}")
         return kind, self._recv_exact(length)
 
-    def _send_pdv(self, context_id: int, control: int, chunk: bytes | memoryview) -> None:
-        """One P-DATA-TF with one PDV; ``control`` bit 0: command, bit 1: last fragment."""
+    def _send_pdv(self, context_id: int, control: int, chunk: bytes | memoryview, follows: int = 0) -> None:
+        """One P-DATA-TF with one PDV; ``control`` bit 0: command, bit 1: last fragment.  The fragment is
+        ``chunk``, or ``follows`` bytes the caller sends next."""
         if self.sock is None:
             raise AssociationLost("not connected")
-        self.sock.sendall(struct.pack(">BBIIBB", 0x04, 0, len(chunk) + 6, len(chunk) + 2, context_id, control))
+        size = len(chunk) or follows
+        self.sock.sendall(struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, control))
         if chunk:
             self.sock.sendall(chunk)
 
@@ -383,15 +386,19 @@ class StoreSCU(Connection):
         return done
 
     def _send_file(self, context_id: int, path: Path, offset: int) -> None:
+        """The file's bytes from ``offset`` as dataset fragments, copied by the kernel from the file to the socket."""
+        if self.sock is None:
+            raise AssociationLost("not connected")
         with open(path, "rb") as fh:
-            fh.seek(offset)
-            remaining = path.stat().st_size - offset
+            remaining = os.fstat(fh.fileno()).st_size - offset
             while True:
-                chunk = fh.read(min(self.max_data, remaining)) if remaining > 0 else b""
-                remaining -= len(chunk)
-                last = remaining <= 0 or not chunk
-                self._send_pdv(context_id, 0x02 if last else 0x00, chunk)
-                if last:
+                count = max(0, min(self.max_data, remaining))
+                remaining -= count
+                self._send_pdv(context_id, 0x02 if remaining <= 0 else 0x00, b"", count)
+                if count and self.sock.sendfile(fh, offset, count) != count:
+                    raise AssociationLost(f"{path} shrank while it was sent")
+                offset += count
+                if remaining <= 0:
                     return
 
     def _response(self) -> tuple[int, StoreStatus]:
