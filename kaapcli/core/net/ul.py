@@ -222,8 +222,11 @@ class Connection:
         if self.sock is None:
             raise AssociationLost("not connected")
         size = len(chunk) or follows
-        self.sock.sendall(struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, control))
-        if chunk:
+        header = struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, control)
+        if size <= 65536:  # commands and small fragments: one segment, one system call
+            self.sock.sendall(header + chunk)
+        else:
+            self.sock.sendall(header)
             self.sock.sendall(chunk)
 
     def _send(self, context_id: int, control: int, data: bytes) -> None:
