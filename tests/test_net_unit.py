@@ -223,7 +223,7 @@ def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
     assert got.file_meta.TransferSyntaxUID == dimse.IMPLICIT_LE
     assert got.file_meta.SourceApplicationEntityTitle == "PYNETDICOM"
     assert got.PixelData == pydicom.dcmread(files[1]).PixelData
-    assert list((rx.out / ".kaapcli" / "incoming").iterdir()) == []
+    assert partial_datasets(rx.out) == []
 
 
 def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
@@ -237,15 +237,35 @@ def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
     context_id = scu.accepted[(inst.sop_class, inst.syntax)]
     scu._send(context_id, 0x01, ul.c_store_rq(1, inst.sop_class, inst.sop_instance))
     scu._send_pdv(context_id, 0x00, inst.path.read_bytes()[inst.offset:inst.offset + 1000])  # not the last fragment
-    spool = rx.out / ".kaapcli" / "incoming"
     deadline = time.monotonic() + 5
-    while not list(spool.iterdir()) and time.monotonic() < deadline:
+    while not partial_datasets(rx.out) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(list(spool.iterdir())) == 1  # being written as it arrives
+    assert len(partial_datasets(rx.out)) == 1  # being written as it arrives
     scu.abort()
-    while list(spool.iterdir()) and time.monotonic() < deadline:
+    while partial_datasets(rx.out) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert list(spool.iterdir()) == [] and rx.stored == 0 and not list(rx.out.rglob("*.dcm"))
+    assert partial_datasets(rx.out) == [] and rx.stored == 0 and not list(rx.out.rglob("*.dcm"))
+
+
+def partial_datasets(out: Path) -> list[Path]:
+    """Spool files holding data (the empty ones are created ahead for the next datasets)."""
+    return [p for p in (out / ".kaapcli" / "incoming").iterdir() if p.stat().st_size]
+
+
+def test_spool_creates_ahead_and_cleans_up(tmp_path: Path) -> None:
+    import time
+
+    from kaapcli.core.net import ul
+
+    spool = ul.Spool(tmp_path)
+    deadline = time.monotonic() + 5
+    while len(list(tmp_path.iterdir())) < ul.Spool.AHEAD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    path, fh = spool.take()
+    fh.write(b"data")
+    fh.close()
+    spool.close()
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"data"
 
 
 def test_writer_remakes_a_series_directory_moved_away(mock_ct: Path, tmp_path: Path) -> None:

@@ -147,13 +147,13 @@ def safe_name(value: object, default: str = "unknown") -> str:
     return text[:120] or default
 
 
+class _Safe(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "unknown"
+
+
 def render_template(template: str, values: dict[str, Any]) -> Path:
     """Fill ``{Keyword}`` fields of a path template; each value sanitized as a path component."""
-
-    class _Safe(dict[str, Any]):
-        def __missing__(self, key: str) -> str:
-            return "unknown"
-
     safe = _Safe({k: safe_name(v) for k, v in values.items()})
     parts = [part.format_map(safe) for part in template.split("/") if part]
     return Path(*parts)

@@ -172,6 +172,7 @@ class Receiver:
         self._acceptor: threading.Thread | None = None
         self._associations: set[ul.StoreSCP] = set()
         self._syntaxes: list[str] = []
+        self._spool: ul.Spool | None = None
 
     # ------------------------------------------------------------------ server
 
@@ -180,7 +181,7 @@ class Receiver:
 
         # every transfer syntax pydicom knows, compressed ones included; any SOP class, private ones included
         self._syntaxes = [str(ts) for ts in AllTransferSyntaxes]
-        fsio.ensure_dir(self.out / SPOOL_DIR)
+        self._spool = ul.Spool(fsio.ensure_dir(self.out / SPOOL_DIR))
         try:
             listener = socket.create_server((self.bind, self.port), backlog=MAX_ASSOCIATIONS)
         except OSError as exc:
@@ -204,7 +205,7 @@ class Receiver:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self.out / SPOOL_DIR, self._handle_store,
+        scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self._spool, self._handle_store,
                           self.allow_aets)
         with self._lock:
             busy = len(self._associations) >= MAX_ASSOCIATIONS
@@ -239,6 +240,8 @@ class Receiver:
                 running = list(self._associations)
             for scp in running:
                 scp.interrupt()
+        if self._spool is not None:
+            self._spool.close()
         self.poll(flush=True)
 
     def _handle_store(self, incoming: ul.Incoming) -> int:

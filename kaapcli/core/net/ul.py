@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import secrets
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kaapcli.core import dicom
 from kaapcli.core.net.peers import Peer, Timeouts
@@ -453,6 +455,59 @@ class Incoming:
 StoreHandler = Callable[[Incoming], int]  # returns the C-STORE status; the handler owns ``path`` afterwards
 
 
+class Spool:
+    """Hidden files in one directory for the datasets being received, created ahead by a thread: creating a file
+    costs a few hundred microseconds of kernel time on a busy ext4 volume, as much as the rest of storing a
+    C-STORE, and the receiving thread need not wait for it.  :meth:`close` removes the files not used; after a
+    SIGKILL, such empty hidden files are all that remains besides partial datasets, never a final name."""
+
+    AHEAD = 8
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._ready: queue.Queue[tuple[Path, IO[bytes]]] = queue.Queue(self.AHEAD)
+        self._closed = threading.Event()
+        self._filler = threading.Thread(target=self._fill, name="kaapcli-spool", daemon=True)
+        self._filler.start()
+
+    def take(self) -> tuple[Path, IO[bytes]]:
+        """A new empty spool file, open for writing (created now when none is ready)."""
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            return self._create()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._filler.join()
+        while not self._ready.empty():
+            self._discard(self._ready.get_nowait())
+
+    def _create(self) -> tuple[Path, IO[bytes]]:
+        path = self.directory / f".{secrets.token_hex(8)}.kaapcli-part"
+        return path, open(path, "wb", buffering=0)  # noqa: SIM115 - closed by the association that takes it, or by close()
+
+    @staticmethod
+    def _discard(spooled: tuple[Path, IO[bytes]]) -> None:
+        spooled[1].close()
+        spooled[0].unlink(missing_ok=True)
+
+    def _fill(self) -> None:
+        while not self._closed.is_set():
+            try:
+                spooled = self._create()
+            except OSError:
+                return  # a full disk or a missing directory: take() meets and reports it itself
+            while True:
+                try:
+                    self._ready.put(spooled, timeout=0.2)
+                    break
+                except queue.Full:
+                    if self._closed.is_set():
+                        self._discard(spooled)
+                        return
+
+
 class StoreSCP(Connection):
     """The acceptor side of one association: Verification and C-STORE of any SOP class.
 
@@ -460,7 +515,7 @@ class StoreSCP(Connection):
     meta built from the command and the context; ``on_store`` then moves it into place and returns the status.
     """
 
-    def __init__(self, sock: socket.socket, timeouts: Timeouts, syntaxes: list[str], spool: Path,
+    def __init__(self, sock: socket.socket, timeouts: Timeouts, syntaxes: list[str], spool: Spool,
                  on_store: StoreHandler, allow_aets: list[str] | None = None):
         super().__init__(sock, timeouts)
         self.syntaxes = set(syntaxes)
@@ -595,8 +650,7 @@ class StoreSCP(Connection):
     def _open(self, context_id: int, elements: dict[int, bytes]) -> tuple[Incoming, Any]:
         abstract, syntax = self.contexts[context_id]
         sop_class, sop_instance = _text(elements.get(0x0002, b"")), _text(elements.get(0x1000, b""))
-        path = self.spool / f".{secrets.token_hex(8)}.kaapcli-part"
-        spool = open(path, "wb")  # noqa: SIM115 - closed when the last fragment arrives or in serve()
+        path, spool = self.spool.take()  # closed when the last fragment arrives, or in serve()
         spool.write(file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet))
         return Incoming(sop_class or abstract, sop_instance, syntax, self.calling_aet, self.called_aet, path), spool
 
