@@ -342,6 +342,9 @@ def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] |
 
 
 _ITEM_END, _SEQUENCE_END = 0xFFFEE00D, 0xFFFEE0DD
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_HEADER, _LENGTH = struct.Struct("<HH2sH"), struct.Struct("<I")
 
 
 def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[int, str] | None:
@@ -352,19 +355,18 @@ def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[
     back to :func:`read`.  Absent tags are absent from the result.  A whole file that ends inside an
     element raises DataError (pydicom would read it silently, short).
     """
-    import struct
-
     wanted = set(tags)
     last = max(wanted)
     if buf[128:132] != b"DICM":
         return None
     found: dict[int, str] = {}
     pos, in_meta, syntax, depth = 132, True, "", 0  # depth: inside undefined-length sequences and items
-    while pos + 8 <= len(buf):
-        group, element = struct.unpack_from("<HH", buf, pos)
+    size = len(buf)
+    while pos + 8 <= size:
+        group, element, vr, length = _HEADER.unpack_from(buf, pos)  # explicit VR, 2-byte length
         tag = group << 16 | element
         if group == 0xFFFE:  # item and delimiters: no VR, a 4-byte length
-            length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+            length, start = _LENGTH.unpack_from(buf, pos + 4)[0], pos + 8
             if tag in (_ITEM_END, _SEQUENCE_END):
                 depth -= 1
             elif length == 0xFFFFFFFF:
@@ -372,15 +374,14 @@ def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[
                 length = 0
             pos = start + length
             continue
-        vr = buf[pos + 4:pos + 6]
-        if not vr.isalpha() or not vr.isupper():
-            return None
         if vr in _LONG_VRS:
-            if pos + 12 > len(buf):
+            if pos + 12 > size:
                 break
-            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+            length, start = _LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
+        elif vr in _SHORT_VRS:
+            start = pos + 8
         else:
-            length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+            return None  # not explicit VR: pydicom will tell
         if in_meta and group != 0x0002:
             if syntax in _NOT_EXPLICIT_LE:
                 return None
