@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 import traceback
@@ -358,6 +357,8 @@ class _Pool:
 
     def __enter__(self) -> _Pool:
         if self.workers > 1:
+            import multiprocessing  # ~10 ms: only runs with worker processes need it
+
             self.executor = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
         return self
 
