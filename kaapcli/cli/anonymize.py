@@ -108,6 +108,7 @@ def anonymize(
     from kaapcli.core import dicom
     from kaapcli.core.anonymize import AnonymizeOperator, Options, parse_replace
 
+    dicom.import_pydicom(pixels=False)  # pixel data passes through as bytes: this process never needs numpy
     secret = _read_key(key, key_file)
     if len(id_prefix) > 40:
         fail("--id-prefix is too long (PatientID holds 64 characters)")
