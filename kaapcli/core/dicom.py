@@ -190,8 +190,8 @@ def _ascii_value(elem: Any) -> bytes | None:
     value = elem.value
     if value is None:
         return b""
-    values = [value] if isinstance(value, str) else value if isinstance(value, Sequence) else [None]
-    if not all(isinstance(v, str) and v.isascii() for v in values):
+    values: list[str] = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else []
+    if not values or not all(isinstance(v, str) and v.isascii() for v in values):
         return None
     text = "\\".join(values).encode()
     if len(text) % 2:

@@ -205,6 +205,9 @@ class Receiver:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self._spool is None:  # not started
+            conn.close()
+            return
         scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self._spool, self._handle_store,
                           self.allow_aets)
         with self._lock:

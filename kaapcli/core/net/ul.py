@@ -191,6 +191,7 @@ class Connection:
         self.sock = sock
         self.timeouts = timeouts
         self.max_data = MAX_PDU - 6  # payload of one PDV so that the P-DATA-TF fits the peer's maximum
+        self._buffer = bytearray()  # see _read_pdu_reusing
         if sock is not None:
             # Nagle's algorithm would hold each small command PDU until the peer's delayed ACK (~40 ms a file)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -199,24 +200,37 @@ class Connection:
     def is_established(self) -> bool:
         return self.sock is not None
 
-    def _recv_exact(self, size: int) -> bytearray:
+    def _recv_exact(self, size: int, buffer: bytearray | None = None) -> bytearray:
+        """``size`` bytes from the socket, into ``buffer`` (at least that large) when given."""
         if self.sock is None:
             raise AssociationLost("not connected")
-        buffer = bytearray(size)
+        buffer = bytearray(size) if buffer is None else buffer
         view = memoryview(buffer)
         got = 0
         while got < size:
-            n = self.sock.recv_into(view[got:])
+            n = self.sock.recv_into(view[got:size])
             if n == 0:
                 raise AssociationLost("connection closed by the peer")
             got += n
         return buffer  # not copied: a P-DATA-TF may be megabytes
 
     def _read_pdu(self) -> tuple[int, bytearray]:
+        kind, length = self._pdu_header()
+        return kind, self._recv_exact(length)
+
+    def _read_pdu_reusing(self) -> tuple[int, memoryview]:
+        """Like :meth:`_read_pdu`, into one buffer kept for the connection: the body is valid until the next read,
+        and a receiver does not allocate and fault in a fresh buffer for every dataset."""
+        kind, length = self._pdu_header()
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
+        return kind, memoryview(self._recv_exact(length, self._buffer))[:length]
+
+    def _pdu_header(self) -> tuple[int, int]:
         kind, _, length = struct.unpack(">BBI", self._recv_exact(6))
         if kind not in range(0x01, 0x08):
             raise AssociationLost(f"unknown PDU type 0x{kind:02X}")
-        return kind, self._recv_exact(length)
+        return kind, length
 
     def _send_pdv(self, context_id: int, control: int, chunk: bytes | memoryview, follows: int = 0) -> None:
         """One P-DATA-TF with one PDV; ``control`` bit 0: command, bit 1: last fragment.  The fragment is
@@ -430,7 +444,7 @@ class StoreSCU(Connection):
         return message_id, StoreStatus(_int(elements, 0x0900, 0xFFFF), _text(elements.get(0x0902, b"")))
 
 
-def _pdvs(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
+def _pdvs(body: bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]:
     """(context id, message control header, fragment) of each PDV of a P-DATA-TF (fragments not copied)."""
     view = memoryview(body)
     pos = 0
@@ -613,7 +627,7 @@ class StoreSCP(Connection):
         try:
             while self.sock is not None:
                 self.sock.settimeout(self.timeouts.network)
-                kind, body = self._read_pdu()
+                kind, body = self._read_pdu_reusing()
                 if kind == 0x05:  # A-RELEASE-RQ
                     self.sock.sendall(struct.pack(">BBII", 0x06, 0, 4, 0))
                     break
