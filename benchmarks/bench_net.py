@@ -68,6 +68,7 @@ def run(name: str, receiver: list[str], senders: list[list[str]], port: int, out
     try:
         wait_port(port)
         time.sleep(0.2)  # let the receiver finish its start-up before counting its CPU time
+        os.sync()  # no dirty pages of the previous case written back during this one
         rx_cpu = cpu_seconds(rx.pid)
         start = time.perf_counter()
         procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

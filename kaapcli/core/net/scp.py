@@ -78,7 +78,7 @@ SeriesHook = Callable[[SeriesReceipt], None]
 class StoreWriter:
     """Writes one C-STORE's encoded dataset to ``out/<layout>`` without decoding the pixel data."""
 
-    HEAD = 65536  # bytes of a dataset read for its header; past them, pydicom reads it
+    HEAD = ul.Incoming.HEAD  # bytes of a dataset read for its header; past them, pydicom reads it
 
     def __init__(self, out: Path, layout: str = DEFAULT_LAYOUT):
         self.out = out
@@ -94,10 +94,12 @@ class StoreWriter:
         fsio.write_bytes(dest, encoded)
         return dest, header
 
-    def place(self, spooled: Path) -> tuple[Path, Any]:
-        """Move a complete Part 10 file (on the same file system) to its place: one atomic rename."""
-        with open(spooled, "rb") as fh:
-            head = fh.read(self.HEAD)
+    def place(self, spooled: Path, head: bytes | None = None) -> tuple[Path, Any]:
+        """Move a complete Part 10 file (on the same file system) to its place: one atomic rename.  ``head``: its
+        first bytes when the caller has them (``HEAD`` of them, or the whole file)."""
+        if head is None:
+            with open(spooled, "rb") as fh:
+                head = fh.read(self.HEAD)
         dest, header = self._destination(head, lambda: spooled)
         if dest.parent not in self._dirs:
             fsio.ensure_dir(dest.parent)
@@ -249,7 +251,7 @@ class Receiver:
 
     def _handle_store(self, incoming: ul.Incoming) -> int:
         try:
-            dest, header = self.writer.place(incoming.path)
+            dest, header = self.writer.place(incoming.path, incoming.head)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status, never raise
             incoming.path.unlink(missing_ok=True)
             message = exc.message if isinstance(exc, KaapcliError) else str(exc)

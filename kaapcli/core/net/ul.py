@@ -456,7 +456,11 @@ def _pdvs(body: bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]
 
 @dataclass
 class Incoming:
-    """A C-STORE being received: its Part 10 file is written to ``path`` (a hidden spool file) as it arrives."""
+    """A C-STORE being received: its Part 10 file is written to ``path`` (a hidden spool file) as it arrives;
+    its first ``HEAD`` bytes are also kept in ``head``, so that the handler reads the header without reopening
+    the file (``head`` shorter than ``HEAD``: it is the whole file)."""
+
+    HEAD = 65536
 
     sop_class: str
     sop_instance: str
@@ -464,6 +468,7 @@ class Incoming:
     calling_aet: str
     called_aet: str
     path: Path
+    head: bytes = b""
 
 
 StoreHandler = Callable[[Incoming], int]  # returns the C-STORE status; the handler owns ``path`` afterwards
@@ -647,6 +652,8 @@ class StoreSCP(Connection):
                             raise AssociationLost("unsupported request")
                     elif spool is not None and incoming is not None:  # dataset fragment of a C-STORE
                         spool.write(data)
+                        if len(incoming.head) < Incoming.HEAD:
+                            incoming.head += data[:Incoming.HEAD - len(incoming.head)]
                         if control & 0x02:
                             spool.close()
                             spool = None
@@ -665,8 +672,10 @@ class StoreSCP(Connection):
         abstract, syntax = self.contexts[context_id]
         sop_class, sop_instance = _text(elements.get(0x0002, b"")), _text(elements.get(0x1000, b""))
         path, spool = self.spool.take()  # closed when the last fragment arrives, or in serve()
-        spool.write(file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet))
-        return Incoming(sop_class or abstract, sop_instance, syntax, self.calling_aet, self.called_aet, path), spool
+        meta = file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet)
+        spool.write(meta)
+        return (Incoming(sop_class or abstract, sop_instance, syntax, self.calling_aet, self.called_aet, path, meta),
+                spool)
 
     def _answer(self, context_id: int, elements: dict[int, bytes], incoming: Incoming | None) -> None:
         field, message_id = _int(elements, 0x0100), _int(elements, 0x0110, 0)
