@@ -259,15 +259,16 @@ class Receiver:
             with self._lock:
                 self.failed += 1
             return CANNOT_UNDERSTAND if isinstance(exc, DataError) else OUT_OF_RESOURCES
-        self.record(dest, header, incoming.calling_aet, incoming.called_aet)
+        self.record(dest, header, incoming.calling_aet, incoming.called_aet, incoming.size)
         if self.on_stored is not None:
             self.on_stored(dest)
         return SUCCESS
 
     # ------------------------------------------------------------------ series bookkeeping
 
-    def record(self, dest: Path, header: Any, calling: str, called: str) -> None:
-        """Count a stored file towards its series (the receiver calls it; so does `kaapcli watch`)."""
+    def record(self, dest: Path, header: Any, calling: str, called: str, nbytes: int | None = None) -> None:
+        """Count a stored file (of ``nbytes``, when known) towards its series (the receiver calls it; so does
+        `kaapcli watch`)."""
         uid = str(header.get("SeriesInstanceUID"))
         now = _now()
         with self._lock:
@@ -280,7 +281,7 @@ class Receiver:
             if str(dest) not in receipt.files:
                 receipt.files.append(str(dest))
                 receipt.instances += 1
-            receipt.nbytes += dest.stat().st_size
+            receipt.nbytes += dest.stat().st_size if nbytes is None else nbytes
             receipt.last = now
             self._touched[uid] = time.monotonic()
 

@@ -444,6 +444,18 @@ class StoreSCU(Connection):
         return message_id, StoreStatus(_int(elements, 0x0900, 0xFFFF), _text(elements.get(0x0902, b"")))
 
 
+def _write_all(spool: IO[bytes], parts: list[Any]) -> int:
+    """Write ``parts`` to an unbuffered file (one system call unless the kernel writes less); their length."""
+    fd = spool.fileno()
+    written = os.writev(fd, parts)
+    for part in parts:  # finish a short write; a full disk raises on the next call
+        view = memoryview(part)[written:]
+        written = max(0, written - len(part))
+        while view:
+            view = view[os.write(fd, view):]
+    return sum(len(part) for part in parts)
+
+
 def _pdvs(body: bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]:
     """(context id, message control header, fragment) of each PDV of a P-DATA-TF (fragments not copied)."""
     view = memoryview(body)
@@ -469,6 +481,7 @@ class Incoming:
     called_aet: str
     path: Path
     head: bytes = b""
+    size: int = 0  # bytes written to ``path``
 
 
 StoreHandler = Callable[[Incoming], int]  # returns the C-STORE status; the handler owns ``path`` afterwards
@@ -651,7 +664,8 @@ class StoreSCP(Connection):
                         else:
                             raise AssociationLost("unsupported request")
                     elif spool is not None and incoming is not None:  # dataset fragment of a C-STORE
-                        spool.write(data)
+                        # the file meta goes out with the first fragment: one write, one block allocation
+                        incoming.size += _write_all(spool, [data] if incoming.size else [incoming.head, data])
                         if len(incoming.head) < Incoming.HEAD:
                             incoming.head += data[:Incoming.HEAD - len(incoming.head)]
                         if control & 0x02:
@@ -672,8 +686,7 @@ class StoreSCP(Connection):
         abstract, syntax = self.contexts[context_id]
         sop_class, sop_instance = _text(elements.get(0x0002, b"")), _text(elements.get(0x1000, b""))
         path, spool = self.spool.take()  # closed when the last fragment arrives, or in serve()
-        meta = file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet)
-        spool.write(meta)
+        meta = file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet)  # written by serve()
         return (Incoming(sop_class or abstract, sop_instance, syntax, self.calling_aet, self.called_aet, path, meta),
                 spool)
 
