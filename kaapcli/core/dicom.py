@@ -117,6 +117,7 @@ def file_meta(sop_class: str, sop_uid: str, syntax: str | None = None) -> Any:
 
 # Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 Table 7.1-1).
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
+UNDEFINED = 0xFFFFFFFF  # the undefined length (PS3.5 7.1.1)
 
 
 def encode_file_meta(sop_class: str, sop_uid: str, syntax: str) -> bytes:
@@ -162,14 +163,8 @@ def _encode_into(out: Any, ds: Any, parent_charset: Any) -> None:
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # retired group lengths are not written (PS3.5 7.2)
         elem = ds.get_item(tag)
-        if elem.is_raw and elem.length == 0xFFFFFFFF:  # undefined length: the value, then its delimiter
-            out.write(struct.pack(order + "HH", tag >> 16, tag & 0xFFFF))
-            out.write(struct.pack(order + "L", 0xFFFFFFFF) if out.is_implicit_VR
-                      else struct.pack(order + "2sHL", elem.VR.encode(), 0, 0xFFFFFFFF))
-            out.write(elem.value)
-            out.write(struct.pack(order + "HHL", 0xFFFE, 0xE0DD, 0))
-        elif elem.is_raw:
-            _write_element(out, tag, elem.VR, elem.value, order)
+        if elem.is_raw:
+            _write_element(out, tag, elem.VR, elem.value, order, elem.length == UNDEFINED)
         elif elem.VR == "SQ":
             _encode_sequence(out, elem, charset, order)
         elif (value := _ascii_value(elem)) is not None:
@@ -199,36 +194,39 @@ def _ascii_value(elem: Any) -> bytes | None:
     return text if len(text) <= 0xFFFF or elem.VR in LONG_LENGTH_VRS else None  # pydicom turns those into UN
 
 
-def _write_element(out: Any, tag: int, vr: str, value: bytes, order: str) -> None:
+def _write_element(out: Any, tag: int, vr: str, value: bytes, order: str, undefined: bool = False) -> None:
+    """One element; ``undefined``: of undefined length, its value then closed by a sequence delimiter."""
+    length = UNDEFINED if undefined else len(value)
     if out.is_implicit_VR:
-        out.write(struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, len(value)))
+        out.write(struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, length))
     elif vr in LONG_LENGTH_VRS:
-        out.write(struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
+        out.write(struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
     else:
-        out.write(struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)))
+        out.write(struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
     out.write(value)
+    if undefined:
+        out.write(struct.pack(order + "HHL", 0xFFFE, 0xE0DD, 0))
 
 
 def _encode_sequence(out: Any, elem: Any, charset: Any, order: str) -> None:
-    """A decoded sequence, its items encoded by :func:`_encode_into` (lengths as pydicom writes them)."""
-    tag = int(elem.tag)
-    head = order + ("HHL" if out.is_implicit_VR else "HH2sHL")
-    fields = (tag >> 16, tag & 0xFFFF) if out.is_implicit_VR else (tag >> 16, tag & 0xFFFF, b"SQ", 0)
+    """A decoded sequence, its items encoded by :func:`_encode_into` (lengths as pydicom writes them: defined
+    unless read undefined, patched in once the content is written)."""
     start = out.tell()
-    out.write(struct.pack(head, *fields, 0xFFFFFFFF))
+    _write_element(out, int(elem.tag), "SQ", b"", order)
+    header = out.tell() - start
     for item in elem.value:
         item_start = out.tell()
-        out.write(struct.pack(order + "HHL", 0xFFFE, 0xE000, 0xFFFFFFFF))
+        out.write(struct.pack(order + "HHL", 0xFFFE, 0xE000, UNDEFINED))
         _encode_into(out, item, charset)
         if getattr(item, "is_undefined_length_sequence_item", False):
             out.write(struct.pack(order + "HHL", 0xFFFE, 0xE00D, 0))
         else:
             _patch_length(out, item_start + 4, out.tell() - item_start - 8, order)
     if elem.is_undefined_length:
+        _patch_length(out, start + header - 4, UNDEFINED, order)
         out.write(struct.pack(order + "HHL", 0xFFFE, 0xE0DD, 0))
     else:
-        _patch_length(out, start + (4 if out.is_implicit_VR else 8), out.tell() - start - (8 if out.is_implicit_VR
-                                                                                           else 12), order)
+        _patch_length(out, start + header - 4, out.tell() - start - header, order)
 
 
 def _patch_length(out: Any, at: int, length: int, order: str) -> None:
@@ -329,7 +327,7 @@ def tag_label(tag: int) -> str:
 
 # Transfer syntaxes whose dataset is not explicit VR little endian: peek() leaves them to pydicom.
 _NOT_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
 
 
 def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] | None:
