@@ -239,6 +239,21 @@ def test_receiver_that_cannot_write_answers_failure(receiver, mock_ct: Path, tmp
     assert "C-STORE failed: 0xA700" in proc.stderr and "16 failed" in proc.stderr
 
 
+def test_pipelined_statuses_go_to_their_files(receiver, mock_ct: Path, tmp_path: Path) -> None:  # noqa: F811
+    """With C-STOREs outstanding (kaapcli receive grants the window), one refused file in the middle of the
+    stream fails exactly that file: each response is matched to its request by message id."""
+    out = tmp_path / "rx"
+    out.mkdir()
+    (out / "7").write_text("a file where instance 7's directory should go")
+    rx = receiver("--layout", "{InstanceNumber}/{SOPInstanceUID}.dcm", out=out)
+    proc = kaapcli("send", mock_ct, "--to", rx.peer, "--format", "jsonl")
+    assert proc.returncode == 1, proc.stderr
+    sevens = {str(f) for f in dicom_files(mock_ct) if pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber == 7}
+    records = jsonl(proc.stdout)
+    assert sevens and {r["input"] for r in records if r["status"] == "failed"} == sevens
+    assert len(list(out.rglob("*.dcm"))) == len(records) - len(sevens) > 0
+
+
 # --------------------------------------------------------------------------- Orthanc: send, query, retrieve, delete
 
 @pytest.fixture
