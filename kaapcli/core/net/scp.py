@@ -183,12 +183,13 @@ class Receiver:
 
         # every transfer syntax pydicom knows, compressed ones included; any SOP class, private ones included
         self._syntaxes = [str(ts) for ts in AllTransferSyntaxes]
-        self._spool = ul.Spool(fsio.ensure_dir(self.out / SPOOL_DIR))
+        spool = fsio.ensure_dir(self.out / SPOOL_DIR)
         try:
             listener = socket.create_server((self.bind, self.port), backlog=MAX_ASSOCIATIONS)
         except OSError as exc:
             raise UnavailableError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror}",
                                    hint="is another receiver running on that port? choose --port") from exc
+        self._spool = ul.Spool(spool)  # only once listening: a receiver that cannot start leaves no files
         listener.settimeout(0.2)  # accept() wakes up to notice stop()
         self._listener = listener
         self.port = int(listener.getsockname()[1])
