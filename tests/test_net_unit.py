@@ -166,9 +166,9 @@ def test_read_meta_agrees_with_pydicom(mock_ct: Path) -> None:
 def test_file_meta_is_valid_part10(tmp_path: Path) -> None:
     from pydicom.filereader import read_file_meta_info
 
-    from kaapcli.core.net import ul
+    from kaapcli.core import dicom
 
-    data = ul.file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", dimse.EXPLICIT_LE, "SENDER")
+    data = dicom.encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", dimse.EXPLICIT_LE, "SENDER")
     (tmp_path / "meta").write_bytes(data)
     meta = read_file_meta_info(tmp_path / "meta")
     assert meta.MediaStorageSOPInstanceUID == "1.2.3.4" and meta.TransferSyntaxUID == dimse.EXPLICIT_LE

@@ -120,21 +120,20 @@ LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN
 UNDEFINED = 0xFFFFFFFF  # the undefined length (PS3.5 7.1.1)
 
 
-def encode_file_meta(sop_class: str, sop_uid: str, syntax: str) -> bytes:
+def encode_file_meta(sop_class: str, sop_uid: str, syntax: str, source_aet: str = "") -> bytes:
     """Preamble, ``DICM`` and the File Meta Information group of a Part 10 file kaapcli writes (PS3.10 7.1),
     encoded directly: pydicom's writer validates and copies the group on every file, a measurable share of a
-    header-only rewrite."""
-    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+    header-only rewrite, and the receiver writes one per dataset."""
+    def element(tag: int, vr: bytes, text: str) -> bytes:
+        value = text.encode("ascii", "replace")
         if len(value) % 2:
-            value += b" " if vr == b"SH" else b"\0"
-        if vr == b"OB":
-            return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+            value += b"\0" if vr == b"UI" else b" "
+        return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
 
-    body = b"".join((element(0x00020001, b"OB", b"\0\1"), element(0x00020002, b"UI", sop_class.encode()),
-                     element(0x00020003, b"UI", sop_uid.encode()), element(0x00020010, b"UI", syntax.encode()),
-                     element(0x00020012, b"UI", IMPLEMENTATION_UID.encode()),
-                     element(0x00020013, b"SH", IMPLEMENTATION_VERSION.encode())))
+    body = (struct.pack("<HH2sHL", 2, 0x0001, b"OB", 0, 2) + b"\0\1" + element(0x0002, b"UI", sop_class)
+            + element(0x0003, b"UI", sop_uid) + element(0x0010, b"UI", syntax)
+            + element(0x0012, b"UI", IMPLEMENTATION_UID) + element(0x0013, b"SH", IMPLEMENTATION_VERSION)
+            + (element(0x0016, b"AE", source_aet) if source_aet else b""))
     return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(body)) + body
 
 

@@ -166,24 +166,6 @@ def _window(user_information: bytes | bytearray) -> int | None:
                  if kind == 0x53 and len(value) == 4), None)
 
 
-def file_meta(sop_class: str, sop_instance: str, syntax: str, source_aet: str) -> bytes:
-    """Preamble, prefix and file meta group (PS3.10 7.1) of a Part 10 file, explicit VR little endian."""
-    def element(tag: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2sHI", 2, tag, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
-
-    def text(value: str, pad: bytes = b" ") -> bytes:
-        raw = value.encode("ascii", "replace")
-        return raw + pad * (len(raw) % 2)
-
-    group = (element(0x0001, b"OB", b"\0\1") + element(0x0002, b"UI", _uid(sop_class))
-             + element(0x0003, b"UI", _uid(sop_instance)) + element(0x0010, b"UI", _uid(syntax))
-             + element(0x0012, b"UI", _uid(IMPLEMENTATION_UID.decode())) + element(0x0013, b"SH", text("KAAPCLI"))
-             + (element(0x0016, b"AE", text(source_aet)) if source_aet else b""))
-    return bytes(128) + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(group))) + group
-
-
 class Connection:
     """PDU input and output on one blocking socket."""
 
@@ -686,7 +668,7 @@ class StoreSCP(Connection):
         abstract, syntax = self.contexts[context_id]
         sop_class, sop_instance = _text(elements.get(0x0002, b"")), _text(elements.get(0x1000, b""))
         path, spool = self.spool.take()  # closed when the last fragment arrives, or in serve()
-        meta = file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet)  # written by serve()
+        meta = dicom.encode_file_meta(sop_class or abstract, sop_instance, syntax, self.calling_aet)  # see serve()
         return (Incoming(sop_class or abstract, sop_instance, syntax, self.calling_aet, self.called_aet, path, meta),
                 spool)
 
