@@ -117,6 +117,7 @@ def file_meta(sop_class: str, sop_uid: str, syntax: str | None = None) -> Any:
 
 # Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 Table 7.1-1).
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
+LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)  # as they appear in a header
 UNDEFINED = 0xFFFFFFFF  # the undefined length (PS3.5 7.1.1)
 
 
@@ -326,7 +327,6 @@ def tag_label(tag: int) -> str:
 
 # Transfer syntaxes whose dataset is not explicit VR little endian: peek() leaves them to pydicom.
 _NOT_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
-_LONG_VRS = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
 
 
 def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] | None:
@@ -376,7 +376,7 @@ def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[
                 length = 0
             pos = start + length
             continue
-        if vr in _LONG_VRS:
+        if vr in LONG_LENGTH_VR_BYTES:
             if pos + 12 > size:
                 break
             length, start = _LENGTH.unpack_from(buf, pos + 8)[0], pos + 12

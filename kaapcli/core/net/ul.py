@@ -35,7 +35,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 # C-STOREs a sender may have outstanding (PS3.7 D.3.3.3 Asynchronous Operations Window): proposed by StoreSCU, granted
 # by StoreSCP.  A peer that does not answer the proposal gets the default, one: every file waits for its response.
 WINDOW = 16
-META_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, and reason by source
 RJ_RESULT = {1: "Rejected Permanent", 2: "Rejected Transient"}
@@ -68,7 +67,7 @@ def read_meta(path: Path) -> tuple[dict[str, str], int]:
                 return values, offset
             tag = struct.unpack_from("<H", element, 2)[0]
             vr = element[4:6]
-            if vr in META_LONG_VRS:
+            if vr in dicom.LONG_LENGTH_VR_BYTES:
                 length = struct.unpack("<I", fh.read(4))[0]
                 offset += 12
             elif vr.isalpha() and vr.isupper():
