@@ -142,9 +142,13 @@ class Rule:
         return self.dag is not None and not self.single_execution
 
     def tags_needed(self) -> set[int]:
+        from kaapcli.core.dicom import parse_tag
+
         tags = {tag for tag, _ in self.search_tags} | {self.group_by}
         for spec in self.inputs:
             tags |= spec.tags()
+        if self.callback or self.worker:  # their `headers`
+            tags |= {parse_tag(name) for name in self.header_fields or DEFAULT_HEADER_FIELDS}
         return tags
 
     def matches_tags(self, header: Mapping[int, list[str]]) -> bool:
@@ -628,8 +632,8 @@ def plan(firings: list[Firing], ctx: Context) -> tuple[list[Job], list[RunRecord
             continue
         job.depends_on = [(jobs[d].id if d in jobs else decided[d].id) for d in rule.depends_on]
         for dep in rule.depends_on:
-            if dep in jobs:
-                job.added_params.update(jobs[dep].added_params)
+            if dep in jobs:  # a copy: run_batch adds each dependency's results to its dependents' own
+                job.added_params.update(json.loads(json.dumps(jobs[dep].added_params)))
         if rule.callback:
             try:
                 wanted, extra = evaluate_callback(job, rule.callback, ctx.journal)
@@ -661,6 +665,8 @@ def _job(firing: Firing, ctx: Context, batch: str) -> Job:
     env = {k: v if isinstance(v, str) else json.dumps(v) for k, v in rule.params.items()}
     env.update(environment(values, firing.raw))
     fields = rule.header_fields or tuple(sorted({*DEFAULT_HEADER_FIELDS, *_keywords(rule.tags_needed())}))
+    if not (rule.callback or rule.worker):
+        fields = ()  # a command reads the files itself; its journal entry keeps no header values
     kwargs = {"headers": firing.series.headers(fields), "params": dict(rule.params), **values}
     return Job(id=job_id, rule=rule.name, series_uid=firing.series.series_uid, batch=batch,
                argv=fill(rule.run, values), worker=rule.worker or "", kwargs=kwargs, env=env, timeout=rule.timeout,
