@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import ROOT, dcmtk, dicom_files, kaapcli
-from peers import receiver, storescp  # noqa: F401 - fixtures
+from peers import orthanc, receiver, storescp  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.network
 EXAMPLES = ROOT / "examples" / "pipelines"
@@ -191,3 +191,19 @@ def test_kaapana_trigger_rule_and_called_aet_dataset_end_to_end(receiver, tmp_pa
     assert len(list(rx.out.rglob("metadata/*/*.json"))) == 1
     members = kaapcli("dataset", "show", "lung-study", "--index", index)
     assert members.returncode == 0 and len(members.stdout.split()) == 1, members.stderr
+
+
+# --------------------------------------------------------------------------- send --verify (Kaapana's check_arrival)
+
+def test_send_verify_confirms_arrival_by_c_find(orthanc, mock_ct: Path, tmp_path: Path) -> None:  # noqa: F811
+    from kaapcli.core.net.dimse import verify_arrival
+    from kaapcli.core.net.peers import Timeouts, parse_peer
+
+    orthanc.clear()
+    series = sorted({p.parent for p in dicom_files(mock_ct)})
+    proc = kaapcli("send", series[0], "--to", orthanc.dimse, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert f"verified: {orthanc.aet}" in proc.stderr and "lists all 8 instances" in proc.stderr
+    never_sent = dicom_files(series[1])[:2]
+    missing = verify_arrival(never_sent, parse_peer(orthanc.dimse), calling_aet="KAAPCLI", timeouts=Timeouts())
+    assert sorted(missing) == never_sent and all("does not list SOP Instance" in m for m in missing.values())

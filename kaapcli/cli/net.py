@@ -135,6 +135,9 @@ def send(
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Scan and report what would be sent.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="After sending, confirm by C-FIND (IMAGE level) that the "
+                                         "peer lists every instance (Kaapana's check_arrival); a missing one fails."
+                                         )] = False,
     fmt: Annotated[Format, typer.Option("--format", help="stdout: sent file paths, or one JSON record per file.")
                    ] = Format.paths,
     quiet: Quiet = False,
@@ -217,11 +220,31 @@ def send(
             finally:
                 if ledger is not None:
                     ledger.close()
+            if verify and not summary.interrupted:
+                _verify(summary, target, calling, timeouts, reporter)
     summary.seconds = time.perf_counter() - start
     if summary.interrupted:
         reporter.error("interrupted")
     reporter.info(summary.line().replace("files", "files sent", 1) if not dry_run else summary.line())
     raise typer.Exit(int(summary.exit_code))
+
+
+def _verify(summary: Any, target: Any, calling: str, timeouts: Any, reporter: Reporter) -> None:
+    """``send --verify``: a sent file the peer does not list becomes a failed item."""
+    from kaapcli.core.net import dimse
+    from kaapcli.exitcodes import ExitCode, UsageError
+
+    if target.web:
+        raise UsageError("--verify asks by C-FIND: it needs a DIMSE peer (AET@host:port or a profile with aet)")
+    sent = [r for r in summary.results if r.status == "ok"]
+    missing = dimse.verify_arrival([Path(r.input) for r in sent], target, calling_aet=calling, timeouts=timeouts)
+    for result in sent:
+        reason = missing.get(Path(result.input))
+        if reason:
+            result.status, result.message, result.code = "failed", reason, ExitCode.ITEMS_FAILED
+            reporter.error(reason)
+    if not missing:
+        reporter.info(f"verified: {target} lists all {len(sent)} instances")
 
 
 # --------------------------------------------------------------------------- receive

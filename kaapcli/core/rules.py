@@ -408,8 +408,8 @@ def check_argv(where: str, argv: Iterable[str], extra: Iterable[str] = (), what:
 
 
 def script_positions(argv: list[str]) -> list[tuple[int, int]]:
-    """(program, script) indices of the arguments that a shell or interpreter runs as code (``sh -c SCRIPT``, ``python -c``,
-    ``env X=1 bash -lc``, ``awk PROGRAM``, ``find -exec sh -c``, ...), wherever the program appears."""
+    """(program, script) indices of the arguments that a shell or interpreter runs as code (``sh -c SCRIPT``,
+    ``python -c``, ``env X=1 bash -lc``, ``awk PROGRAM``, ``find -exec sh -c``, ...), wherever the program is."""
     found = []
     for i, arg in enumerate(argv):
         program = os.path.basename(arg)
