@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import ROOT, dcmtk, dicom_files, kaapcli
+from conftest import ROOT, dcmtk, dicom_files, kaapcli, wait_for
 from peers import orthanc, receiver, storescp  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.network
 EXAMPLES = ROOT / "examples" / "pipelines"
-
-
-def wait_for(predicate, timeout: float = 40.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def storescu(port: int, *paths: Path, calling: str = "STORESCU", called: str = "KAAPCLI",

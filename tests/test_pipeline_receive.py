@@ -9,19 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, kaapcli
+from conftest import dcmtk, kaapcli, wait_for
 from peers import receiver  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.network
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_receiver_runs_rules_in_order_skips_dependents_and_indexes(receiver, mock_ct: Path,  # noqa: F811

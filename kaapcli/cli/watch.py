@@ -7,18 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from kaapcli.cli import rules as live  # the options every live pipeline command shares
 from kaapcli.cli.common import Format, Reporter, Sink
 from kaapcli.cli.net import DEFAULT_LAYOUT, Layout
-from kaapcli.cli.rules import (
-    AetConvention,
-    Convention,
-    JournalFile,
-    LiveDags,
-    LiveIndex,
-    LiveJobs,
-    LiveProject,
-    LiveRules,
-)
 
 
 def watch(
@@ -32,13 +23,13 @@ def watch(
         "--orthanc", metavar="URL", show_default=False,
         help="Poll this Orthanc's /changes feed instead of a folder (needs -o; credentials from "
              "KAAPCLI_ORTHANC_USER / KAAPCLI_ORTHANC_PASSWORD).")] = None,
-    rules_file: LiveRules = None,
-    dags: LiveDags = None,
-    jobs: LiveJobs = 2,
-    journal: JournalFile = None,
-    index: LiveIndex = None,
-    project: LiveProject = None,
-    aet_convention: AetConvention = Convention.seed,
+    rules_file: live.LiveRules = None,
+    dags: live.LiveDags = None,
+    jobs: live.LiveJobs = 2,
+    journal: live.JournalFile = None,
+    index: live.LiveIndex = None,
+    project: live.LiveProject = None,
+    aet_convention: live.AetConvention = live.Convention.seed,
     layout: Layout = DEFAULT_LAYOUT,
     stable: Annotated[float, typer.Option("--stable", min=0.0,
                                           help="A dropped file is taken after this many seconds unchanged.")] = 2.0,
