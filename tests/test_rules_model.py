@@ -69,6 +69,8 @@ def hostile_copy(src: Path, dest: Path, patient_id: str) -> Path:
     ["find", ".", "-exec", "sh", "-c", "echo {study_uid}", ";"],
     ["awk", "BEGIN{print \"{patient_id}\"}"],
     ["perl", "-e", "print '{patient_id}'"],
+    ["ssh", "-p", "22", "host", "ls", "{series_dir}"],
+    ["flock", "/tmp/lock", "-c", "echo {patient_id}"],
 ])
 def test_rules_check_refuses_placeholders_inside_scripts(tmp_path: Path, script: list[str]) -> None:
     proc = kaapcli("rules", "check", write(tmp_path / "r.json", [{"name": "bad", "run": script}]))

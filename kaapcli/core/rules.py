@@ -61,6 +61,8 @@ INTERPRETER_FLAGS = {"python": {"-c"}, "perl": {"-e", "-E"}, "ruby": {"-e"}, "no
                      "--print"}, "nodejs": {"-e", "-p", "--eval"}, "php": {"-r"}, "Rscript": {"-e"},
                      "R": {"-e"}, "lua": {"-e"}, "tclsh": set(), "pwsh": {"-c", "-command", "-Command"}}
 PROGRAM_ARG = {"awk", "gawk", "mawk", "nawk", "sed", "jq"}  # the first operand is a program
+COMMAND_OPTION = {"su", "runuser", "flock", "script", "watch"}  # -c CMD (anywhere after them) goes to a shell
+REMOTE_SHELL = {"ssh", "rsh"}  # every argument after them reaches a remote shell
 _PLACEHOLDER = re.compile(r"{(\w+)}")
 
 
@@ -418,6 +420,14 @@ def script_positions(argv: list[str]) -> list[tuple[int, int]]:
             flags: set[str] | None = None  # any option cluster with c: -c, -ec, -lc, --command
         elif family in INTERPRETER_FLAGS:
             flags = INTERPRETER_FLAGS[family]
+        elif family in REMOTE_SHELL:
+            found += [(i, j) for j in range(i + 1, len(argv))]
+            continue
+        elif family in COMMAND_OPTION:
+            found += [(i, j + 1) for j in range(i + 1, len(argv) - 1) if argv[j] in ("-c", "--command")]
+            if family == "watch":  # watch runs its operands through sh -c
+                found += [(i, j) for j in range(i + 1, len(argv)) if not argv[j].startswith("-")]
+            continue
         elif family in PROGRAM_ARG:
             rest = argv[i + 1:]
             if rest and not any(a in ("-f", "--file") or a.startswith("--file=") for a in rest):
