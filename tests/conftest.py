@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,18 @@ def kaapcli(*args: str | os.PathLike[str], input: str | None = None, env: dict[s
     full_env.pop("KAAPCLI_DEBUG", None) if env is None or "KAAPCLI_DEBUG" not in env else None
     return subprocess.run([sys.executable, "-m", "kaapcli", *map(str, args)], input=input, text=True,
                           capture_output=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` every 0.1 s until it is true (True) or ``timeout`` s have passed (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def dcmtk(name: str) -> str:

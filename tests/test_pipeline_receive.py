@@ -9,19 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, kaapcli
+from conftest import dcmtk, kaapcli, wait_for
 from peers import receiver  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.network
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_receiver_runs_rules_in_order_skips_dependents_and_indexes(receiver, mock_ct: Path,  # noqa: F811
@@ -31,16 +22,18 @@ def test_receiver_runs_rules_in_order_skips_dependents_and_indexes(receiver, moc
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([
         {"name": "first", "search_tags": {"0x0008,0x0060": "CT"},
-         "run": ["sh", "-c", f"echo first {{calling_aet}} {{called_aet}} >> {marks}/{{series_uid}}"]},
+         "run": ["sh", "-c", f'echo first "$KAAPCLI_CALLING_AET" "$KAAPCLI_CALLED_AET" >> {marks}/"$1"', "sh",
+                 "{series_uid}"]},
         {"name": "second", "depends_on": ["first"],
-         "run": ["sh", "-c", f"echo second >> {marks}/{{series_uid}}; exit 4"]},
-        {"name": "third", "depends_on": ["second"], "run": ["sh", "-c", f"echo third >> {marks}/{{series_uid}}"]},
+         "run": ["sh", "-c", f'echo second >> {marks}/"$KAAPCLI_SERIES_UID"; exit 4']},
+        {"name": "third", "depends_on": ["second"],
+         "run": ["sh", "-c", f'echo third >> {marks}/"$KAAPCLI_SERIES_UID"']},
         {"name": "not-ct", "search_tags": {"Modality": "MR"}, "run": ["false"]},
     ]))
     journal = tmp_path / "runs.jsonl"
     index = tmp_path / "index.db"
     rx = receiver("--series-timeout", "0.5", "--rules", str(rules), "--journal", str(journal),
-                  "--index", str(index))
+                  "--index", str(index), "--aet-convention", "kp")
     proc = subprocess.run([dcmtk("storescu"), "-aet", "kp-cohort1", "-aec", "kp-lung", "+sd", "+r", "+sp", "*.dcm",
                            "127.0.0.1", str(rx.port), str(mock_ct)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -48,11 +48,13 @@ def test_trigger_runs_matching_rules_in_order_skips_dependents_and_journals(mock
     out.mkdir()
     rules = write_rules(tmp_path / "r.json", [
         {"name": "first", "search_tags": {"0x0008,0x0060": "MR,CT"}, "priority": 1,
-         "run": ["sh", "-c", "echo {series_uid} {patient_id} $WHO >> {out}/{series_uid}.txt"],
+         "run": ["sh", "-c", 'echo "$KAAPCLI_SERIES_UID" "$KAAPCLI_PATIENT_ID" $WHO >> "$1"', "sh",
+                 "{out}/{series_uid}.txt"],
          "params": {"WHO": "first"}},
         {"name": "second", "depends_on": ["first"], "priority": 9,
-         "run": ["sh", "-c", "echo second >> {out}/{series_uid}.txt; exit 3"]},
-        {"name": "third", "depends_on": ["second"], "run": ["sh", "-c", "echo third >> {out}/{series_uid}.txt"]},
+         "run": ["sh", "-c", 'echo second >> "$KAAPCLI_OUT/$KAAPCLI_SERIES_UID.txt"; exit 3']},
+        {"name": "third", "depends_on": ["second"],
+         "run": ["sh", "-c", 'echo third >> "$KAAPCLI_OUT/$KAAPCLI_SERIES_UID.txt"']},
         {"name": "never", "search_tags": {"Modality": "SEG,RTSTRUCT"}, "run": ["false"]},
     ])
     journal = tmp_path / "runs.jsonl"
@@ -106,7 +108,8 @@ def test_group_rule_fires_only_when_every_input_of_a_patient_is_present(tmp_path
     rules = write_rules(tmp_path / "r.json", [{
         "name": "petct", "inputs": {"ct": {"required_values": {"Modality": "^CT$"}},
                                     "pet": {"required_values": {"Modality": "^PT$"}}},
-        "run": ["sh", "-c", "echo {patient_id} {input_ct} {input_pet} > {out}/{patient_id}.txt"]}])
+        "run": ["sh", "-c", 'echo "$KAAPCLI_PATIENT_ID" "$1" "$2" > "$KAAPCLI_OUT/$KAAPCLI_PATIENT_ID.txt"', "sh",
+                "{input_ct}", "{input_pet}"]}])
     proc = kaapcli("trigger", "-r", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     fired = sorted(p.name for p in out.iterdir())
@@ -128,7 +131,7 @@ def test_match_uses_the_index_query_language(mock_studies: Path, tmp_path: Path)
     wanted = pydicom.dcmread(next(series[1].glob("*.dcm")), stop_before_pixels=True).PatientID
     rules = write_rules(tmp_path / "r.json", [
         {"name": "one-patient", "match": f'PatientID:"{wanted}" AND Rows:>=32 AND -Modality:MR',
-         "run": ["sh", "-c", "echo {patient_id} > {out}/{series_uid}.txt"]},
+         "run": ["sh", "-c", 'echo "$KAAPCLI_PATIENT_ID" > "$KAAPCLI_OUT/$KAAPCLI_SERIES_UID.txt"']},
         {"name": "none", "match": "Rows:>512", "run": ["false"]}])
     assert kaapcli("rules", "check", rules).returncode == 0
     proc = kaapcli("trigger", "-r", rules, mock_studies, "-o", out, "--journal", tmp_path / "j.jsonl")

@@ -21,7 +21,7 @@ def test_dropped_series_is_taken_when_stable_and_its_rules_run(mock_ct: Path, tm
     inbox.mkdir()
     marks.mkdir()
     rules = tmp_path / "rules.json"
-    count = f"ls {{series_dir}} | wc -l > {marks}/{{series_uid}}"
+    count = f'ls "$KAAPCLI_SERIES_DIR" | wc -l > {marks}/"$KAAPCLI_SERIES_UID"'
     rules.write_text(json.dumps([{"name": "mark", "run": ["sh", "-c", count]}]))
     proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "watch", str(inbox), "-o", str(store), "--rules",
                              str(rules), "--journal", str(tmp_path / "j.jsonl"), "--stable", "0.3",

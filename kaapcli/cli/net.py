@@ -15,7 +15,16 @@ from typing import Annotated, Any
 import typer
 
 from kaapcli.cli.common import Format, Inputs, OutDir, Reporter, Sink
-from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
+from kaapcli.cli.rules import (
+    AetConvention,
+    Convention,
+    JournalFile,
+    LiveDags,
+    LiveIndex,
+    LiveJobs,
+    LiveProject,
+    LiveRules,
+)
 
 PANEL = "Network options"
 PeerArg = Annotated[str, typer.Argument(
@@ -126,6 +135,9 @@ def send(
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Scan and report what would be sent.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="After sending, confirm by C-FIND (IMAGE level) that the "
+                                         "peer lists every instance (Kaapana's check_arrival); a missing one fails."
+                                         )] = False,
     fmt: Annotated[Format, typer.Option("--format", help="stdout: sent file paths, or one JSON record per file.")
                    ] = Format.paths,
     quiet: Quiet = False,
@@ -208,11 +220,31 @@ def send(
             finally:
                 if ledger is not None:
                     ledger.close()
+            if verify and not summary.interrupted:
+                _verify(summary, target, calling, timeouts, reporter)
     summary.seconds = time.perf_counter() - start
     if summary.interrupted:
         reporter.error("interrupted")
     reporter.info(summary.line().replace("files", "files sent", 1) if not dry_run else summary.line())
     raise typer.Exit(int(summary.exit_code))
+
+
+def _verify(summary: Any, target: Any, calling: str, timeouts: Any, reporter: Reporter) -> None:
+    """``send --verify``: a sent file the peer does not list becomes a failed item."""
+    from kaapcli.core.net import dimse
+    from kaapcli.exitcodes import ExitCode, UsageError
+
+    if target.web:
+        raise UsageError("--verify asks by C-FIND: it needs a DIMSE peer (AET@host:port or a profile with aet)")
+    sent = [r for r in summary.results if r.status == "ok"]
+    missing = dimse.verify_arrival([Path(r.input) for r in sent], target, calling_aet=calling, timeouts=timeouts)
+    for result in sent:
+        reason = missing.get(Path(result.input))
+        if reason:
+            result.status, result.message, result.code = "failed", reason, ExitCode.ITEMS_FAILED
+            reporter.error(reason)
+    if not missing:
+        reporter.info(f"verified: {target} lists all {len(sent)} instances")
 
 
 # --------------------------------------------------------------------------- receive
@@ -233,9 +265,14 @@ def receive(
     )] = 10.0,
     on_complete: Annotated[str | None, typer.Option(
         "--on-complete", metavar="CMD", show_default=False,
-        help="Run CMD when a series is complete; placeholders {series_dir} {series_uid} {study_uid} "
-             "{calling_aet} {called_aet}.")] = None,
+        help="Run CMD (no shell) when a series is complete; placeholders {series_dir} {series_uid} {study_uid} "
+             "{calling_aet} {called_aet} are path-safe tokens, also in $KAAPCLI_SERIES_UID etc.")] = None,
     rules_file: LiveRules = None,
+    dags: LiveDags = None,
+    reject_unmatched: Annotated[bool, typer.Option(
+        "--reject-unmatched", help="Answer 0xB007 to, and do not store, an instance that no rule or input of "
+                                   "--rules accepts (DicomNode).")] = False,
+    aet_convention: AetConvention = Convention.seed,
     jobs: LiveJobs = 2,
     journal: JournalFile = None,
     index: LiveIndex = None,
@@ -269,20 +306,26 @@ def receive(
         reporter.info(f"series complete: {receipt.series_uid} ({receipt.instances} instances, "
                       f"{receipt.calling_aet} -> {receipt.called_aet}) in {receipt.series_dir}")
 
-    from kaapcli.core.hooks import IndexHook, RulesHook
+    from kaapcli.core.hooks import CommandHook, IndexHook, RulesHook
+    from kaapcli.exitcodes import UsageError
 
+    if reject_unmatched and rules_file is None:
+        raise UsageError("--reject-unmatched needs --rules: the rules decide what is accepted")
     hooks: list[Any] = [announce]
     if index is not None:
-        hooks.append(IndexHook(index, project, ctx.find_root().obj))
-    rules_hook = RulesHook(rules_file, journal, None, jobs) if rules_file else None
+        hooks.append(IndexHook(index, project, ctx.find_root().obj, aet_convention.value))
+    command_hook = CommandHook(on_complete, reporter.warning) if on_complete else None  # refused before listening
+    rules_hook = (RulesHook(rules_file, journal, None, jobs, dags=dags, aet=_aet(aet, "--aet"),
+                            config=ctx.find_root().obj) if rules_file else None)
     if rules_hook is not None:
         hooks.append(rules_hook)
-    if on_complete:
-        hooks.append(_command_hook(on_complete, reporter))
+    if command_hook is not None:
+        hooks.append(command_hook)
     allowed = [_aet(a, "--allow-aet") for a in allow_aet or []]
     receiver = Receiver(out, aet=_aet(aet, "--aet"), bind=bind, port=port, layout=layout, allow_aets=allowed,
                         series_timeout=series_timeout, timeouts=Timeouts.of(timeout), on_stored=on_stored,
-                        hooks=hooks)
+                        hooks=hooks, accept=rules_hook.accept if rules_hook and reject_unmatched else None,
+                        ready=rules_hook.ready if rules_hook else None)
     receiver.start()
     reporter.info(f"receiving as {receiver.aet} on {bind}:{receiver.port} into {out} (Ctrl-C to stop)")
     try:
@@ -296,26 +339,6 @@ def receive(
         rules_hook.close()  # let running rules finish
     reporter.info(f"{receiver.stored} files received, {receiver.failed} failed")
     raise typer.Exit(0)
-
-
-def _command_hook(template: str, reporter: Reporter) -> Any:
-    import shlex
-    import subprocess
-
-    argv = shlex.split(template)
-
-    def run_command(receipt: Any) -> None:
-        values = receipt.placeholders()
-        try:
-            cmd = [arg.format_map(values) for arg in argv]
-        except (KeyError, ValueError) as exc:
-            reporter.error(f"--on-complete: bad placeholder {exc}")
-            return
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, check=False)
-        if proc.returncode != 0:
-            reporter.warning(f"--on-complete for series {receipt.series_uid} exited with {proc.returncode}")
-
-    return run_command
 
 
 # --------------------------------------------------------------------------- query

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,22 +25,47 @@ LiveIndex = Annotated[str | None, typer.Option(
     help="Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).")]
 LiveProject = Annotated[str | None, typer.Option(
     "--project", show_default=False,
-    help="Index project (default: from a called AE title kp-<project>, else admin).")]
+    help="Index project (default: with --aet-convention kp from a called AE title kp-<project>, else admin).")]
+DagsFile = Annotated[Path | None, typer.Option(
+    "--dags", envvar="KAAPCLI_DAGS", show_default=False,
+    help="Kaapana: the DAG table of a trigger_rule.json (JSON/TOML: dag id -> command argv or rule fields).")]
+LiveDags = DagsFile
+
+
+class Convention(str, Enum):
+    seed = "seed"
+    kp = "kp"
+    none = "none"
+
+
+AetConvention = Annotated[Convention, typer.Option(
+    "--aet-convention",
+    help="What AE titles name in the index: seed = the called AE title is the dataset (Kaapana's "
+         "`dcmsend --call <dataset>`); kp = called kp-<project>, calling kp-<dataset>; none.")]
 
 rules_app = typer.Typer(help="Check a rules file.", no_args_is_help=True)
-runs_app = typer.Typer(help="The run journal: list runs, retry one.", invoke_without_command=True)
+runs_app = typer.Typer(help="The run journal: list runs, cancel one, retry one.", invoke_without_command=True)
 
 
 @rules_app.command("check")
-def check(path: Annotated[Path, typer.Argument(help="Rules file (JSON or TOML).")]) -> None:
-    """Validate a rules file and print the rules in the order they run (one JSON line each)."""
+def check(path: Annotated[Path, typer.Argument(help="Rules file (JSON or TOML; a dcm-processor settings.json or "
+                                                    "a Kaapana trigger_rule.json).")],
+          dags: DagsFile = None) -> None:
+    """Validate a rules file and print the rules in the order they run (one JSON line each).
+
+    Refuses unknown keys and placeholders, missing dependencies, cycles, bad tags, expressions and
+    queries, and any placeholder inside a shell or interpreter script (sh -c, python -c, ...).
+    """
     from kaapcli.core import rules
 
-    loaded = rules.run_order(rules.load_rules(path))
+    loaded = rules.run_order(rules.load_rules(path, dags))
     for rule in loaded:
-        kind = "group" if rule.is_group_rule else "series"
-        typer.echo(json.dumps({"name": rule.name, "kind": kind, "priority": rule.priority,
-                               "depends_on": list(rule.depends_on), "run": list(rule.run)}))
+        kind = "group" if rule.is_group_rule else "batch" if rule.is_batch_rule else "series"
+        line = {"name": rule.name, "kind": kind, "sortPosition": rule.sort_position, "priority": rule.priority,
+                "depends_on": list(rule.depends_on), "run": list(rule.run)}
+        line.update({k: v for k, v in (("worker", rule.worker), ("callback", rule.callback), ("dag", rule.dag),
+                                       ("description", rule.description)) if v})
+        typer.echo(json.dumps(line))
     Reporter("rules").info(f"{path}: {len(loaded)} rules ok")
 
 
@@ -47,29 +73,33 @@ def check(path: Annotated[Path, typer.Argument(help="Rules file (JSON or TOML)."
 def trigger(inputs: Inputs, rules_file: RulesFile, journal: JournalFile = None,
             out: Annotated[Path | None, typer.Option("--out", "-o", help="Value of {out} in run arguments "
                                                      "(default: the study directory).")] = None,
-            *, run: RunOptions) -> None:
+            dags: DagsFile = None, *, run: RunOptions) -> None:
     """Batch mode: run the matching rules for every series found in INPUT.
 
-    Series rules run once per matching series, in dependency and priority order, the series in
-    parallel (--workers). Group rules (with "inputs") run once per complete group, after the series.
-    Every run is appended to the journal; stdout lists the log file of each run.
+    Series rules run once per matching series, in dependency, sortPosition and priority order, the
+    series in parallel (--workers). Group rules (with "inputs") run once per complete group, and
+    Kaapana DAGs with single_execution false once over all their series, after the series. A rule
+    skipped because its dependency did not fire is no failure. Every run is appended to the journal;
+    stdout lists the log file of each run.
     """
     from kaapcli.core import fsio, rules
 
-    loaded = rules.load_rules(rules_file)
+    loaded = rules.load_rules(rules_file, dags)
     journal_path = journal or rules.default_journal()
     files = fsio.collect_inputs(inputs)
     op = rules.TriggerOperator(loaded, journal_path, out)
     summary = execute(op, files, None, run, "trigger")
     code = int(summary.exit_code)
-    group_rules = [r for r in loaded if r.is_group_rule]
-    if group_rules and not summary.interrupted:
-        code = max(code, _run_group_rules(group_rules, files, journal_path, out, run))
+    later = [r for r in loaded if r.is_group_rule or r.is_batch_rule]
+    if later and not summary.interrupted:
+        code = max(code, _run_group_rules(later, files, journal_path, out, run))
     raise typer.Exit(code)
 
 
 def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: Path | None, run: RunOptions) -> int:
+    """Group rules and Kaapana batch DAGs, over every series of the inputs."""
     from kaapcli.core import dicom, fsio, rules
+    from kaapcli.core.runs import FAILED, run_batch
     from kaapcli.exitcodes import KaapcliError
 
     reporter = Reporter("groups", run.quiet)
@@ -83,13 +113,23 @@ def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: P
     if run.dry_run:
         reporter.info(f"{len(group_rules)} group rules over {len(by_series)} series: not run (dry run)")
         return 0
-    runner = rules.RuleRunner(group_rules, journal, out, jobs=run.workers or 2)
+    groups = [r for r in group_rules if r.is_group_rule]
+    runner = rules.RuleRunner(groups, journal, out, jobs=run.workers or 2)
     for paths in by_series.values():
         runner.series_complete(paths)
+    records = runner.close()
+    batch_rules = [r for r in group_rules if r.is_batch_rule]
+    if batch_rules:
+        tags = set().union(*(r.tags_needed() for r in batch_rules))
+        series = [rules.series_from_files(sorted(paths), tags) for paths in by_series.values()]
+        for firing in rules.batch_firings(batch_rules, series, out):
+            jobs, decided = rules.plan([firing], runner.ctx)
+            records += run_batch(jobs, runner.ctx.journal, decided)
     failed = False
-    for record in runner.close():
-        typer.echo(record.log)
-        if record.status != "ok":
+    for record in records:
+        if record.log:
+            typer.echo(record.log)
+        if record.status in FAILED:
             failed = True
             reporter.error(f"{record.rule}: {record.series_uid}: {record.status} ({record.message}; log {record.log})")
     return 1 if failed else 0
@@ -97,16 +137,21 @@ def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: P
 
 @runs_app.callback()
 def runs(ctx: typer.Context, journal: JournalFile = None,
-         failed: Annotated[bool, typer.Option("--failed", help="Only runs that failed or timed out.")] = False,
+         failed: Annotated[bool, typer.Option("--failed", help="Only runs that failed, timed out or were "
+                                                           "cancelled.")] = False,
          ) -> None:
-    """List the runs of the journal: a table on a terminal, JSON lines when piped."""
+    """List the runs of the journal: a table on a terminal, JSON lines when piped (secret-looking
+    parameters masked)."""
     if ctx.invoked_subcommand is not None:
         return
     from kaapcli.core import rules
+    from kaapcli.core.runs import FAILED, masked_env
 
     records = rules.Journal(journal or rules.default_journal()).records()
+    for r in records:
+        r.env = masked_env(r.env)
     if failed:
-        records = [r for r in records if r.status in ("failed", "timeout")]
+        records = [r for r in records if r.status in FAILED]
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
@@ -123,22 +168,36 @@ def runs(ctx: typer.Context, journal: JournalFile = None,
             typer.echo(json.dumps(asdict(r), ensure_ascii=False))
 
 
+@runs_app.command("cancel")
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id (from `kaapcli runs`).")],
+           journal: JournalFile = None) -> None:
+    """Stop a run: a queued one never starts, a running one's process group is killed (status cancelled)."""
+    from kaapcli.core import runs as jobs
+
+    record = jobs.cancel(jobs.Journal(journal or _default_journal()), run_id)
+    Reporter("cancel").info(f"{record.rule}: {run_id} ({record.status}) cancelled")
+
+
 @runs_app.command("retry")
 def retry(run_id: Annotated[str, typer.Argument(help="Run id (from `kaapcli runs`).")],
           journal: JournalFile = None) -> None:
-    """Run one journal entry's command again (same argv and parameters); appends a new run."""
-    from kaapcli.core import rules
-    from kaapcli.exitcodes import UsageError
+    """Run a journal entry again (same command, worker and parameters), then the runs that depended on it;
+    each new run names the one it repeats (retry_of). stdout lists their log files."""
+    from kaapcli.core import runs as jobs
 
-    j = rules.Journal(journal or rules.default_journal())
-    match = [r for r in j.records() if r.id == run_id]
-    if not match:
-        raise UsageError(f"{j.path}: no run with id {run_id}")
-    old = match[0]
-    record = rules.execute(old.rule, old.series_uid, old.argv, j, env=old.env)
-    typer.echo(record.log)
-    Reporter("retry").info(f"{old.rule}: {record.status} ({record.message})")
-    raise typer.Exit(0 if record.status == "ok" else 1)
+    records = jobs.retry(jobs.Journal(journal or _default_journal()), run_id)
+    reporter = Reporter("retry")
+    for record in records:
+        if record.log:
+            typer.echo(record.log)
+        reporter.info(f"{record.rule}: {record.status} ({record.message}; retry of {record.retry_of})")
+    raise typer.Exit(0 if all(r.status == "ok" for r in records) else 1)
+
+
+def _default_journal() -> Path:
+    from kaapcli.core.rules import default_journal
+
+    return default_journal()
 
 
 def register(app: typer.Typer) -> None:

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from kaapcli.cli import rules as live  # the options every live pipeline command shares
 from kaapcli.cli.common import Format, Reporter, Sink
 from kaapcli.cli.net import DEFAULT_LAYOUT, Layout
-from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
 
 
 def watch(
@@ -23,11 +23,13 @@ def watch(
         "--orthanc", metavar="URL", show_default=False,
         help="Poll this Orthanc's /changes feed instead of a folder (needs -o; credentials from "
              "KAAPCLI_ORTHANC_USER / KAAPCLI_ORTHANC_PASSWORD).")] = None,
-    rules_file: LiveRules = None,
-    jobs: LiveJobs = 2,
-    journal: JournalFile = None,
-    index: LiveIndex = None,
-    project: LiveProject = None,
+    rules_file: live.LiveRules = None,
+    dags: live.LiveDags = None,
+    jobs: live.LiveJobs = 2,
+    journal: live.JournalFile = None,
+    index: live.LiveIndex = None,
+    project: live.LiveProject = None,
+    aet_convention: live.AetConvention = live.Convention.seed,
     layout: Layout = DEFAULT_LAYOUT,
     stable: Annotated[float, typer.Option("--stable", min=0.0,
                                           help="A dropped file is taken after this many seconds unchanged.")] = 2.0,
@@ -60,14 +62,15 @@ def watch(
     sink = Sink(Format.paths)
     hooks: list[Any] = [lambda r: reporter.info(f"series complete: {r.series_uid} ({r.instances} files)")]
     if index is not None:
-        hooks.append(IndexHook(index, project, ctx.find_root().obj))
-    rules_hook = RulesHook(rules_file, journal, None, jobs) if rules_file else None
+        hooks.append(IndexHook(index, project, ctx.find_root().obj, aet_convention.value))
+    rules_hook = (RulesHook(rules_file, journal, None, jobs, dags=dags, config=ctx.find_root().obj)
+                  if rules_file else None)
     if rules_hook is not None:
         hooks.append(rules_hook)
     store = out or inbox
     assert store is not None
     receiver = Receiver(store, layout=layout, series_timeout=series_timeout, hooks=hooks,
-                        on_stored=lambda p: sink.write_line(str(p)))
+                        on_stored=lambda p: sink.write_line(str(p)), ready=rules_hook.ready if rules_hook else None)
     try:
         if orthanc:
             source: Any = w.OrthancWatch(orthanc, receiver, auth=w.environ_auth())

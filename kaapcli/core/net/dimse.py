@@ -573,3 +573,24 @@ def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destinati
 def _describe(query: Query) -> str:
     return " ".join(f"{k}={v}" for k, v in query.keys.items()) or query.level
 
+
+
+# --------------------------------------------------------------------------- verify (Kaapana's check_arrival)
+
+def verify_arrival(paths: list[Path], peer: Peer, *, calling_aet: str, timeouts: Timeouts) -> dict[Path, str]:
+    """After a send: which of these files the peer does not report by C-FIND (IMAGE level, one query per series,
+    PS3.4 C.4.1 hierarchical keys), with the reason; an empty dict when every instance arrived."""
+    by_series: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    for path in paths:
+        ds = dicom.read(path, stop_before_pixels=True,
+                        specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+        by_series[(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))][str(ds.SOPInstanceUID)] = path
+    missing: dict[Path, str] = {}
+    for (study, series), instances in by_series.items():
+        query = Query("instance", {"StudyInstanceUID": study, "SeriesInstanceUID": series}, ["SOPInstanceUID"])
+        found = {str(m.get("00080018", {}).get("Value", [""])[0])
+                 for m in find(peer, query, calling_aet=calling_aet, timeouts=timeouts)}
+        for sop, path in instances.items():
+            if sop not in found:
+                missing[path] = f"{path}: sent, but {peer} does not list SOP Instance {sop} (C-FIND after the send)"
+    return missing

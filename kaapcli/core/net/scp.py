@@ -41,6 +41,7 @@ LOG = logging.getLogger("kaapcli.net")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+NOT_MATCHED = 0xB007  # "Data Set does not match SOP Class" (warning): DicomNode's answer to an unwanted object
 
 
 def _now() -> str:
@@ -66,6 +67,7 @@ class SeriesReceipt:
     first: str = ""
     last: str = ""
     files: list[str] = field(default_factory=list)
+    calling_host: str = ""  # the association's peer address (where a reply may go)
 
     def placeholders(self) -> dict[str, str]:
         return {"series_dir": self.series_dir, "series_uid": self.series_uid, "study_uid": self.study_uid,
@@ -73,6 +75,8 @@ class SeriesReceipt:
 
 
 SeriesHook = Callable[[SeriesReceipt], None]
+AcceptHook = Callable[[ul.Incoming], bool]  # before storing: False → not stored, answered NOT_MATCHED
+ReadyHook = Callable[[SeriesReceipt, float], "bool | None"]  # (receipt, quiet s): complete now / hold / default
 
 
 class StoreWriter:
@@ -156,8 +160,10 @@ class Receiver:
     def __init__(self, out: Path, *, aet: str = "KAAPCLI", bind: str = "127.0.0.1", port: int = 11112,
                  layout: str = DEFAULT_LAYOUT, allow_aets: list[str] | None = None, series_timeout: float = 10.0,
                  timeouts: Timeouts | None = None, on_stored: Callable[[Path], None] | None = None,
-                 hooks: list[SeriesHook] | None = None):
+                 hooks: list[SeriesHook] | None = None, accept: AcceptHook | None = None,
+                 ready: ReadyHook | None = None):
         self.out = out
+        self.accept, self.ready = accept, ready
         self.aet, self.bind, self.port = aet, bind, port
         self.writer = StoreWriter(out, layout)
         self.allow_aets = allow_aets or []
@@ -211,8 +217,12 @@ class Receiver:
         if self._spool is None:  # not started
             conn.close()
             return
-        scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self._spool, self._handle_store,
-                          self.allow_aets)
+        try:
+            host = str(conn.getpeername()[0])
+        except OSError:
+            host = ""
+        scp = ul.StoreSCP(conn, self.timeouts, self._syntaxes, self._spool,
+                          functools.partial(self._handle_store, host=host), self.allow_aets)
         with self._lock:
             busy = len(self._associations) >= MAX_ASSOCIATIONS
             if not busy:
@@ -250,7 +260,10 @@ class Receiver:
             self._spool.close()
         self.poll(flush=True)
 
-    def _handle_store(self, incoming: ul.Incoming) -> int:
+    def _handle_store(self, incoming: ul.Incoming, host: str = "") -> int:
+        if self.accept is not None and not self._accepted(incoming):
+            incoming.path.unlink(missing_ok=True)
+            return NOT_MATCHED
         try:
             dest, header = self.writer.place(incoming.path, incoming.head)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status, never raise
@@ -260,14 +273,28 @@ class Receiver:
             with self._lock:
                 self.failed += 1
             return CANNOT_UNDERSTAND if isinstance(exc, DataError) else OUT_OF_RESOURCES
-        self.record(dest, header, incoming.calling_aet, incoming.called_aet, incoming.size)
+        self.record(dest, header, incoming.calling_aet, incoming.called_aet, incoming.size, host=host)
         if self.on_stored is not None:
             self.on_stored(dest)
         return SUCCESS
 
+    def _accepted(self, incoming: ul.Incoming) -> bool:
+        try:
+            accepted = self.accept is None or self.accept(incoming)
+        except Exception as exc:  # noqa: BLE001 - a failing check keeps the data rather than losing it
+            LOG.error("C-STORE from %s: accept check failed: %s", incoming.calling_aet, exc)
+            return True
+        if not accepted:
+            LOG.error("C-STORE from %s: %s matches no rule: not stored (0x%04X)", incoming.calling_aet,
+                      incoming.sop_instance, NOT_MATCHED)
+            with self._lock:
+                self.failed += 1
+        return accepted
+
     # ------------------------------------------------------------------ series bookkeeping
 
-    def record(self, dest: Path, header: Any, calling: str, called: str, nbytes: int | None = None) -> None:
+    def record(self, dest: Path, header: Any, calling: str, called: str, nbytes: int | None = None,
+               host: str = "") -> None:
         """Count a stored file (of ``nbytes``, when known) towards its series (the receiver calls it; so does
         `kaapcli watch`)."""
         uid = str(header.get("SeriesInstanceUID"))
@@ -278,7 +305,7 @@ class Receiver:
             if receipt is None:
                 receipt = self._series[uid] = SeriesReceipt(
                     series_uid=uid, study_uid=str(header.get("StudyInstanceUID")), series_dir=str(dest.parent),
-                    calling_aet=calling.strip(), called_aet=called.strip(), first=now)
+                    calling_aet=calling.strip(), called_aet=called.strip(), first=now, calling_host=host)
             if str(dest) not in receipt.files:
                 receipt.files.append(str(dest))
                 receipt.instances += 1
@@ -290,7 +317,20 @@ class Receiver:
         """Complete the series quiet for ``series_timeout`` s (all of them with ``flush``); run the hooks."""
         now = time.monotonic()
         with self._lock:
-            done = [uid for uid, t in self._touched.items() if flush or now - t >= self.series_timeout]
+            touched = list(self._touched.items())
+            open_series = {uid: self._series[uid] for uid, _ in touched}
+        verdicts: dict[str, bool | None] = {}
+        if self.ready is not None and not flush:
+            for uid, t in touched:  # outside the lock: the check may read a file
+                try:
+                    verdicts[uid] = self.ready(open_series[uid], now - t)
+                except Exception as exc:  # noqa: BLE001 - a failing check falls back to the series timeout
+                    LOG.error("series %s: completeness check failed: %s", uid, exc)
+        done = [uid for uid, t in touched if flush or verdicts.get(uid) is True
+                or (verdicts.get(uid) is None and now - t >= self.series_timeout)]
+        stamps = dict(touched)
+        with self._lock:  # a series that got a new instance meanwhile stays open
+            done = [uid for uid in done if self._touched.get(uid) == stamps[uid]]
             receipts = [self._series.pop(uid) for uid in done]
             for uid in done:
                 del self._touched[uid]
