@@ -27,13 +27,12 @@ class IndexHook:
 
     def __call__(self, receipt: Any) -> None:
         from kaapcli.core.index.base import open_index
+        from kaapcli.core.index.ingest import index_series
         from kaapcli.core.index.query import Ids
-        from kaapcli.core.meta import series_document
 
-        document, _warnings = series_document([Path(f) for f in receipt.files])
         project = self.project or kaapana_name(receipt.called_aet)
         with open_index(self.target, project, config=self.config, create=True) as index:
-            index.write([document], replace=False)
+            index_series(index, receipt.series_uid, [Path(f) for f in receipt.files])  # document + file list
             dataset = kaapana_name(receipt.calling_aet)
             if dataset:
                 index.dataset_change(dataset, Ids((receipt.series_uid,)))
