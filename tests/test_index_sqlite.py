@@ -277,12 +277,16 @@ def test_datasets(tmp_path: Path) -> None:
     assert kaapcli("dataset", "add", "train", "--series", DOCS[0][SERIES_KEY], "--index", db).returncode == 0
     proc = kaapcli("dataset", "add", "test", "--series", "9.9", "--index", db)
     assert proc.returncode == 1 and "9.9: not in the index" in proc.stderr
-    show = kaapcli("dataset", "show", "train", "--index", db)
+    show = kaapcli("dataset", "show", "train", "--index", db, "--format", "uids")
     assert show.stdout.split() == sorted([*mr, DOCS[0][SERIES_KEY]])
+    documents = [json.loads(line) for line in kaapcli("dataset", "show", "train", "--index", db).stdout.splitlines()]
+    assert documents == sorted((d for d in DOCS if d[SERIES_KEY] in {*mr, DOCS[0][SERIES_KEY]}),
+                               key=lambda d: d[SERIES_KEY])  # jsonl by default: the stored documents
     listed = [json.loads(line) for line in kaapcli("dataset", "list", "--index", db).stdout.splitlines()]
     assert listed == [{"name": "train", "count": len(mr) + 1}]
     assert kaapcli("dataset", "remove", "train", "--series", mr[0], "--index", db).returncode == 0
-    assert kaapcli("dataset", "show", "train", "--index", db).stdout.split() == sorted([*mr[1:], DOCS[0][SERIES_KEY]])
+    assert kaapcli("dataset", "show", "train", "--index", db, "--format", "uids").stdout.split() == \
+        sorted([*mr[1:], DOCS[0][SERIES_KEY]])
     assert kaapcli("dataset", "remove", "train", "--index", db).returncode == 0  # no selection: delete it
     assert kaapcli("dataset", "show", "train", "--index", db).returncode == 66
     # projects are separate indexes in one file
@@ -397,7 +401,7 @@ def test_schema_1_index_is_upgraded(tmp_path: Path) -> None:
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
     assert _kv_and_fts(db, "chest") == (0, 0)
     with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
@@ -417,7 +421,7 @@ def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
     assert _kv_and_fts(db, "chest") == (0, 0)
     with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_nan_is_refused_per_document(tmp_path: Path) -> None:

@@ -29,6 +29,15 @@ IndexOpt = Annotated[str | None, typer.Option(
 ProjectOpt = Annotated[str | None, typer.Option(
     "--project", envvar="KAAPCLI_PROJECT", show_default=False, rich_help_panel=PANEL,
     help="Project (OpenSearch index project_NAME; default admin).")]
+DatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", show_default=False, rich_help_panel=PANEL,
+    help="Retrieve the series of this dataset of the index (from where each came from, or PEER).")]
+IncludeTagOpt = Annotated[list[str] | None, typer.Option(
+    "--include-tag", show_default=False, rich_help_panel=PANEL,
+    help="--dataset: only series with this tag (repeatable: all of them).")]
+ExcludeTagOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude-tag", show_default=False, rich_help_panel=PANEL,
+    help="--dataset: no series with this tag (repeatable).")]
 SeriesOpt = Annotated[list[str] | None, typer.Option(
     "--series", show_default=False, help="A SeriesInstanceUID (repeatable; - reads UIDs from stdin).")]
 StudyOpt = Annotated[list[str] | None, typer.Option(

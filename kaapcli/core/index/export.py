@@ -93,7 +93,7 @@ def export(ix: Index, node: Node, fmt: str, write: Callable[[str], None], report
     if fmt == "csv":
         out(_csv_row(names))
     for doc in docs:
-        uid = doc_id(doc)
+        uid = record_series_uid(doc) or ""  # --fields may leave it out of a jsonl document
         done.series += 1
         assert done.uids is not None
         done.uids.append(uid)

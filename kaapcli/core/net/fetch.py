@@ -81,6 +81,7 @@ class Request:
 
     uids: dict[str, str]
     source: tuple[str, str] | None = None  # (kind, value): profile | url | aet
+    indexed: bool = False  # a series of the index (a search/dataset record), not a UID given or queried
 
     @property
     def label(self) -> str:
@@ -102,26 +103,31 @@ def record_request(record: dict[str, Any]) -> Request | None:
             return None
         source = next(((kind, str(record[key]).strip()) for kind, key in SOURCE_KEYS
                        if isinstance(record.get(key), str) and record[key].strip()), None)
-        return Request(uids, source)
+        return Request(uids, source, indexed=True)
     found = uids_of(record)
     return Request(found) if found else None
 
 
-def dataset_requests(index: Any, name: str, *, include_tags: Sequence[str] = (), exclude_tags: Sequence[str] = (),
+def dataset_requests(config: Any, index: str | None, project: str | None, dataset: str | None,
+                     include_tags: Sequence[str] | None = None, exclude_tags: Sequence[str] | None = None,
                      limit: int | None = None) -> list[Request]:
-    """The series of a dataset (Kaapana's LocalGetInputData): those holding every ``include_tags`` tag and
-    none of ``exclude_tags``, at most ``limit`` of them (in SeriesInstanceUID order)."""
+    """``retrieve --dataset``: the series of a dataset of the index (Kaapana's LocalGetInputData) holding every
+    ``include_tags`` tag and none of ``exclude_tags``, at most ``limit`` of them (in SeriesInstanceUID order)."""
+    from kaapcli.core.index.base import open_index
     from kaapcli.core.index.query import TAGS_KEY, And, Field, InDataset, Not, Term
+    from kaapcli.exitcodes import UsageError
 
+    if dataset is None:
+        if include_tags or exclude_tags:
+            raise UsageError("--include-tag/--exclude-tag select series of a dataset: give --dataset NAME")
+        return []
     tags = Field("Tags", (TAGS_KEY,))
-    node = And((InDataset(name), *(Term(tags, t) for t in include_tags), *(Not(Term(tags, t)) for t in exclude_tags)))
+    node = And((InDataset(dataset), *(Term(tags, t) for t in include_tags or ()),
+                *(Not(Term(tags, t)) for t in exclude_tags or ())))
     fields = [_STUDY, _SERIES, *(key for _, key in SOURCE_KEYS)]
-    requests = []
-    for doc in index.search(node, fields=fields, limit=limit):
-        request = record_request(doc)
-        if request is not None:
-            requests.append(request)
-    return requests
+    with open_index(index, project, config=config) as ix:
+        found = [record_request(doc) for doc in ix.search(node, fields=fields, limit=limit)]
+    return [r for r in found if r is not None]
 
 
 def plan(requests: Sequence[Request], config: Any, fallback: Peer | None) -> tuple[list[tuple[Peer, list[Request]]],
@@ -137,7 +143,7 @@ def plan(requests: Sequence[Request], config: Any, fallback: Peer | None) -> tup
         if fallback is not None:
             peer: Peer | str = fallback
         elif request.source is None:
-            peer = "the index does not know where it came from"
+            peer = "the index does not record where it came from" if request.indexed else "no PEER given"
         else:
             if request.source not in resolved:
                 resolved[request.source] = resolve_source(*request.source, config)
