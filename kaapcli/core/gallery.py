@@ -388,7 +388,7 @@ def filter_values(doc: dict[str, Any], datasets: Sequence[str]) -> dict[str, lis
         values[name] = [v for v in as_list(lookup(doc, key)) if v is not None]
     values["Tags"] = [str(t) for t in as_list(doc.get(TAGS_KEY))]
     values["Dataset"] = list(datasets)
-    values["AnnotationLabel"] = [label for _, label in segments(doc)] if _is_annotation(doc) else []
+    values["AnnotationLabel"] = [str(v) for v in as_list(doc.get(ANNOTATION_KEY))]
     return {k: v for k, v in values.items() if v}
 
 
