@@ -457,3 +457,20 @@ def test_values_round_trip_exactly(tmp_path: Path) -> None:
     assert kaapcli("index", tmp_path / "a.json", tmp_path / "b.jsonl", "--index", db).returncode == 0
     assert search(db, "*") == [{**doc, SERIES_KEY: "1.10"}, doc]
     assert uids(search(db, "Müller*")) == ["1.10", "1.9"]
+
+
+def test_schema_3_index_gets_a_files_table(tmp_path: Path) -> None:
+    """Schema 3 had no files table: opening it adds one, and documents indexed before have no files known."""
+    import sqlite3
+
+    db = tmp_path / "v3.db"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[:2]))
+    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
+    with sqlite3.connect(db) as con:
+        con.execute("DROP TABLE files")
+        con.execute("PRAGMA user_version = 3")
+    proc = kaapcli("search", "*", "--format", "paths", "--index", db)
+    assert proc.returncode == 1 and proc.stderr.count("no files known") == 2
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert con.execute("SELECT count(*) FROM files").fetchone()[0] == 0
