@@ -15,29 +15,13 @@ import click
 import typer
 from typer.core import TyperCommand
 
+from kaapcli.cli._indexopts import IndexOpt, ProjectOpt
 from kaapcli.cli.common import Format, Inputs, OutDir, Reporter, Sink
 
 if TYPE_CHECKING:
     from kaapcli.core.index.base import Index
     from kaapcli.core.index.query import Node
 
-PANEL = "Index"
-IndexOpt = Annotated[str | None, typer.Option(
-    "--index", envvar="KAAPCLI_INDEX", show_default=False, rich_help_panel=PANEL,
-    help="A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch "
-         "URL, or the NAME of an [index.NAME] config profile.")]
-ProjectOpt = Annotated[str | None, typer.Option(
-    "--project", envvar="KAAPCLI_PROJECT", show_default=False, rich_help_panel=PANEL,
-    help="Project (OpenSearch index project_NAME; default admin).")]
-DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", show_default=False, rich_help_panel=PANEL,
-    help="Retrieve the series of this dataset of the index (from where each came from, or PEER).")]
-IncludeTagOpt = Annotated[list[str] | None, typer.Option(
-    "--include-tag", show_default=False, rich_help_panel=PANEL,
-    help="--dataset: only series with this tag (repeatable: all of them).")]
-ExcludeTagOpt = Annotated[list[str] | None, typer.Option(
-    "--exclude-tag", show_default=False, rich_help_panel=PANEL,
-    help="--dataset: no series with this tag (repeatable).")]
 SeriesOpt = Annotated[list[str] | None, typer.Option(
     "--series", show_default=False, help="A SeriesInstanceUID (repeatable; - reads UIDs from stdin).")]
 StudyOpt = Annotated[list[str] | None, typer.Option(

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kaapcli.cli._indexopts import DatasetOpt, ExcludeTagOpt, IncludeTagOpt, IndexOpt, ProjectOpt
 from kaapcli.cli.common import Format, Inputs, OutDir, Reporter, Sink
-from kaapcli.cli.index import DatasetOpt, ExcludeTagOpt, IncludeTagOpt, IndexOpt, ProjectOpt
 from kaapcli.cli.rules import JournalFile, LiveIndex, LiveJobs, LiveProject, LiveRules
 
 PANEL = "Network options"
