@@ -409,13 +409,9 @@ def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
     that a later change or delete removes exactly the words that were added."""
     import sqlite3
 
-    db = tmp_path / "v2.db"
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[:4]))
-    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
-    with sqlite3.connect(db) as con:
-        con.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
-        con.execute("INSERT INTO fts(rowid, body) SELECT id, 'written by schema 2' FROM docs")
-        con.execute("PRAGMA user_version = 2")
+    db = _older_index(tmp_path, DOCS[:4], "INSERT INTO fts(fts) VALUES ('delete-all')",
+                      "INSERT INTO fts(rowid, body) SELECT id, 'written by schema 2' FROM docs",
+                      "PRAGMA user_version = 2")
     assert search(db, "schema", "--count") == [0]
     assert search(db, "chest", "--count") == [sum("chest" in words(d) for d in DOCS[:4])]
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
@@ -463,14 +459,22 @@ def test_schema_3_index_gets_a_files_table(tmp_path: Path) -> None:
     """Schema 3 had no files table: opening it adds one, and documents indexed before have no files known."""
     import sqlite3
 
-    db = tmp_path / "v3.db"
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[:2]))
-    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
-    with sqlite3.connect(db) as con:
-        con.execute("DROP TABLE files")
-        con.execute("PRAGMA user_version = 3")
+    db = _older_index(tmp_path, DOCS[:2], "DROP TABLE files", "PRAGMA user_version = 3")
     proc = kaapcli("search", "*", "--format", "paths", "--index", db)
     assert proc.returncode == 1 and proc.stderr.count("no files known") == 2
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA user_version").fetchone()[0] == 4
         assert con.execute("SELECT count(*) FROM files").fetchone()[0] == 0
+
+
+def _older_index(tmp_path: Path, docs: list[dict[str, Any]], *statements: str) -> Path:
+    """An index of ``docs`` turned back into an older schema by ``statements``."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
+    with sqlite3.connect(db) as con:
+        for statement in statements:
+            con.execute(statement)
+    return db
