@@ -247,3 +247,18 @@ def test_index_source_must_name_a_configured_pacs(tree: Path, tmp_path: Path) ->
     proc = kaapcli("index", tree, "--index", tmp_path / "i.db", "--source", "nowhere")
     assert proc.returncode == 2 and "no [pacs.nowhere] profile" in proc.stderr
     assert not (tmp_path / "i.db").exists()
+
+
+def test_a_file_name_with_a_line_break_is_never_printed(tree: Path, tmp_path: Path) -> None:
+    """One path per line: a name holding a newline would read as two paths downstream (a file name is data)."""
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    source = dicom_files(tree)[0]
+    shutil.copyfile(source, odd / "a.dcm")
+    shutil.copyfile(source, odd / "x\n..\nb.dcm")  # the same instance under a hostile name
+    db = tmp_path / "i.db"
+    assert kaapcli("index", odd, "--index", db).returncode == 0
+    proc = kaapcli("search", "*", "--format", "paths", "--index", db)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [str((odd / "a.dcm").absolute())]
+    assert "1 of 2 file names hold a line break and cannot be printed one per line" in proc.stderr

@@ -327,7 +327,7 @@ def stats(
 
     Series without the field are counted under the value null.
     """
-    from kaapcli.core.index.export import cell
+    from kaapcli.core.index.export import cell, csv_row
     from kaapcli.core.index.query import MatchAll, parse, parse_facet
 
     facet = parse_facet(field)
@@ -342,14 +342,10 @@ def stats(
     if chosen is StatsFormat.csv:
         sink.write_line("value,count")
         for value, n in counts:
-            sink.write_line(f"{_csv_cell(cell(value))},{n}")
+            sink.write_line(csv_row([cell(value), str(n)]))
         return
     for value, n in counts:
         sink.record({"value": value, "count": n})
-
-
-def _csv_cell(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
 
 
 def _bar_chart(title: str, counts: list[tuple[Any, int]]) -> None:

@@ -91,7 +91,7 @@ def export(ix: Index, node: Node, fmt: str, write: Callable[[str], None], report
                         out(parent)
         return done
     if fmt == "csv":
-        out(_csv_row(names))
+        out(csv_row(names))
     for doc in docs:
         uid = record_series_uid(doc) or ""  # --fields may leave it out of a jsonl document
         done.series += 1
@@ -102,7 +102,7 @@ def export(ix: Index, node: Node, fmt: str, write: Callable[[str], None], report
         elif fmt == "uids":
             out(uid)
         else:
-            out(_csv_row([cell(_first_present(doc, ks)) for _, ks in columns]))
+            out(csv_row([cell(_first_present(doc, ks)) for _, ks in columns]))
     return done
 
 
@@ -135,7 +135,11 @@ def present(uid: str, entry: SeriesFiles | None) -> tuple[list[str], list[str]]:
     ok: list[str] = []
     gone: list[str] = []
     moved: list[str] = []
+    unprintable: list[str] = []
     for path, size, mtime in entry.files:
+        if "\n" in path or "\r" in path:  # one path per line: a line break would make two paths of one
+            unprintable.append(path)
+            continue
         try:
             st = os.stat(path)
         except OSError:
@@ -151,6 +155,9 @@ def present(uid: str, entry: SeriesFiles | None) -> tuple[list[str], list[str]]:
     problems = []
     if gone:
         problems.append(f"series {uid}: {len(gone)} of {total} files gone since it was indexed (first: {gone[0]})")
+    if unprintable:
+        problems.append(f"series {uid}: {len(unprintable)} of {total} file names hold a line break and cannot be "
+                        f"printed one per line (first: {unprintable[0]!r})")
     if moved:
         problems.append(f"series {uid}: {len(moved)} of {total} files changed since it was indexed and are no longer "
                         f"of this series (first: {moved[0]})")
@@ -194,7 +201,7 @@ def cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA) else text
 
 
-def _csv_row(cells: Sequence[str]) -> str:
+def csv_row(cells: Sequence[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="").writerow(cells)
     return buffer.getvalue()
