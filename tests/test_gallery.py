@@ -129,10 +129,11 @@ def cohort() -> list[dict[str, Any]]:
     return docs
 
 
-QUERIES = ["Modality:CT -Tags:excluded", "-Modality:CT", "SeriesDescription:LUNG*", "lung1*", "chest",
-           "StudyDate:[2020-01-01 TO 2020-05-10]", "StudyDate:{2020-01-10 TO *}",
-           "NumberOfInstances:>=120 OR Modality:SEG", '-Dataset:train AND AnnotationLabel:"<b>spleen</b>"',
-           "modality:(CT OR MR) AND Rows:512 AND -Tags:*"]
+# each combines constructs: fields, negation, wildcards, bare words, inclusive and exclusive date ranges (a
+# date bound covers its day), numeric comparison, Dataset:, a quoted value, groups, presence
+QUERIES = ["Modality:CT -Tags:excluded", "SeriesDescription:LUNG2* OR chest",
+           "StudyDate:[2020-01-01 TO 2020-05-10] OR lung1*", "StudyDate:{2020-01-10 TO *} AND NumberOfInstances:>=120",
+           '-Dataset:train AND AnnotationLabel:"<b>spleen</b>"', "modality:(CT OR MR) AND Rows:512 AND -Tags:*"]
 
 
 def test_gallery_filter_shows_what_search_finds(tmp_path: Path) -> None:
