@@ -8,6 +8,7 @@ COMMANDS = {
     "concat-json": "utils",
     "config": "config",
     "convert": "convert",
+    "dashboard": "index",
     "dataset": "index",
     "dcm2bin": "encapsulate",
     "dcm2json": "dcm2json",

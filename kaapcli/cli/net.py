@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kaapcli.cli._indexopts import DatasetOpt, ExcludeTagOpt, IncludeTagOpt, IndexOpt, ProjectOpt
 from kaapcli.cli.common import Format, Inputs, OutDir, Reporter, Sink
 from kaapcli.cli.rules import (
     AetConvention,
@@ -381,8 +382,13 @@ def query(
 
 def retrieve(
     ctx: typer.Context,
-    peer: PeerArg,
     out: OutDir,
+    peer: Annotated[str | None, typer.Argument(
+        metavar="[PEER]", show_default=False, help="AET@host:port, an http(s):// DICOMweb root, or a [pacs.NAME] "
+        "profile name (default: where the index says each series came from).")] = None,
+    from_peer: Annotated[str | None, typer.Option(
+        "--from", metavar="PEER", show_default=False, help="The same as PEER (retrieve everything from there).")
+    ] = None,
     key: KeysOpt = None,
     method: Annotated[Method, typer.Option("--method", "-m", help="DIMSE: C-GET, or C-MOVE to a built-in "
                                            "receiver. (http peers: WADO-RS.)")] = Method.get,
@@ -392,6 +398,13 @@ def retrieve(
     reference_of: Annotated[Path | None, typer.Option(
         "--reference-of", metavar="DIR", show_default=False,
         help="Retrieve the series the SEG/RTSTRUCT files in DIR reference.")] = None,
+    dataset: DatasetOpt = None,
+    include_tag: IncludeTagOpt = None,
+    exclude_tag: ExcludeTagOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, show_default=False,
+                                              help="At most N series (requests).")] = None,
+    index: IndexOpt = None,
+    project: ProjectOpt = None,
     aet: Annotated[str | None, typer.Option(
         "--aet", help="C-MOVE destination: the AE title the peer knows our receiver by (default: calling AE).",
         show_default=False)] = None,
@@ -409,17 +422,30 @@ def retrieve(
     """Retrieve studies, series or instances (C-GET, C-MOVE, or WADO-RS) into OUT.
 
     Sub-operation counts are checked: anything failed, or fewer files than the peer reported, makes
-    exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works.
+    exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works, and so do
+    `kaapcli search Q | kaapcli retrieve --from-query - -o DIR` and `kaapcli retrieve --dataset NAME -o DIR`:
+    each series comes from the PACS the index recorded (a configured [pacs.NAME] profile), or from PEER.
     """
+    from kaapcli.core.net import fetch
     from kaapcli.core.net.fetch import Fetcher
     from kaapcli.exitcodes import ExitCode, UsageError
 
-    target = _peer(ctx, peer)
+    if peer and from_peer and peer != from_peer:
+        raise UsageError("give the peer once: PEER or --from PEER")
+    given = peer or from_peer
+    fallback = _peer(ctx, given) if given else None
     timeouts = _timeouts(timeout, connect_timeout)
     calling = _aet(calling_aet, "--calling-aet")
     requests = _retrieve_requests(key or [], from_query, reference_of)
+    requests += fetch.dataset_requests(ctx.obj, index, project, dataset, include_tag, exclude_tag, limit)
+    requests = requests[:limit] if limit else requests
     if not requests:
-        raise UsageError("nothing to retrieve", hint="give -k SeriesInstanceUID=..., --from-query or --reference-of")
+        raise UsageError("nothing to retrieve",
+                         hint="give -k SeriesInstanceUID=..., --from-query, --reference-of or --dataset")
+    plan, unplaced = fetch.plan(requests, ctx.obj, fallback)
+    if unplaced and not plan:
+        raise UsageError(f"{unplaced[0]}{f' (and {len(unplaced) - 1} more)' if len(unplaced) > 1 else ''}",
+                         hint="give PEER (or --from PEER), or a [pacs.NAME] profile for the source")
     reporter = Reporter("retrieve", quiet)
     _route_logs(reporter)
     sink = Sink(fmt)
@@ -430,36 +456,41 @@ def retrieve(
             with lock:
                 sink.write_line(str(path))
 
-    failed = 0
+    failed = len(unplaced)
     files = 0
-    with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
-                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
-        for uids in requests:
-            outcome = fetcher.fetch(uids)
-            files += len(outcome.files)
-            if fmt is Format.jsonl:
-                sink.record(outcome.record())
-            if not outcome.ok:
-                failed += 1
-                reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} completed, "
-                               f"{outcome.failed} failed, {outcome.warning} warning, {len(outcome.files)} received)")
+    for line in unplaced:
+        reporter.error(line)
+    for target, batch in plan:
+        with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
+                     move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
+            for request in batch:
+                outcome = fetcher.fetch(request.uids)
+                files += len(outcome.files)
+                if fmt is Format.jsonl:
+                    sink.record(outcome.record())
+                if not outcome.ok:
+                    failed += 1
+                    reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} "
+                                   f"completed, {outcome.failed} failed, {outcome.warning} warning, "
+                                   f"{len(outcome.files)} received)")
     reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)
 
 
-def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Path | None) -> list[dict[str, str]]:
+def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Path | None) -> list[Any]:
     from kaapcli.core import dicom, fsio
     from kaapcli.core.net.dicomweb import parse_json_lines
-    from kaapcli.core.net.query import Query, referenced_series, uids_of
+    from kaapcli.core.net.fetch import Request, record_request
+    from kaapcli.core.net.query import Query, referenced_series
     from kaapcli.exitcodes import KaapcliError, NoInputError, UsageError
 
-    requests: list[dict[str, str]] = []
+    requests: list[Request] = []
     if keys:
         q = Query.parse("study", keys, [])
         uids = {k: v for k, v in q.keys.items() if k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
         if not uids or len(uids) != len(q.keys):
             raise UsageError("-k for retrieve: only StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID")
-        requests.append(uids)
+        requests.append(Request(uids))
     if from_query:
         if from_query == "-":
             text = sys.stdin.read()
@@ -469,10 +500,10 @@ def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Pa
             except OSError as exc:
                 raise NoInputError(f"{from_query}: cannot read: {exc.strerror}") from exc
         for n, record in enumerate(parse_json_lines(text), 1):
-            uids = uids_of(record)
-            if not uids:
+            request = record_request(record)  # a query (DICOM JSON) or search/dataset show record
+            if request is None:
                 raise UsageError(f"--from-query record {n}: no Study/Series/SOP Instance UID")
-            requests.append(uids)
+            requests.append(request)
     if reference_of is not None:
         for path in fsio.collect_inputs([str(reference_of)]):
             if not fsio.is_dicom(path):
@@ -482,7 +513,7 @@ def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Pa
             except KaapcliError as exc:
                 sys.stderr.write(f"kaapcli: warning: {path}: {exc.message}\n")
                 continue
-            requests.extend(r for r in referenced_series(ds) if r not in requests)
+            requests.extend(Request(r) for r in referenced_series(ds) if Request(r) not in requests)
         if not requests:
             raise NoInputError(f"{reference_of}: no SEG/RTSTRUCT with a referenced series found")
     return requests

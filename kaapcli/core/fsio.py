@@ -43,7 +43,7 @@ def collect_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> list[Pa
     for arg in args:
         if arg == "-":
             stream = stdin if stdin is not None else sys.stdin
-            paths.extend(Path(line.strip()) for line in stream if line.strip())
+            paths.extend(Path(_stdin_path(line.strip())) for line in stream if line.strip())
         else:
             paths.append(Path(arg))
     seen: set[Path] = set()
@@ -60,6 +60,14 @@ def collect_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> list[Pa
                 seen.add(f)
                 files.append(f)
     return files
+
+
+def _stdin_path(line: str) -> str:
+    """A path read from stdin; a JSON record there (``kaapcli search`` without ``--format paths``) is a usage error."""
+    if line.startswith("{") and not os.path.exists(line):
+        raise UsageError(f"stdin: a JSON record, not a path: {line[:60]}...",
+                         hint="kaapcli search QUERY --format paths prints the files of the series")
+    return line
 
 
 def outside_output(args: Iterable[str], files: list[Path], out: Path) -> list[Path]:

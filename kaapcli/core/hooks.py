@@ -51,13 +51,12 @@ class IndexHook:
 
     def __call__(self, receipt: Any) -> None:
         from kaapcli.core.index.base import open_index
+        from kaapcli.core.index.ingest import index_series
         from kaapcli.core.index.query import Ids
-        from kaapcli.core.meta import series_document
 
-        document, _warnings = series_document([Path(f) for f in receipt.files])
         aet_project, dataset = project_and_dataset(receipt.calling_aet, receipt.called_aet, self.convention)
         with open_index(self.target, self.project or aet_project, config=self.config, create=True) as index:
-            index.write([document], replace=False)
+            index_series(index, receipt.series_uid, [Path(f) for f in receipt.files])  # document + file list
             if dataset:
                 index.dataset_change(dataset, Ids((receipt.series_uid,)))
 
