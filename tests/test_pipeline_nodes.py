@@ -180,7 +180,7 @@ def test_kaapana_trigger_rule_and_called_aet_dataset_end_to_end(receiver, tmp_pa
     [run] = runs(journal)
     assert run["rule"] == "service-extract-metadata" and run["status"] == "ok"
     assert len(list(rx.out.rglob("metadata/*/*.json"))) == 1
-    members = kaapcli("dataset", "show", "lung-study", "--index", index)
+    members = kaapcli("dataset", "show", "lung-study", "--index", index, "--format", "uids")
     assert members.returncode == 0 and len(members.stdout.split()) == 1, members.stderr
 
 
