@@ -47,6 +47,12 @@ class Method(str, Enum):
     move = "move"
 
 
+class Decompress(str, Enum):
+    never = "never"
+    lossless = "lossless"
+    lossy = "lossy"
+
+
 class ServerType(str, Enum):
     orthanc = "orthanc"
     dcm4chee = "dcm4chee"
@@ -118,6 +124,9 @@ def send(
     resume: Annotated[Path | None, typer.Option(
         "--resume", metavar="LEDGER", help="JSON-lines ledger of acknowledged SOP Instance UIDs: skip those, "
         "append new ones.", show_default=False)] = None,
+    decompress: Annotated[Decompress, typer.Option(
+        "--decompress", help="When the peer refuses a compressed file's syntax: decode it (pixels verified "
+        "identical) if it is lossless, also if lossy, or never (the file fails).")] = Decompress.lossless,
     dataset: Annotated[str | None, typer.Option(
         help="Kaapana: send as calling AE kp-DATASET.", show_default=False)] = None,
     project: Annotated[str | None, typer.Option(
@@ -132,9 +141,11 @@ def send(
 ) -> None:
     """Send DICOM files (C-STORE, or STOW-RS for http peers) as they are encoded, without decoding them.
 
-    Files are scanned first (file meta only), then sent over associations that propose exactly the SOP
-    classes and transfer syntaxes they need. Every status is checked: a failed or refused file is one
-    error line and exit 1; an unreachable peer is exit 69.
+    Files are scanned first (file meta and element headers: a truncated file is refused locally), then sent
+    over associations that propose exactly the SOP classes and transfer syntaxes they need. A file whose
+    syntax the peer refuses is re-encoded in one it accepts only when its decoded pixels stay identical
+    (byte order swapped, lossless compression decoded; see --decompress). Every status is checked: a failed
+    or refused file is one error line and exit 1; an unreachable peer is exit 69.
     """
     import time
 
@@ -202,7 +213,7 @@ def send(
                 else:
                     dimse.send(instances, target, calling_aet=calling, timeouts=timeouts,
                                associations=associations, on_result=on_result, acknowledged=acknowledged,
-                               stop=stop)
+                               stop=stop, decompress=decompress.value)
             except KeyboardInterrupt:
                 summary.interrupted = True
             finally:

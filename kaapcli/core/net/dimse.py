@@ -2,8 +2,9 @@
 
 Sending never decodes: files go out as their encoded bytes, streamed from disk by the plain-socket
 :class:`~kaapcli.core.net.ul.StoreSCU`, in a presentation context proposed for exactly their SOP class and
-transfer syntax; only when the peer refuses that syntax for an uncompressed file is the file read and
-re-encoded in an accepted one. Every status is checked, and every failure says which peer and why.
+transfer syntax, after a check of their structure (:mod:`payload`: a truncated file is refused locally). Only
+when the peer refuses that syntax is the file read and re-encoded in an accepted uncompressed one, with its
+decoded pixels verified unchanged. Every status is checked, and every failure says which peer and why.
 """
 
 from __future__ import annotations
@@ -22,18 +23,15 @@ from typing import Any
 
 from kaapcli.core import dicom
 from kaapcli.core.batch import ItemResult
-from kaapcli.core.net import ul
+from kaapcli.core.net import payload, ul
+from kaapcli.core.net.payload import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
 from kaapcli.core.net.peers import Peer, Timeouts
 from kaapcli.core.net.query import Query
 from kaapcli.exitcodes import ExitCode, KaapcliError, UnavailableError
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 MAX_PDU = 4 * 1024 * 1024
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE)
+__all__ = ["DEFLATED_LE", "EXPLICIT_BE", "EXPLICIT_LE", "IMPLICIT_LE", "UNCOMPRESSED"]
 
 ResultHook = Callable[[ItemResult], None]
 
@@ -188,16 +186,22 @@ class Instance:
     offset: int = -1  # where its dataset starts (after the file meta); -1: unknown, read it with pydicom
 
 
-def scan(path: Path) -> Instance:
-    """SOP class, SOP instance and transfer syntax of a file: file meta only when there is one."""
+def scan(path: Path, *, check: bool = True) -> Instance:
+    """SOP class, SOP instance and transfer syntax of a file: file meta only when there is one. With ``check``,
+    a file whose element lengths do not fit in it (truncated) raises KaapcliError, as storescu refuses it."""
     size = path.stat().st_size
     try:  # the common case, a Part 10 file, without pydicom
         meta_values, offset = ul.read_meta(path)
         sop_class, sop_instance, syntax = (meta_values.get(tag, "") for tag in ("00020002", "00020003", "00020010"))
-        if sop_class and sop_instance and syntax:
-            return Instance(path, sop_class, sop_instance, syntax, size, True, offset)
     except (OSError, ValueError, struct.error):
-        pass
+        sop_class = ""
+    if sop_class and sop_instance and syntax:
+        if check:
+            try:
+                payload.check_structure(path, offset, syntax)
+            except payload.BadStructure as exc:
+                raise KaapcliError(f"not sent: {exc}", code=ExitCode.DATAERR) from None
+        return Instance(path, sop_class, sop_instance, syntax, size, True, offset)
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
 
@@ -217,7 +221,7 @@ def scan(path: Path) -> Instance:
     return Instance(path, str(sop_class), str(sop_instance), syntax, size, False)
 
 
-def plan(instances: list[Instance], associations: int = 1) -> list[list[Instance]]:
+def plan(instances: list[Instance], associations: int = 1, decompress: str = "lossless") -> list[list[Instance]]:
     """Split instances into association jobs: at most 128 contexts each, ``associations`` jobs per group."""
     by_class: dict[str, list[Instance]] = defaultdict(list)
     for inst in instances:
@@ -225,7 +229,7 @@ def plan(instances: list[Instance], associations: int = 1) -> list[list[Instance
     groups: list[list[Instance]] = []
     current: list[Instance] = []
     for members in by_class.values():
-        if current and len(contexts_for(current + members)) > MAX_CONTEXTS:
+        if current and len(contexts_for(current + members, decompress)) > MAX_CONTEXTS:
             groups.append(current)
             current = []
         current = current + members
@@ -239,13 +243,13 @@ def plan(instances: list[Instance], associations: int = 1) -> list[list[Instance
     return jobs
 
 
-def contexts_for(instances: list[Instance]) -> list[tuple[str, str]]:
+def contexts_for(instances: list[Instance], decompress: str = "lossless") -> list[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs to propose: each file's own syntax, plus Explicit and Implicit VR
-    Little Endian as fallbacks for uncompressed files (the peer may accept only one of them)."""
+    Little Endian as fallbacks for the files that may be re-encoded (the peer may accept only one of them)."""
     pairs: dict[tuple[str, str], None] = {}
     for inst in instances:
         pairs[(inst.sop_class, inst.syntax)] = None
-        if inst.syntax in UNCOMPRESSED:
+        if payload.may_decompress(inst.syntax, decompress):
             pairs[(inst.sop_class, EXPLICIT_LE)] = None
             pairs[(inst.sop_class, IMPLICIT_LE)] = None
     return list(pairs)
@@ -260,7 +264,9 @@ class SendJob:
     on_result: ResultHook
     stop: threading.Event
     acknowledged: Callable[[Instance, str], None] | None = None
+    decompress: str = "lossless"
     results: list[ItemResult] = field(default_factory=list)
+    notes: dict[int, str] = field(default_factory=dict)  # message id -> how a re-encoded file was sent
 
     def emit(self, result: ItemResult) -> None:
         self.results.append(result)
@@ -277,17 +283,17 @@ class SendJob:
 
         def answered(responses: list[tuple[int, ul.StoreStatus]]) -> None:
             for message_id, status in responses:
-                self.emit(self._result(pending.pop(message_id), status))
+                self.emit(self._result(pending.pop(message_id), status, self.notes.pop(message_id, "")))
 
         try:
             for i, inst in enumerate(self.instances):
                 if self.stop.is_set():
                     break  # interrupted: the rest is not sent (nor in the ledger); what is in flight is answered
                 try:
-                    syntax, dataset = self._payload(inst, scu.accepted)
+                    syntax, dataset, note = self._payload(inst, scu.accepted)
                 except KaapcliError as exc:
-                    self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: cannot send: {exc.message}",
-                                         code=int(ExitCode.DATAERR)))
+                    self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: not sent: {exc.message}"
+                                         + (f" (hint: {exc.hint})" if exc.hint else ""), code=int(ExitCode.DATAERR)))
                     continue
                 if syntax is None:
                     self.emit(self._refused(inst))
@@ -299,6 +305,8 @@ class SendJob:
                                    f"no C-STORE response from {self.peer} ({exc})", ExitCode.UNAVAILABLE)
                     return
                 pending[message_id] = inst
+                if note:
+                    self.notes[message_id] = note
                 answered(responses)
             try:
                 answered(scu.drain())
@@ -308,47 +316,49 @@ class SendJob:
         finally:
             scu.release()
 
-    @staticmethod
-    def _payload(inst: Instance, accepted: Any) -> tuple[str | None, Any]:
-        """(transfer syntax, dataset) to send: the file's own bytes streamed from disk when the peer accepted its
-        syntax; else the file read and re-encoded in another uncompressed syntax the peer accepted."""
+    def _payload(self, inst: Instance, accepted: Any) -> tuple[str | None, Any, str]:
+        """(transfer syntax, dataset, note) to send: the file's own bytes streamed from disk when the peer accepted
+        its syntax; else the file re-encoded in an uncompressed syntax the peer accepted, pixels verified
+        (:func:`payload.transcode`), with a note saying so."""
         if (inst.sop_class, inst.syntax) in accepted and inst.offset >= 0:
-            return inst.syntax, (inst.path, inst.offset)
-        candidates = [inst.syntax, *UNCOMPRESSED] if inst.syntax in UNCOMPRESSED else [inst.syntax]
-        syntax = next((ts for ts in candidates if (inst.sop_class, ts) in accepted), None)
-        if syntax is None:
-            return None, None
-        from pydicom.uid import UID
-        from pynetdicom.dsutils import encode
+            return inst.syntax, (inst.path, inst.offset), ""
+        if (inst.sop_class, inst.syntax) in accepted:  # no file meta: read and encoded as it was
+            from pydicom.uid import UID
 
-        uid = UID(syntax)
-        encoded = encode(dicom.read(inst.path), uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
-        if encoded is None:
-            raise KaapcliError(f"cannot encode the dataset in {uid.name}")
-        return syntax, encoded
+            uid = UID(inst.syntax)
+            return inst.syntax, dicom.encode_dataset(dicom.read(inst.path), uid.is_implicit_VR,
+                                                     uid.is_little_endian), ""
+        # the peer's choice among what it accepted: Explicit VR LE first (keeps VRs), then Implicit VR LE
+        syntax = next((ts for ts in (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE) if (inst.sop_class, ts) in accepted), None)
+        if syntax is None:
+            return None, None, ""
+        encoded, note = payload.transcode(inst.path, inst.syntax, syntax, self.decompress)
+        return syntax, encoded, note
 
     def _refused(self, inst: Instance) -> ItemResult:
         from pydicom.uid import UID
 
+        hint = "" if payload.may_decompress(inst.syntax, self.decompress) else " (hint: --decompress lossy)"
         return ItemResult(str(inst.path), "failed", code=int(ExitCode.ITEMS_FAILED),
                           message=f"{inst.path}: {self.peer} accepts no presentation context for "
-                                  f"{UID(inst.sop_class).name} in {UID(inst.syntax).name}")
+                                  f"{UID(inst.sop_class).name} in {UID(inst.syntax).name}{hint}")
 
-    def _result(self, inst: Instance, status: ul.StoreStatus) -> ItemResult:
+    def _result(self, inst: Instance, status: ul.StoreStatus, note: str = "") -> ItemResult:
         category, text = describe_status(status.code, status.comment)
         if category in ("Success", "Warning"):
             if self.acknowledged is not None:
                 self.acknowledged(inst, category.lower())
             warnings = [f"C-STORE warning {text}"] if category == "Warning" else []
-            return ItemResult(str(inst.path), "ok", warnings=warnings, nbytes=inst.nbytes)
+            return ItemResult(str(inst.path), "ok", warnings=warnings, nbytes=inst.nbytes, message=note)
         return ItemResult(str(inst.path), "failed", message=f"{inst.path}: C-STORE failed: {text}",
                           code=int(ExitCode.ITEMS_FAILED))
 
 
 def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: Timeouts, associations: int = 1,
          on_result: ResultHook, acknowledged: Callable[[Instance, str], None] | None = None,
-         stop: threading.Event | None = None) -> list[ItemResult]:
-    """C-STORE ``instances`` over up to ``associations`` parallel associations.
+         stop: threading.Event | None = None, decompress: str = "lossless") -> list[ItemResult]:
+    """C-STORE ``instances`` over up to ``associations`` parallel associations; a file whose syntax the peer
+    refuses is re-encoded (compressed ones decoded as ``decompress`` allows: never, lossless, lossy).
 
     Raises UnavailableError when no association at all could be established (a dead or refusing peer);
     otherwise returns one result per instance (an association lost midway fails its remaining files).
@@ -360,11 +370,11 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
         with lock:
             on_result(result)
 
-    jobs = [SendJob(peer, calling_aet, timeouts, chunk, locked, stop, acknowledged)
-            for chunk in plan(instances, associations)]
+    jobs = [SendJob(peer, calling_aet, timeouts, chunk, locked, stop, acknowledged, decompress)
+            for chunk in plan(instances, associations, decompress)]
 
     def connect(job: SendJob) -> ul.StoreSCU:
-        scu = ul.StoreSCU(peer, calling_aet, timeouts, contexts_for(job.instances))
+        scu = ul.StoreSCU(peer, calling_aet, timeouts, contexts_for(job.instances, decompress))
         scu.connect()
         return scu
 
