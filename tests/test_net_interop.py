@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +218,133 @@ def test_send_to_explicit_only_orthanc_keeps_every_pixel(explicit_only_orthanc: 
         received[sop_of(path)] = path
     transcoded = check_transcoded(jsonl(sent.stdout), sources, received)
     assert set(BIG_ENDIAN + RLE) <= set(transcoded), sorted(set(BIG_ENDIAN + RLE) - set(transcoded))
+
+
+# --------------------------------------------------------------------------- retrieve: strict SCPs, C-GET, C-MOVE
+
+COMPRESSED = ["GDCMJ2K_TextGBR.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+              "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm", "SC_rgb_jls_lossy_line.dcm"]
+
+
+def test_cget_from_orthanc_returns_compressed_objects_as_stored(orthanc, tmp_path: Path) -> None:  # noqa: F811
+    """One presentation context per transfer syntax (the stored ones first): Orthanc sends JPEG 2000, JPEG-LS,
+    RLE and JPEG objects as it stores them, instead of transcoding (or failing to: "Cannot transcode")."""
+    orthanc.clear()
+    src = tmp_path / "src"
+    src.mkdir()
+    study = pydicom.uid.generate_uid()
+    for name in COMPRESSED:  # one study, a series per file (several share their UIDs: new ones, bytes kept)
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.PatientID = "CGET"
+        ds.save_as(src / name)
+    assert kaapcli("send", src, "--to", orthanc.dimse, "-q").returncode == 0
+    proc = kaapcli("retrieve", orthanc.dimse, "-k", f"StudyInstanceUID={study}", "-o", tmp_path / "out",
+                   "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    [record] = jsonl(proc.stdout)
+    assert record["received"] == record["expected"] == len(COMPRESSED)
+    got = {sop_of(p): p for p in dicom_files(tmp_path / "out")}
+    for name in COMPRESSED:
+        sent = src / name
+        back = got[sop_of(sent)]
+        assert (pydicom.dcmread(back, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                == pydicom.dcmread(sent, stop_before_pixels=True).file_meta.TransferSyntaxUID), name
+        # the encoded pixel data as stored, byte for byte (DCMTK under Orthanc corrects an OW VR of encapsulated
+        # pixel data to OB, so the whole dataset may differ in that one byte)
+        assert bytes(pydicom.dcmread(back).PixelData) == bytes(pydicom.dcmread(sent).PixelData), name
+
+
+@pytest.fixture(scope="module")
+def strict_scps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """DCMTK's dcmqrscp and pynetdicom's qrscp app, both loaded with one mock study of two series, and a
+    storescp as the third AE (KAAPMOVE) both know as a move destination."""
+    root = tmp_path_factory.mktemp("strict")
+    third_port, dcmqr_port, qr_port, rx_port = free_port(), free_port(), free_port(), free_port()
+    (root / "db").mkdir()
+    (root / "third").mkdir()
+    (root / "dcmqrscp.cfg").write_text(
+        f"NetworkTCPPort = {dcmqr_port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        f"HostTable BEGIN\nkaapmove = (KAAPMOVE, 127.0.0.1, {third_port})\nkaaprx = (KAAPRX, 127.0.0.1, {rx_port})\n"
+        "HostTable END\n"
+        f"VendorTable BEGIN\nVendorTable END\nAETable BEGIN\nDCMQR {root / 'db'} RW (200, 1024mb) ANY\nAETable END\n")
+    (root / "qrscp.ini").write_text(
+        f"[DEFAULT]\nae_title: QRSCP\nport: {qr_port}\nmax_pdu: 16382\nacse_timeout: 30\ndimse_timeout: 30\n"
+        f"network_timeout: 30\nbind_address: 127.0.0.1\ninstance_location: {root / 'qrinst'}\n"
+        f"database_location: {root / 'qr.sqlite'}\nlog_identifier: False\n"
+        f"[KAAPMOVE]\naddress: 127.0.0.1\nport: {third_port}\n[KAAPRX]\naddress: 127.0.0.1\nport: {rx_port}\n")
+    pytest.importorskip("sqlalchemy")  # pynetdicom's qrscp app needs it
+    procs = [subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(root / "dcmqrscp.cfg")], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([sys.executable, "-m", "pynetdicom", "qrscp", "-c", str(root / "qrscp.ini")], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([dcmtk("storescp"), "-aet", "KAAPMOVE", "-od", str(root / "third"), str(third_port)],
+                              env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        for port, proc in zip((dcmqr_port, qr_port, third_port), procs, strict=True):
+            wait_port(port, proc=proc)
+        data = root / "mock"
+        assert kaapcli("mock", "-o", data, "--series", "2", "--slices", "4", "--rows", "16", "--columns", "16",
+                       "--seed", "11", "-q").returncode == 0
+        peers = {"dcmqrscp": f"DCMQR@127.0.0.1:{dcmqr_port}", "qrscp": f"QRSCP@127.0.0.1:{qr_port}"}
+        for peer in peers.values():
+            sent = kaapcli("send", data, "--to", peer, "-q")
+            assert sent.returncode == 0, sent.stderr
+        series: dict[str, list[Path]] = {}
+        for p in dicom_files(data):
+            series.setdefault(str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID), []).append(p)
+        yield {"peers": peers, "series": series, "third": root / "third", "rx_port": rx_port}
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@pytest.mark.parametrize("scp", ["dcmqrscp", "qrscp"])
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_series_retrieve_from_strict_scps(strict_scps, scp: str, method: str, tmp_path: Path) -> None:
+    """Only the SeriesInstanceUID given: kaapcli looks the StudyInstanceUID up and sends the full hierarchical key
+    (dcmqrscp answered a bare series key with 0 sub-operations and Success, qrscp with 0xC413)."""
+    peer = strict_scps["peers"][scp]
+    uid, files = next(iter(strict_scps["series"].items()))
+    extra = ["--method", "move", "--aet", "KAAPRX", "--port", str(strict_scps["rx_port"]), "--bind", "127.0.0.1"] \
+        if method == "move" else []
+    proc = kaapcli("retrieve", peer, "-k", f"SeriesInstanceUID={uid}", "-o", tmp_path / "out", "--format", "jsonl",
+                   *extra)
+    assert proc.returncode == 0, proc.stderr
+    [record] = jsonl(proc.stdout)
+    assert record["ok"] and record["received"] == record["expected"] == len(files)
+    assert {sop_of(p) for p in dicom_files(tmp_path / "out")} == {sop_of(p) for p in files}
+
+
+@pytest.mark.parametrize("scp", ["dcmqrscp", "qrscp"])
+def test_move_to_a_third_ae_counts_the_peers_counters(strict_scps, scp: str, tmp_path: Path) -> None:
+    third: Path = strict_scps["third"]
+    for old in third.iterdir():
+        old.unlink()
+    uid, files = next(iter(strict_scps["series"].items()))
+    proc = kaapcli("retrieve", strict_scps["peers"][scp], "-k", f"SeriesInstanceUID={uid}", "-o", tmp_path / "out",
+                   "--dest", "KAAPMOVE", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    [record] = jsonl(proc.stdout)
+    assert record["ok"] and record["completed"] == len(files) and record["received"] == 0
+    deadline = time.monotonic() + 10
+    while len(list(third.iterdir())) < len(files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {sop_of(p) for p in third.iterdir()} == {sop_of(p) for p in files}
+    unknown = kaapcli("retrieve", strict_scps["peers"][scp], "-k", f"SeriesInstanceUID={uid}", "-o", tmp_path / "x",
+                      "--dest", "NOBODY", "--format", "jsonl")
+    assert unknown.returncode == 1 and "0xA801" in unknown.stderr
+
+
+@pytest.mark.parametrize("scp", ["dcmqrscp", "qrscp"])
+def test_retrieve_of_nothing_is_not_exit_0(strict_scps, scp: str, tmp_path: Path) -> None:
+    peer = strict_scps["peers"][scp]
+    proc = kaapcli("retrieve", peer, "-k", "SeriesInstanceUID=1.2.3.4.5.6.7.8", "-o", tmp_path / "out")
+    assert proc.returncode == 66 and "no series 1.2.3.4.5.6.7.8" in proc.stderr, proc.stderr
+    study = str(pydicom.dcmread(next(iter(strict_scps["series"].values()))[0], stop_before_pixels=True)
+                .StudyInstanceUID)
+    both = kaapcli("retrieve", peer, "-k", f"StudyInstanceUID={study}", "-o", tmp_path / "all", "--format", "jsonl")
+    assert both.returncode == 0, both.stderr
+    assert jsonl(both.stdout)[0]["received"] == sum(len(f) for f in strict_scps["series"].values())

@@ -383,6 +383,9 @@ def retrieve(
     aet: Annotated[str | None, typer.Option(
         "--aet", help="C-MOVE destination: the AE title the peer knows our receiver by (default: calling AE).",
         show_default=False)] = None,
+    dest: Annotated[str | None, typer.Option(
+        "--dest", metavar="AE", help="C-MOVE to this AE title (another node the peer knows) instead of a built-in "
+        "receiver; the peer's sub-operation counters are checked. Implies --method move.", show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
                                       help="C-MOVE: port of the built-in receiver.")] = 11112,
     bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver.")] = "0.0.0.0",
@@ -396,11 +399,13 @@ def retrieve(
 ) -> None:
     """Retrieve studies, series or instances (C-GET, C-MOVE, or WADO-RS) into OUT.
 
-    Sub-operation counts are checked: anything failed, or fewer files than the peer reported, makes
-    exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works.
+    Sub-operation counts are checked: anything failed, nothing retrieved, fewer files than the peer
+    reported or than its C-FIND listed makes exit 1. Series and instance requests carry the full
+    hierarchical key (the study UID is looked up by C-FIND when not given), as strict SCPs require.
+    `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works.
     """
     from kaapcli.core.net.fetch import Fetcher
-    from kaapcli.exitcodes import ExitCode, UsageError
+    from kaapcli.exitcodes import ExitCode, NoInputError, UsageError
 
     target = _peer(ctx, peer)
     timeouts = _timeouts(timeout, connect_timeout)
@@ -418,20 +423,32 @@ def retrieve(
             with lock:
                 sink.write_line(str(path))
 
-    failed = 0
-    files = 0
-    with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
-                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
+    failed = missing = files = 0
+    destination = _aet(dest, "--dest") if dest else None
+    with Fetcher(target, out, method="move" if destination else method.value, calling_aet=calling,
+                 timeouts=timeouts, layout=layout, move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port,
+                 on_stored=on_stored, destination=destination) as fetcher:
         for uids in requests:
-            outcome = fetcher.fetch(uids)
+            try:
+                outcome = fetcher.fetch(uids)
+            except NoInputError as exc:  # not on the peer: this request failed, the others go on
+                failed, missing = failed + 1, missing + 1
+                reporter.error(exc.message)
+                if fmt is Format.jsonl:
+                    sink.record({"request": " ".join(f"{k}={v}" for k, v in uids.items()), "ok": False,
+                                 "received": 0, "message": exc.message})
+                continue
             files += len(outcome.files)
             if fmt is Format.jsonl:
                 sink.record(outcome.record())
             if not outcome.ok:
                 failed += 1
-                reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} completed, "
-                               f"{outcome.failed} failed, {outcome.warning} warning, {len(outcome.files)} received)")
+                why = outcome.message or outcome.shortfall() or "failed"
+                reporter.error(f"{outcome.request}: {why} ({outcome.completed} completed, {outcome.failed} failed, "
+                               f"{outcome.warning} warning, {len(outcome.files)} received)")
     reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
+    if missing == len(requests):
+        raise typer.Exit(int(ExitCode.NOINPUT))
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)
 
 

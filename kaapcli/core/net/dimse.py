@@ -451,6 +451,20 @@ COMMON_STORAGE = (
     "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.104.1",
     "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1",
 )
+# Transfer syntaxes proposed for C-GET, one context each (as DCMTK's getscu does), so a peer can send every object
+# in the syntax it is stored in instead of transcoding to the one syntax a shared context would get accepted in.
+GET_SYNTAXES = (
+    EXPLICIT_LE, IMPLICIT_LE,
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000 lossless, lossy
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",  # JPEG-LS lossless, near-lossless
+    "1.2.840.10008.1.2.5",  # RLE
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",  # JPEG baseline, extended
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
+    DEFLATED_LE, EXPLICIT_BE,
+)
+_UPPER_KEYS = {"series": ("StudyInstanceUID",), "instance": ("StudyInstanceUID", "SeriesInstanceUID")}
+_LEVEL_KEY = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
 
 
 @dataclass
@@ -464,15 +478,36 @@ class RetrieveOutcome:
     files: list[Path] = field(default_factory=list)
     status: str = ""
     message: str = ""
+    expected: int | None = None  # instances the peer's C-FIND listed, when it answered
+    elsewhere: bool = False  # a C-MOVE to a third AE: nothing arrives here, the peer's counters tell
+
+    @property
+    def arrived(self) -> int:
+        return self.completed + self.warning if self.elsewhere else len(self.files)
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and not self.message and len(self.files) >= self.completed + self.warning
+        if self.failed or self.message or self.arrived == 0:
+            return False
+        if self.expected is not None and self.arrived < self.expected:
+            return False
+        return self.elsewhere or len(self.files) >= self.completed + self.warning
 
     def record(self) -> dict[str, Any]:
         return {"request": self.request, "completed": self.completed, "failed": self.failed,
                 "warning": self.warning, "received": len(self.files), "status": self.status,
-                "ok": self.ok, "message": self.message}
+                "ok": self.ok, "message": self.message or self.shortfall(),
+                **({"expected": self.expected} if self.expected is not None else {}),
+                **({"destination_elsewhere": True} if self.elsewhere else {})}
+
+    def shortfall(self) -> str:
+        """Why an outcome without a message is not ok ("" when it is)."""
+        if self.ok or self.message or self.failed:
+            return ""
+        what = "stored at the destination" if self.elsewhere else "received"
+        if self.expected:
+            return f"{self.arrived} of {self.expected} instances {what}"
+        return f"no instances {what}" if self.arrived == 0 else ""
 
 
 def _counts(outcome: RetrieveOutcome, status: Any) -> None:
@@ -496,39 +531,105 @@ def _final(outcome: RetrieveOutcome, responses: Any, peer: Peer, kind: str) -> N
     outcome.status = text
     if category not in ("Success", "Warning"):
         outcome.message = f"C-{kind.upper()} {category.lower()}: {text}"
-    elif len(outcome.files) < outcome.completed + outcome.warning:
+    elif not outcome.elsewhere and len(outcome.files) < outcome.completed + outcome.warning:
         outcome.message = (f"{peer} reported {outcome.completed + outcome.warning} sub-operations done "
                            f"but {len(outcome.files)} files arrived")
 
 
-def sop_classes_of(peer: Peer, query: Query, calling_aet: str, timeouts: Timeouts) -> list[str]:
-    """The SOP classes a retrieve will bring, from an instance-level C-FIND (empty when the peer won't say)."""
+@dataclass
+class Located:
+    """What a C-FIND told of a retrieve: the full hierarchical keys, the SOP classes, the syntaxes they are stored
+    in (when the peer says) and how many instances there are (None when the peer would not answer)."""
+
+    query: Query
+    classes: list[str] = field(default_factory=list)
+    syntaxes: dict[str, list[str]] = field(default_factory=dict)
+    instances: int | None = None
+
+
+def _first(record: dict[str, Any], tag: str) -> str:
+    values = (record.get(tag) or {}).get("Value") or [""]
+    return str(values[0] or "")
+
+
+def locate(peer: Peer, query: Query, calling_aet: str, timeouts: Timeouts) -> Located:
+    """Complete the unique keys of the levels above the query's (PS3.4 C.4.2.2.1: a hierarchical SCP needs the
+    StudyInstanceUID of a series, and the study and series UIDs of an instance), then list its instances.
+
+    Raises NoInputError when the peer's C-FIND finds no such object."""
+    from kaapcli.exitcodes import NoInputError
+
     keys = dict(query.keys)
-    probe = Query("instance", keys, ["SOPClassUID"])
+    missing = [k for k in _UPPER_KEYS.get(query.level, ()) if not keys.get(k)]
+    if missing:
+        probe = Query(query.level, {_LEVEL_KEY[query.level]: keys[_LEVEL_KEY[query.level]]}, list(missing))
+        try:
+            matches = list(find(peer, probe, calling_aet=calling_aet, timeouts=timeouts))
+        except KaapcliError:
+            matches = []  # the peer does not answer such a query: retrieve with what we have
+        else:
+            if not matches:
+                raise NoInputError(f"{peer}: no {query.level} {keys[_LEVEL_KEY[query.level]]} (C-FIND found none)")
+        for key in missing:
+            value = next((_first(m, _tag(key)) for m in matches if _first(m, _tag(key))), "")
+            if value:
+                keys[key] = value
+    order = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    located = Located(Query(query.level, {k: keys[k] for k in order if keys.get(k)}))
+    probe = Query("instance", dict(located.query.keys), ["SOPClassUID", "AvailableTransferSyntaxUID"])
     try:
-        classes = {str(r.get("00080016", {}).get("Value", [""])[0]) for r in find(peer, probe, calling_aet=calling_aet,
-                                                                                  timeouts=timeouts)}
+        matches = list(find(peer, probe, calling_aet=calling_aet, timeouts=timeouts))
     except KaapcliError:
-        return []
-    return sorted(c for c in classes if c)
+        return located
+    uids = {_first(m, "00080018") for m in matches} - {""}
+    located.instances = len(uids) or None  # a peer that answers with no instance level keys tells nothing
+    for record in matches:
+        sop_class = _first(record, "00080016")
+        if not sop_class:
+            continue
+        stored = located.syntaxes.setdefault(sop_class, [])
+        for syntax in (record.get("00083002") or {}).get("Value") or []:
+            if syntax and syntax not in stored:
+                stored.append(str(syntax))
+    located.classes = sorted(located.syntaxes)
+    return located
+
+
+def _tag(keyword: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+def get_contexts(located: Located) -> list[tuple[str, str]]:
+    """(SOP class, syntax) pairs for C-GET: per class the syntaxes it is stored in, then the common ones, one
+    context each, as many per class as fit in 127 contexts (one more is the C-GET model's)."""
+    classes = located.classes or list(COMMON_STORAGE)
+    classes = classes[:(MAX_CONTEXTS - 1) // 2]  # at least the two uncompressed syntaxes for each class
+    per_class = max(2, (MAX_CONTEXTS - 1) // len(classes))
+    pairs: list[tuple[str, str]] = []
+    for sop_class in classes:
+        stored = located.syntaxes.get(sop_class, [])
+        ordered = [*stored, *(ts for ts in GET_SYNTAXES if ts not in stored)]
+        pairs.extend((sop_class, ts) for ts in ordered[:per_class])
+    return pairs[:MAX_CONTEXTS - 1]
 
 
 def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Timeouts,
         on_stored: Callable[[Path], None] | None = None) -> RetrieveOutcome:
     """C-GET into ``writer`` (a :class:`~kaapcli.core.net.scp.StoreWriter`) on the same association."""
-    from pydicom.uid import AllTransferSyntaxes
     from pynetdicom import evt
     from pynetdicom.presentation import build_context, build_role
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
     outcome = RetrieveOutcome(request=_describe(query))
-    classes = sop_classes_of(peer, query, calling_aet, timeouts) or list(COMMON_STORAGE)
-    classes = classes[:MAX_CONTEXTS - 1]
+    located = locate(peer, query, calling_aet, timeouts)
+    outcome.expected = located.instances
     ae = make_ae(calling_aet, timeouts)
-    syntaxes = [EXPLICIT_LE, IMPLICIT_LE, *[ts for ts in AllTransferSyntaxes if ts not in (EXPLICIT_LE, IMPLICIT_LE)]]
+    pairs = get_contexts(located)
     contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-    contexts += [build_context(sop, syntaxes) for sop in classes]
-    roles = [build_role(sop, scp_role=True) for sop in classes]
+    contexts += [build_context(sop, ts) for sop, ts in pairs]
+    roles = [build_role(sop, scp_role=True) for sop in dict.fromkeys(sop for sop, _ in pairs)]
 
     def on_store(event: Any) -> int:
         try:
@@ -542,8 +643,8 @@ def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Ti
 
     assoc = associate(ae, peer, contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        _final(outcome, assoc.send_c_get(query.retrieve_identifier(), StudyRootQueryRetrieveInformationModelGet),
-               peer, "get")
+        _final(outcome, assoc.send_c_get(located.query.retrieve_identifier(),
+                                         StudyRootQueryRetrieveInformationModelGet), peer, "get")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -552,29 +653,34 @@ def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Ti
 
 def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destination: str, timeouts: Timeouts,
          ) -> RetrieveOutcome:
-    """C-MOVE to ``destination`` — the AE title under which the peer knows ``receiver`` (already started)."""
+    """C-MOVE to ``destination``: the AE title under which the peer knows ``receiver`` (already started), or, with
+    ``receiver`` None, a third node; then the response's sub-operation counters are all there is to count."""
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-    outcome = RetrieveOutcome(request=_describe(query))
+    outcome = RetrieveOutcome(request=_describe(query), elsewhere=receiver is None)
+    located = locate(peer, query, calling_aet, timeouts)
+    outcome.expected = located.instances
     ae = make_ae(calling_aet, timeouts)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = associate(ae, peer)
     stored: list[Path] = []
-    previous = receiver.on_stored
+    previous = receiver.on_stored if receiver is not None else None
 
     def collect(path: Path) -> None:
         stored.append(path)
         if previous is not None:
             previous(path)
 
-    receiver.on_stored = collect
+    if receiver is not None:
+        receiver.on_stored = collect
     try:
-        responses = assoc.send_c_move(query.retrieve_identifier(), destination,
+        responses = assoc.send_c_move(located.query.retrieve_identifier(), destination,
                                      StudyRootQueryRetrieveInformationModelMove)
         outcome.files = stored
         _final(outcome, responses, peer, "move")
     finally:
-        receiver.on_stored = previous
+        if receiver is not None:
+            receiver.on_stored = previous
         if assoc.is_established:
             assoc.release()
     return outcome
@@ -582,4 +688,3 @@ def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destinati
 
 def _describe(query: Query) -> str:
     return " ".join(f"{k}={v}" for k, v in query.keys.items()) or query.level
-
