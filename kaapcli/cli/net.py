@@ -29,6 +29,10 @@ Timeout = Annotated[float | None, typer.Option(
 ConnectTimeout = Annotated[float | None, typer.Option(
     "--connect-timeout", min=0.1, show_default="10", help="Seconds to wait for the TCP connection.",
     rich_help_panel=PANEL)]
+Token = Annotated[str | None, typer.Option(
+    "--token", envvar="KAAPCLI_TOKEN", metavar="TOKEN", show_default=False, rich_help_panel=PANEL,
+    help="DICOMweb: bearer token sent as 'Authorization: Bearer' (never printed; prefer the environment variable "
+         "or a profile's token_env to the command line, where other users can read it).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr (errors still shown).")]
 Layout = Annotated[str, typer.Option(
     "--layout", help="Path template of received files under OUT ({Keyword} fields of the dataset).")]
@@ -58,10 +62,10 @@ class ServerType(str, Enum):
     dcm4chee = "dcm4chee"
 
 
-def _peer(ctx: typer.Context, text: str) -> Any:
+def _peer(ctx: typer.Context, text: str, token: str | None = None) -> Any:
     from kaapcli.core.net.peers import parse_peer
 
-    return parse_peer(text, ctx.obj)
+    return parse_peer(text, ctx.obj).with_token(token)
 
 
 def _timeouts(timeout: float | None, connect: float | None) -> Any:
@@ -97,11 +101,12 @@ def echo(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
     """Check a peer: C-ECHO for DIMSE, a QIDO-RS probe for DICOMweb. Prints {"peer", "ok", "ms", "status"}."""
     from kaapcli.core.net import dicomweb, dimse
 
-    target = _peer(ctx, peer)
+    target = _peer(ctx, peer, token)
     timeouts = _timeouts(timeout, connect_timeout)
     if target.web:
         record = dicomweb.echo(target, timeouts)
@@ -134,6 +139,7 @@ def send(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Scan and report what would be sent.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="stdout: sent file paths, or one JSON record per file.")
                    ] = Format.paths,
@@ -154,7 +160,7 @@ def send(
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.ledger import Ledger
 
-    target = _peer(ctx, to)
+    target = _peer(ctx, to, token)
     calling = _aet(f"kp-{dataset}" if dataset else calling_aet, "calling AE title")
     if project:
         target = target.with_aet(_aet(f"kp-{project}", "called AE title"))
@@ -345,16 +351,24 @@ def query(
         "--return", "-r", metavar="KEYWORD", show_default=False, help="Extra return key (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many matches.",
                                               show_default=False)] = None,
+    worklist: Annotated[bool, typer.Option(
+        "--worklist", help="Query a Modality Worklist (C-FIND, PS3.4 K); -k Modality=, ScheduledStationAETitle=, "
+        "ScheduledProcedureStepStartDate= ... match inside the Scheduled Procedure Step.")] = False,
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
-    """Query a PACS (C-FIND study root, QIDO-RS for http): one DICOM JSON (PS3.18) object per match."""
+    """Query a PACS (C-FIND study root, QIDO-RS for http) or a worklist: one DICOM JSON (PS3.18) object per match.
+
+    `kaapcli query WLM@ris:104 --worklist -k ScheduledProcedureStepStartDate=20260101 > wl.jsonl` makes a
+    list `kaapcli collect wl.jsonl` takes (its AccessionNumber, PatientID and StudyInstanceUID).
+    """
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.query import Query
 
-    target = _peer(ctx, peer)
-    q = Query.parse(level.value, key or [], ret or [], limit)
+    target = _peer(ctx, peer, token)
+    q = Query.parse("worklist" if worklist else level.value, key or [], ret or [], limit)
     timeouts = _timeouts(timeout, connect_timeout)
     sink = Sink(Format.jsonl)
     if target.web:
@@ -393,6 +407,7 @@ def retrieve(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
     fmt: Annotated[Format, typer.Option("--format", help="stdout: received file paths, or one JSON record per "
                                         "request with its sub-operation counts.")] = Format.paths,
     quiet: Quiet = False,
@@ -407,7 +422,7 @@ def retrieve(
     from kaapcli.core.net.fetch import Fetcher
     from kaapcli.exitcodes import ExitCode, NoInputError, UsageError
 
-    target = _peer(ctx, peer)
+    target = _peer(ctx, peer, token)
     timeouts = _timeouts(timeout, connect_timeout)
     calling = _aet(calling_aet, "--calling-aet")
     requests = _retrieve_requests(key or [], from_query, reference_of)
@@ -498,33 +513,49 @@ def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Pa
 def delete(
     ctx: typer.Context,
     peer: PeerArg,
-    study: Annotated[str | None, typer.Option("--study", help="StudyInstanceUID to delete.",
-                                              show_default=False)] = None,
-    series: Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID to delete.",
-                                               show_default=False)] = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="StudyInstanceUID to delete (repeatable).",
+                                                    show_default=False)] = None,
+    series: Annotated[list[str] | None, typer.Option("--series", help="SeriesInstanceUID to delete (repeatable).",
+                                                     show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")
                    ] = False,
     server_type: Annotated[ServerType | None, typer.Option(
         "--server-type", help="The PACS product (default: the profile's kind).", show_default=False)] = None,
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
-    """Delete a study or series from a PACS through its REST API (Orthanc, dcm4chee-arc)."""
-    from kaapcli.core.net.admin import delete as delete_on
-    from kaapcli.exitcodes import UsageError
+    """Delete studies and series from a PACS through its REST API (Orthanc, dcm4chee-arc).
 
-    if bool(study) == bool(series) and not (study and series):
-        raise UsageError("give --study UID or --series UID")
-    target = _peer(ctx, peer)
+    Every named object is deleted or reported: one stderr line each; exit 1 when some could not be deleted,
+    66 when none of them was found.
+    """
+    from kaapcli.core.net.admin import delete_all
+    from kaapcli.exitcodes import ExitCode, UsageError
+
+    targets = [("study", uid) for uid in study or []] + [("series", uid) for uid in series or []]
+    if not targets:
+        raise UsageError("give --study UID or --series UID (each repeatable)")
+    target = _peer(ctx, peer, token)
     kind = server_type.value if server_type else target.kind
-    what = f"series {series}" if series else f"study {study}"
+    what = ", ".join(f"{level} {uid}" for level, uid in targets)
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to delete {what} without --yes (stdin is not a terminal)")
         if not typer.confirm(f"Delete {what} on {target}?", err=True):
             raise typer.Exit(1)
-    for line in delete_on(target, study=study, series=series, kind=kind, timeouts=_timeouts(timeout, connect_timeout)):
-        sys.stderr.write(f"{line}\n")
+    outcomes = delete_all(target, targets, kind=kind, timeouts=_timeouts(timeout, connect_timeout))
+    for outcome in outcomes:
+        if outcome.error is None:
+            for line in outcome.done:
+                sys.stderr.write(f"{line}\n")
+        else:
+            sys.stderr.write(f"kaapcli: error: {outcome.error.message}\n")
+    errors = [o.error for o in outcomes if o.error is not None]
+    if errors and len(errors) == len(outcomes):
+        codes = {int(e.code) for e in errors}
+        raise typer.Exit(codes.pop() if len(codes) == 1 else int(ExitCode.ITEMS_FAILED))
+    raise typer.Exit(int(ExitCode.ITEMS_FAILED) if errors else 0)
 
 
 def register(app: typer.Typer) -> None:

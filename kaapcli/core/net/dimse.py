@@ -87,7 +87,8 @@ def _why(lines: list[str]) -> str:
     if "timed out" in low or "timeout" in low:
         return "no answer (timed out)"
     if "rejected" in low:
-        detail = [line for line in lines if line.startswith(("Result:", "Reason:"))]
+        # pynetdicom logs "Result: R, Source: S" and "Reason: T" (PS3.8 9.3.4): said as send says it
+        detail = [part.strip() for line in lines if line.startswith(("Result:", "Reason:")) for part in line.split(",")]
         return "association rejected" + (f" ({'; '.join(detail)})" if detail else "")
     if "no accepted presentation contexts" in low:
         return "no presentation context accepted"
@@ -127,7 +128,8 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
         return assoc
     if assoc.ident is not None:
         assoc.join(2.0)  # let its threads finish logging why
-    lines = _errors.pop(assoc.ident) + _errors.pop(assoc.dul.ident)
+    # negotiation runs in this thread, the association and its DUL in their own: their error lines say why
+    lines = _errors.pop(threading.get_ident()) + _errors.pop(assoc.ident) + _errors.pop(assoc.dul.ident)
     if assoc.is_rejected:
         lines.append("rejected")
     raise UnavailableError(f"{peer}: {_why(lines)}")
@@ -405,14 +407,16 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
 # --------------------------------------------------------------------------- find
 
 def find(peer: Peer, query: Query, *, calling_aet: str, timeouts: Timeouts) -> Iterator[dict[str, Any]]:
-    """C-FIND (Patient Root for the patient level, Study Root otherwise): matches as DICOM JSON."""
+    """C-FIND (Patient Root for the patient level, Modality Worklist for the worklist, Study Root otherwise):
+    matches as DICOM JSON."""
     from pynetdicom.sop_class import (
+        ModalityWorklistInformationFind,
         PatientRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelFind,
     )
 
-    model = (PatientRootQueryRetrieveInformationModelFind if query.level == "patient"
-             else StudyRootQueryRetrieveInformationModelFind)
+    model = {"patient": PatientRootQueryRetrieveInformationModelFind,
+             "worklist": ModalityWorklistInformationFind}.get(query.level, StudyRootQueryRetrieveInformationModelFind)
     ae = make_ae(calling_aet, timeouts)
     ae.add_requested_context(model)
     assoc = associate(ae, peer)
