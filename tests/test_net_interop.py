@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from conftest import dcmtk, dicom_files, free_port, kaapcli, pydicom_test_files
-from peers import DICOMWEB_PLUGIN, ORTHANC, Orthanc, orthanc, stop, storescp, wait_port  # noqa: F401
+from peers import DICOMWEB_PLUGIN, ORTHANC, Orthanc, orthanc, stop, storescp, wait_port  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.network
 
@@ -179,20 +180,18 @@ def test_send_lossy_decompression_only_when_asked(storescp, tmp_path: Path) -> N
     assert pydicom.dcmread(got[sop_of(src / "SC_rgb_jpeg_dcmtk.dcm")]).LossyImageCompression == "01"
 
 
-@pytest.fixture
-def explicit_only_orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """An Orthanc that accepts Explicit VR Little Endian only."""
+@contextmanager
+def own_orthanc(root: Path, aet: str, **config: object) -> Iterator[Orthanc]:
+    """An Orthanc of the test's own (the session one is shared), with ``config`` over loopback defaults."""
     if not ORTHANC.exists():
         pytest.skip("Orthanc not installed")
-    peer = Orthanc("RESTRICTED", free_port(), free_port(), free_port())
-    root = tmp_path / "orthanc-restricted"
+    peer = Orthanc(aet, free_port(), free_port(), free_port())
     root.mkdir()
-    config = {"Name": "restricted", "DicomAet": peer.aet, "DicomPort": peer.dicom_port, "HttpPort": peer.http_port,
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "db"),
-              "IndexDirectory": str(root / "db"), "HttpBindAddress": "127.0.0.1", "DicomAlwaysAllowStore": True,
-              "AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.1"], "DicomScpTimeout": 10,
-              "UnknownSopClassAccepted": True}
-    (root / "orthanc.json").write_text(json.dumps(config))
+    full = {"Name": aet, "DicomAet": peer.aet, "DicomPort": peer.dicom_port, "HttpPort": peer.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"), "HttpBindAddress": "127.0.0.1", "DicomAlwaysAllowStore": True,
+            "DicomScpTimeout": 10, **config}
+    (root / "orthanc.json").write_text(json.dumps(full))
     with open(root / "orthanc.log", "wb") as log:
         proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -201,6 +200,14 @@ def explicit_only_orthanc(tmp_path: Path) -> Iterator[Orthanc]:
             yield peer
         finally:
             stop(proc)
+
+
+@pytest.fixture
+def explicit_only_orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """An Orthanc that accepts Explicit VR Little Endian only."""
+    with own_orthanc(tmp_path / "orthanc-restricted", "RESTRICTED", UnknownSopClassAccepted=True,
+                     AcceptedTransferSyntaxes=["1.2.840.10008.1.2.1"]) as peer:
+        yield peer
 
 
 def test_send_to_explicit_only_orthanc_keeps_every_pixel(explicit_only_orthanc: Orthanc, tmp_path: Path) -> None:
@@ -348,3 +355,281 @@ def test_retrieve_of_nothing_is_not_exit_0(strict_scps, scp: str, tmp_path: Path
     both = kaapcli("retrieve", peer, "-k", f"StudyInstanceUID={study}", "-o", tmp_path / "all", "--format", "jsonl")
     assert both.returncode == 0, both.stderr
     assert jsonl(both.stdout)[0]["received"] == sum(len(f) for f in strict_scps["series"].values())
+
+
+def test_rejection_reasons_for_echo_query_and_send(strict_scps) -> None:
+    """dcmqrscp rejects an unknown called AE title: echo, query and send all print result, source and reason."""
+    port = strict_scps["peers"]["dcmqrscp"].rsplit(":", 1)[1]
+    for args in (["echo"], ["query"], ["send", strict_scps["series"][next(iter(strict_scps["series"]))][0], "--to"]):
+        proc = kaapcli(*args, f"NOSUCHAE@127.0.0.1:{port}")
+        assert proc.returncode == 69, (args, proc.stderr)
+        assert ("association rejected (Result: Rejected Permanent; Source: Service User; "
+                "Reason: Called AE title not recognised)") in proc.stderr, (args, proc.stderr)
+
+
+# --------------------------------------------------------------------------- send: truncated files refused locally
+
+def test_truncated_file_is_refused_locally_and_the_batch_goes_on(orthanc, mock_ct: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A file cut short in its pixel data: storescu refuses it before sending; so does kaapcli (Orthanc would
+    wait 30 s for the rest, then abort the association and fail the files behind it)."""
+    orthanc.clear()
+    data = tmp_path / "data"
+    shutil.copytree(mock_ct, data)
+    files = dicom_files(data)
+    cut = files[len(files) // 2]
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    start = time.monotonic()
+    for peer in (orthanc.dimse, orthanc.dicomweb):
+        orthanc.clear()
+        proc = kaapcli("send", data, "--to", peer, "--format", "jsonl", "--timeout", "20")
+        assert proc.returncode == 1, proc.stderr
+        status = {r["input"]: r for r in jsonl(proc.stdout)}
+        assert status.pop(str(cut))["message"] == (
+            f"{cut}: not sent: element (7FE0,0010) needs 8192 bytes at byte {cut.stat().st_size - 7192}, "
+            f"but the file ends after 7192")
+        assert {r["status"] for r in status.values()} == {"ok"} and len(status) == len(files) - 1
+        assert len(orthanc.get("/instances")) == len(files) - 1
+    assert time.monotonic() - start < 20  # nobody waited for the missing bytes
+
+
+# --------------------------------------------------------------------------- DICOMweb against Orthanc
+
+def test_qido_wildcards_return_what_curl_returns(orthanc, mock_studies: Path) -> None:  # noqa: F811
+    import requests
+
+    orthanc.clear()
+    assert kaapcli("send", mock_studies, "--to", orthanc.dimse, "-q").returncode == 0
+    for value in ("MOCK*", "MOCK-0003-000?", "*0001", "NOBODY*"):
+        url = f"{orthanc.dicomweb}/studies?PatientID={value}"  # the literal characters, as curl sends them
+        expected = requests.get(url, timeout=10).json() if requests.get(url, timeout=10).content else []
+        proc = kaapcli("query", orthanc.dicomweb, "-k", f"PatientID={value}")
+        assert proc.returncode == 0, proc.stderr
+        got = jsonl(proc.stdout)
+        assert sorted(r["0020000D"]["Value"][0] for r in got) == sorted(r["0020000D"]["Value"][0] for r in expected)
+    assert len(jsonl(kaapcli("query", orthanc.dicomweb, "-k", "PatientID=MOCK*").stdout)) == 3
+
+
+def test_stow_reports_each_files_real_status(orthanc, mock_studies: Path, tmp_path: Path) -> None:  # noqa: F811
+    """One file Orthanc cannot store (no StudyInstanceUID): Orthanc answers 400 for the request but lists the 18
+    it stored; those are ok, the bad one failed with its FailureReason."""
+    orthanc.clear()
+    data = tmp_path / "data"
+    shutil.copytree(mock_studies, data)
+    ds = pydicom.dcmread(dicom_files(data)[0])
+    del ds.StudyInstanceUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(data / "no-study.dcm")
+    proc = kaapcli("send", data, "--to", orthanc.dicomweb, "--format", "jsonl")
+    assert proc.returncode == 1, proc.stderr
+    status = {Path(r["input"]).name: r for r in jsonl(proc.stdout)}
+    bad = status.pop("no-study.dcm")
+    assert bad["status"] == "failed" and "HTTP 400" in bad["message"] and "0xC000" in bad["message"]
+    assert len(status) == 18 and {r["status"] for r in status.values()} == {"ok"}
+    assert len(orthanc.get("/instances")) == 18
+
+
+def test_delete_several_series_deletes_or_reports_each(orthanc, mock_ct: Path) -> None:  # noqa: F811
+    orthanc.clear()
+    assert kaapcli("send", mock_ct, "--to", orthanc.dimse, "-q").returncode == 0
+    series = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in dicom_files(mock_ct)})
+    assert len(series) == 2
+    proc = kaapcli("delete", orthanc.dicomweb, "--series", series[0], "--series", series[1], "--series", "1.2.3.4",
+                   "--server-type", "orthanc", "--yes")
+    assert proc.returncode == 1, proc.stderr  # two deleted, one not found
+    assert orthanc.get("/series") == []
+    assert "no series 1.2.3.4" in proc.stderr and proc.stderr.count("/series/") == 2
+    again = kaapcli("delete", orthanc.dicomweb, "--series", series[0], "--series", series[1], "--server-type",
+                    "orthanc", "--yes")
+    assert again.returncode == 66 and again.stderr.count("no series") == 2
+
+
+# --------------------------------------------------------------------------- DICOMweb credentials
+
+class TokenServer:
+    """A DICOMweb stand-in over HTTP that wants ``Authorization: Bearer <token>``: QIDO answers [], STOW-RS refuses a
+    request whole (400, no body) when it holds a file of ``bad`` and stores the rest. Records every request."""
+
+    def __init__(self, token: str, bad: set[str]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, str, int]] = []  # method, path, Authorization, parts
+        self.stored: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def answer(self, code: int, body: object = None) -> None:
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(code)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorised(self, parts: int = 0) -> bool:
+                auth = self.headers.get("Authorization", "")
+                server.requests.append((self.command, self.path, auth, parts))
+                if auth != f"Bearer {token}":
+                    self.answer(401)
+                    return False
+                return True
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.authorised():
+                    self.answer(200, [])
+
+            def do_POST(self) -> None:  # noqa: N802
+                from io import BytesIO
+
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                boundary = self.headers["Content-Type"].split("boundary=")[1].encode()
+                parts = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in body.split(b"--" + boundary)[1:-1]]
+                if not self.authorised(len(parts)):
+                    return
+                uids = [str(pydicom.dcmread(BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in parts]
+                if bad & set(uids):
+                    self.answer(400)
+                    return
+                server.stored += uids
+                self.answer(200, {"00081199": {"vr": "SQ", "Value": [
+                    {"00081155": {"vr": "UI", "Value": [u]}} for u in uids]}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_bearer_token_from_option_and_profile_never_printed(mock_studies: Path, tmp_path: Path) -> None:
+    files = dicom_files(mock_studies)
+    bad = sop_of(files[7])
+    server = TokenServer("s3cret-t0ken", {bad})
+    try:
+        refused = kaapcli("query", server.url)
+        assert refused.returncode == 69 and "HTTP 401" in refused.stderr and "--token" in refused.stderr
+        wrong = kaapcli("echo", server.url, "--token", "nope")
+        assert wrong.returncode == 69 and "check the bearer token" in wrong.stderr and "nope" not in wrong.stderr
+        ok = kaapcli("query", server.url, "-k", "PatientID=MOCK*", "--token", "s3cret-t0ken",
+                     env={"KAAPCLI_DEBUG": "1"})
+        assert ok.returncode == 0 and "s3cret" not in ok.stderr, ok.stderr
+        method, path, auth, _ = server.requests[-1]
+        assert method == "GET" and path.startswith("/dicom-web/studies?PatientID=MOCK*&")
+        assert auth == "Bearer s3cret-t0ken"
+        (tmp_path / "kaapcli.toml").write_text(f'[pacs.web]\ndicomweb = "{server.url}"\ntoken_env = "WEB_TOKEN"\n')
+        env = {"WEB_TOKEN": "s3cret-t0ken"}
+        assert kaapcli("echo", "web", cwd=tmp_path, env=env).returncode == 0
+        shown = kaapcli("config", "show", cwd=tmp_path, env=env)
+        assert shown.returncode == 0 and "s3cret" not in shown.stdout, shown.stdout
+        server.requests.clear()
+        sent = kaapcli("send", mock_studies, "--to", "web", "--format", "jsonl", cwd=tmp_path, env=env)
+        assert "s3cret" not in sent.stderr + sent.stdout
+        assert sent.returncode == 1, sent.stderr
+        status = {r["input"]: r["status"] for r in jsonl(sent.stdout)}
+        assert status.pop(str(files[7])) == "failed" and set(status.values()) == {"ok"} and len(status) == 17
+        assert sorted(server.stored) == sorted(sop_of(f) for f in files if sop_of(f) != bad)
+        # the batch of 18 was refused whole, then halved until the bad file was alone
+        assert [parts for method, _, _, parts in server.requests if method == "POST"][:3] == [18, 9, 4]
+        assert {auth for *_, auth, _ in server.requests} == {"Bearer s3cret-t0ken"}
+    finally:
+        server.close()
+
+
+def test_basic_auth_with_orthanc(mock_ct: Path, tmp_path: Path) -> None:
+    with own_orthanc(tmp_path / "orthanc-auth", "AUTH", AuthenticationEnabled=True,
+                     RegisteredUsers={"kaap": "pw-1234"}, Plugins=[str(DICOMWEB_PLUGIN)],
+                     DicomWeb={"Enable": True, "Root": "/dicom-web/"}) as peer:
+        (tmp_path / "kaapcli.toml").write_text(f'[pacs.auth]\ndicomweb = "{peer.dicomweb}"\nusername = "kaap"\n'
+                                               'password_env = "AUTH_PW"\n')
+        sent = kaapcli("send", mock_ct, "--to", "auth", "-q", cwd=tmp_path, env={"AUTH_PW": "pw-1234"})
+        assert sent.returncode == 0, sent.stderr
+        found = kaapcli("query", "auth", "-l", "series", cwd=tmp_path, env={"AUTH_PW": "pw-1234"})
+        assert found.returncode == 0 and len(jsonl(found.stdout)) == 2, found.stderr
+        wrong = kaapcli("query", "auth", cwd=tmp_path, env={"AUTH_PW": "wrong"})
+        assert wrong.returncode == 69 and "HTTP 401" in wrong.stderr and "wrong" not in wrong.stderr
+
+
+# --------------------------------------------------------------------------- Modality Worklist
+
+WORKLIST_ITEM = """(0008,0005) CS [ISO_IR 100]
+(0008,0050) SH [{accession}]
+(0010,0010) PN [{name}]
+(0010,0020) LO [{patient}]
+(0020,000d) UI [{study}]
+(0032,1060) LO [{what}]
+(0040,1001) SH [RP-{accession}]
+(0040,0100) SQ (Sequence with undefined length)
+(fffe,e000) na (Item with undefined length)
+(0008,0060) CS [{modality}]
+(0040,0001) AE [{station}]
+(0040,0002) DA [{date}]
+(0040,0003) TM [090000]
+(0040,0007) LO [{what}]
+(0040,0009) SH [SPS-{accession}]
+(fffe,e00d) na (ItemDelimitationItem)
+(fffe,e0dd) na (SequenceDelimitationItem)
+"""
+
+
+@pytest.fixture
+def wlmscpfs(tmp_path: Path, mock_studies: Path) -> Iterator[str]:
+    """DCMTK's worklist SCP over two worklist files made with dump2dcm: a CT step for the second mock study (its
+    accession number and study UID) and an MR step for a patient kaapcli's mock has not."""
+    ds = pydicom.dcmread(sorted(dicom_files(mock_studies))[-1], stop_before_pixels=True)
+    items = [dict(accession=str(ds.AccessionNumber), name=str(ds.PatientName), patient=str(ds.PatientID),
+                  study=str(ds.StudyInstanceUID), what="CT chest", modality="CT", station="CTSCANNER", date="20261204"),
+             dict(accession="ACC-MR-1", name="Other^Patient", patient="WL-0002", study=pydicom.uid.generate_uid(),
+                  what="MR head", modality="MR", station="MRSCANNER", date="20261205")]
+    aedir = tmp_path / "worklists" / "WLM"
+    aedir.mkdir(parents=True)
+    (aedir / "lockfile").touch()  # wlmscpfs wants it in each AE directory
+    for n, item in enumerate(items):
+        (tmp_path / f"{n}.dump").write_text(WORKLIST_ITEM.format(**item))
+        subprocess.run([dcmtk("dump2dcm"), str(tmp_path / f"{n}.dump"), str(aedir / f"{n}.wl")], check=True,
+                       capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("wlmscpfs"), "-dfp", str(tmp_path / "worklists"), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc)
+        yield f"WLM@127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def test_worklist_query_as_json_lines(wlmscpfs: str) -> None:
+    every = kaapcli("query", wlmscpfs, "--worklist")
+    assert every.returncode == 0, every.stderr
+    records = jsonl(every.stdout)
+    assert len(records) == 2 and "ACC-MR-1" in {r["00080050"]["Value"][0] for r in records}
+    step = next(r for r in records if r["00080050"]["Value"] == ["ACC-MR-1"])["00400100"]["Value"][0]
+    assert step["00080060"]["Value"] == ["MR"] and step["00400001"]["Value"] == ["MRSCANNER"]
+    ct = jsonl(kaapcli("query", wlmscpfs, "--worklist", "-k", "Modality=CT").stdout)
+    assert len(ct) == 1 and ct[0]["00400100"]["Value"][0]["00400001"]["Value"] == ["CTSCANNER"]
+    # wlmscpfs matches dates by range, station AE titles by single value, patient names by wildcard
+    dated = jsonl(kaapcli("query", wlmscpfs, "--worklist", "-k", "ScheduledProcedureStepStartDate=20261205-",
+                          "-k", "ScheduledStationAETitle=MRSCANNER", "-k", "PatientName=Other*").stdout)
+    assert [r["00100020"]["Value"] for r in dated] == [["WL-0002"]]
+    assert jsonl(kaapcli("query", wlmscpfs, "--worklist", "-k", "PatientID=NOBODY").stdout) == []
+    web = kaapcli("query", "http://127.0.0.1:9/dicom-web", "--worklist")
+    assert web.returncode == 2 and "DIMSE" in web.stderr
+
+
+def test_collect_takes_its_list_from_a_worklist(wlmscpfs: str, orthanc, mock_studies: Path, tmp_path: Path) -> None:  # noqa: F811
+    orthanc.clear()
+    assert kaapcli("send", mock_studies, "--to", orthanc.dimse, "-q").returncode == 0
+    worklist = tmp_path / "ct.jsonl"
+    query = kaapcli("query", wlmscpfs, "--worklist", "-k", "Modality=CT")
+    assert query.returncode == 0, query.stderr
+    worklist.write_text(query.stdout)
+    proc = kaapcli("collect", worklist, "--from", orthanc.dimse, "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    study = jsonl(query.stdout)[0]["0020000D"]["Value"][0]
+    got = dicom_files(tmp_path / "out" / "studies")
+    assert len(got) == 6 and {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in got} == {study}
