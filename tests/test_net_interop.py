@@ -23,7 +23,8 @@ from peers import DICOMWEB_PLUGIN, ORTHANC, Orthanc, orthanc, stop, storescp, wa
 pytestmark = pytest.mark.network
 
 BIG_ENDIAN = ["emri_small_big_endian.dcm", "OBXXXX1A_expb.dcm", "gdcm-US-ALOKA-16_big.dcm", "MR_small_bigendian.dcm",
-              "SC_rgb_small_odd_big_endian.dcm", "rtdose_expb_1frame.dcm", "SC_rgb_expb_16bit.dcm"]
+              "SC_rgb_small_odd_big_endian.dcm", "liver_expb_1frame.dcm", "SC_rgb_expb_16bit.dcm",
+              "SC_rgb_expb_32bit.dcm"]  # 8, 16 and 32 bits allocated
 RLE = ["MR_small_RLE.dcm", "SC_rgb_rle_16bit.dcm", "SC_rgb_rle_32bit_2frame.dcm", "rtdose_rle_1frame.dcm"]
 
 
@@ -43,12 +44,12 @@ def all_test_files() -> list[Path]:
     return files
 
 
-def unique_copies(dest: Path) -> dict[str, Path]:
-    """Every test file under ``dest``; a file whose SOP Instance UID an earlier one has gets a new one (storescp
-    names files by it). Returns SOP Instance UID -> the copy."""
+def unique_copies(dest: Path, names: set[str] | None = None) -> dict[str, Path]:
+    """Every test file (or those ``names``) under ``dest``; a file whose SOP Instance UID an earlier one has gets a
+    new one (storescp names files by it). Returns SOP Instance UID -> the copy."""
     dest.mkdir()
     seen: dict[str, Path] = {}
-    for n, path in enumerate(all_test_files()):
+    for n, path in enumerate(p for p in all_test_files() if names is None or p.name in names):
         copy = dest / f"{n:03d}_{path.name}"
         try:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
@@ -214,7 +215,10 @@ def test_send_to_explicit_only_orthanc_keeps_every_pixel(explicit_only_orthanc: 
     import requests
 
     peer = explicit_only_orthanc
-    sources = unique_copies(tmp_path / "src")
+    # the byte-order and compression cases, lossy and broken ones included (storescp above gets every file)
+    sources = unique_copies(tmp_path / "src", {*BIG_ENDIAN, *RLE, *COMPRESSED, "MR_truncated.dcm", "CT_small.dcm",
+                                               "ExplVR_BigEndNoMeta.dcm", "OT-PAL-8-face.dcm", "image_dfl.dcm",
+                                               "MR_small_implicit.dcm", "liver_expb.dcm", "SC_rgb_expb_32bit.dcm"})
     sent = kaapcli("send", tmp_path / "src", "--to", peer.dimse, "--format", "jsonl", timeout=300)
     assert sent.returncode == 1 and "Traceback" not in sent.stderr
     received: dict[str, Path] = {}

@@ -258,6 +258,6 @@ def parse_json_lines(text: str) -> list[dict[str, Any]]:
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise UsageError(f"--from-query line {n}: not JSON ({exc.msg})") from exc
     return records

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,13 @@ from kaapcli.exitcodes import ExitCode, KaapcliError, UnavailableError
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 MAX_PDU = 4 * 1024 * 1024
+# SOP classes (PS3.4 Annex B.5), as UIDs: pynetdicom's sop_class module defines its names at run time
+VERIFICATION = "1.2.840.10008.1.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
 __all__ = ["DEFLATED_LE", "EXPLICIT_BE", "EXPLICIT_LE", "IMPLICIT_LE", "UNCOMPRESSED"]
 
 ResultHook = Callable[[ItemResult], None]
@@ -157,10 +164,8 @@ def describe_status(code: int, comment: str = "", table: str = "storage") -> tup
 # --------------------------------------------------------------------------- echo
 
 def echo(peer: Peer, calling_aet: str, timeouts: Timeouts) -> dict[str, Any]:
-    from pynetdicom.sop_class import Verification
-
     ae = make_ae(calling_aet, timeouts)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     start = time.perf_counter()
     assoc = associate(ae, peer)
     try:
@@ -212,7 +217,8 @@ def scan(path: Path, *, check: bool = True) -> Instance:
         values = [meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
                                         "TransferSyntaxUID")]
         if all(values):
-            return Instance(path, *(str(v) for v in values), size, True)
+            sop_class, sop_instance, syntax = (str(v) for v in values)
+            return Instance(path, sop_class, sop_instance, syntax, size, True)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
         pass
     ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -391,7 +397,9 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
     # The first association alone: a dead peer is one error, not one per file.
     first = connect(jobs[0]) if jobs else None
     with ThreadPoolExecutor(max(1, associations)) as pool:
-        futures = [pool.submit(jobs[0].run, first)] if first is not None else []
+        futures: list[Future[UnavailableError | None]] = []
+        if first is not None:
+            futures.append(pool.submit(lambda: jobs[0].run(first)))  # type: ignore[func-returns-value]
         futures += [pool.submit(run, job) for job in jobs[1:]]
         try:
             errors = [f.result() for f in futures]
@@ -409,14 +417,9 @@ def send(instances: list[Instance], peer: Peer, *, calling_aet: str, timeouts: T
 def find(peer: Peer, query: Query, *, calling_aet: str, timeouts: Timeouts) -> Iterator[dict[str, Any]]:
     """C-FIND (Patient Root for the patient level, Modality Worklist for the worklist, Study Root otherwise):
     matches as DICOM JSON."""
-    from pynetdicom.sop_class import (
-        ModalityWorklistInformationFind,
-        PatientRootQueryRetrieveInformationModelFind,
-        StudyRootQueryRetrieveInformationModelFind,
-    )
+    from pydicom.uid import UID
 
-    model = {"patient": PatientRootQueryRetrieveInformationModelFind,
-             "worklist": ModalityWorklistInformationFind}.get(query.level, StudyRootQueryRetrieveInformationModelFind)
+    model = UID({"patient": PATIENT_ROOT_FIND, "worklist": WORKLIST_FIND}.get(query.level, STUDY_ROOT_FIND))
     ae = make_ae(calling_aet, timeouts)
     ae.add_requested_context(model)
     assoc = associate(ae, peer)
@@ -622,16 +625,16 @@ def get_contexts(located: Located) -> list[tuple[str, str]]:
 def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Timeouts,
         on_stored: Callable[[Path], None] | None = None) -> RetrieveOutcome:
     """C-GET into ``writer`` (a :class:`~kaapcli.core.net.scp.StoreWriter`) on the same association."""
+    from pydicom.uid import UID
     from pynetdicom import evt
     from pynetdicom.presentation import build_context, build_role
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
     outcome = RetrieveOutcome(request=_describe(query))
     located = locate(peer, query, calling_aet, timeouts)
     outcome.expected = located.instances
     ae = make_ae(calling_aet, timeouts)
     pairs = get_contexts(located)
-    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+    contexts = [build_context(STUDY_ROOT_GET)]
     contexts += [build_context(sop, ts) for sop, ts in pairs]
     roles = [build_role(sop, scp_role=True) for sop in dict.fromkeys(sop for sop, _ in pairs)]
 
@@ -647,8 +650,7 @@ def get(peer: Peer, query: Query, writer: Any, *, calling_aet: str, timeouts: Ti
 
     assoc = associate(ae, peer, contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        _final(outcome, assoc.send_c_get(located.query.retrieve_identifier(),
-                                         StudyRootQueryRetrieveInformationModelGet), peer, "get")
+        _final(outcome, assoc.send_c_get(located.query.retrieve_identifier(), UID(STUDY_ROOT_GET)), peer, "get")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -659,13 +661,13 @@ def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destinati
          ) -> RetrieveOutcome:
     """C-MOVE to ``destination``: the AE title under which the peer knows ``receiver`` (already started), or, with
     ``receiver`` None, a third node; then the response's sub-operation counters are all there is to count."""
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+    from pydicom.uid import UID
 
     outcome = RetrieveOutcome(request=_describe(query), elsewhere=receiver is None)
     located = locate(peer, query, calling_aet, timeouts)
     outcome.expected = located.instances
     ae = make_ae(calling_aet, timeouts)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(STUDY_ROOT_MOVE)
     assoc = associate(ae, peer)
     stored: list[Path] = []
     previous = receiver.on_stored if receiver is not None else None
@@ -678,8 +680,7 @@ def move(peer: Peer, query: Query, receiver: Any, *, calling_aet: str, destinati
     if receiver is not None:
         receiver.on_stored = collect
     try:
-        responses = assoc.send_c_move(located.query.retrieve_identifier(), destination,
-                                     StudyRootQueryRetrieveInformationModelMove)
+        responses = assoc.send_c_move(located.query.retrieve_identifier(), destination, UID(STUDY_ROOT_MOVE))
         outcome.files = stored
         _final(outcome, responses, peer, "move")
     finally:
