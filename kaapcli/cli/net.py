@@ -113,6 +113,8 @@ def echo(
     else:
         record = dimse.echo(target, _aet(calling_aet, "--calling-aet"), timeouts)
     Sink(Format.jsonl).record(record)
+    if not record["ok"]:
+        sys.stderr.write(f"kaapcli: error: {target}: answered {record['status']}\n")
     raise typer.Exit(0 if record["ok"] else 1)
 
 
@@ -453,7 +455,7 @@ def retrieve(
                     sink.record({"request": " ".join(f"{k}={v}" for k, v in uids.items()), "ok": False,
                                  "received": 0, "message": exc.message})
                 continue
-            files += len(outcome.files)
+            files += outcome.arrived
             if fmt is Format.jsonl:
                 sink.record(outcome.record())
             if not outcome.ok:
@@ -461,7 +463,8 @@ def retrieve(
                 why = outcome.message or outcome.shortfall() or "failed"
                 reporter.error(f"{outcome.request}: {why} ({outcome.completed} completed, {outcome.failed} failed, "
                                f"{outcome.warning} warning, {len(outcome.files)} received)")
-    reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
+    where = f"instances stored at {destination} (the peer's count)" if destination else "files received"
+    reporter.info(f"{len(requests)} requests, {files} {where}, {failed} requests failed")
     if missing == len(requests):
         raise typer.Exit(int(ExitCode.NOINPUT))
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)

@@ -59,7 +59,7 @@ def echo(peer: Peer, timeouts: Timeouts) -> dict[str, Any]:
                        headers={"Accept": DICOM_JSON})
     ms = round((time.perf_counter() - start) * 1000, 1)
     return {"peer": peer.address, "ok": response.status_code in (200, 204), "ms": ms,
-            "status": f"HTTP {response.status_code}"}
+            "status": f"HTTP {response.status_code} {response.reason or ''}".rstrip()}
 
 
 # --------------------------------------------------------------------------- QIDO-RS

@@ -124,7 +124,14 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
 
     if contexts is not None:
         ae.requested_contexts = contexts
-    handlers = [(evt.EVT_CONN_OPEN, no_delay), *(evt_handlers or [])]
+    rejection: list[Any] = []  # the A-ASSOCIATE-RJ PDU: pynetdicom may report a reject as an abort when the peer
+    # closes the connection right after it (dcmqrscp does), so its result, source and reason are read here
+
+    def on_pdu(event: Any) -> None:
+        if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+            rejection.append(event.pdu)
+
+    handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_PDU_RECV, on_pdu), *(evt_handlers or [])]
     try:
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, evt_handlers=handlers, **kwargs)
     except OSError as exc:  # e.g. the host name does not resolve
@@ -137,9 +144,18 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
         assoc.join(2.0)  # let its threads finish logging why
     # negotiation runs in this thread, the association and its DUL in their own: their error lines say why
     lines = _errors.pop(threading.get_ident()) + _errors.pop(assoc.ident) + _errors.pop(assoc.dul.ident)
+    if rejection:
+        raise UnavailableError(f"{peer}: association rejected ({rejected_because(rejection[0])})")
     if assoc.is_rejected:
         lines.append("rejected")
     raise UnavailableError(f"{peer}: {_why(lines)}")
+
+
+def rejected_because(pdu: Any) -> str:
+    """Result, source and reason of an A-ASSOCIATE-RJ (PS3.8 9.3.4), worded as :mod:`ul` words them for send."""
+    result, source, reason = int(pdu.result), int(pdu.source), int(pdu.reason_diagnostic)
+    return (f"Result: {ul.RJ_RESULT.get(result, result)}; Source: {ul.RJ_SOURCE.get(source, source)}; "
+            f"Reason: {ul.RJ_REASON.get(source, {}).get(reason, reason)}")
 
 
 def status_text(status: Any, table: str = "storage") -> tuple[str, str]:
