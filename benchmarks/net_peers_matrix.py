@@ -17,34 +17,20 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_net import free_port, wait_port
+from common import compile_kaapcli
+
 KAAPCLI = [sys.executable, "-m", "kaapcli"]
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 MIXED = ["emri_small_big_endian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm",
          "MR_truncated.dcm"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def run(*args: object, env: dict[str, str] | None = None) -> tuple[int, str, str, float]:
@@ -84,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = parser.parse_args()
+    compile_kaapcli()
     root = args.keep or Path(tempfile.mkdtemp(prefix="kaapcli-matrix-"))
     root.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []

@@ -149,3 +149,12 @@ def test_retrieve_outcome_zero_of_n_is_not_ok() -> None:
     assert not outcome.ok and outcome.shortfall() == "0 of 4 instances received"
     elsewhere = dimse.RetrieveOutcome("x", completed=4, expected=4, elsewhere=True)
     assert elsewhere.ok and dimse.RetrieveOutcome("x", completed=3, expected=4, elsewhere=True).ok is False
+
+
+def test_transcode_refuses_pixel_data_that_would_decode_too_large(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    ds.Rows = ds.Columns = 65535
+    ds.NumberOfFrames = 1000  # 8 TB decoded, claimed by a header: refused before any decoder allocates it
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(KaapcliError, match="would decode to"):
+        payload.transcode(tmp_path / "huge.dcm", "1.2.840.10008.1.2.5", dimse.IMPLICIT_LE)

@@ -24,7 +24,7 @@ from typing import Any
 from kaapcli.core import dicom
 from kaapcli.core.batch import ItemResult
 from kaapcli.core.net import payload, ul
-from kaapcli.core.net.payload import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
+from kaapcli.core.net.payload import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from kaapcli.core.net.peers import Peer, Timeouts
 from kaapcli.core.net.query import Query
 from kaapcli.exitcodes import ExitCode, KaapcliError, UnavailableError
@@ -38,7 +38,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
-__all__ = ["DEFLATED_LE", "EXPLICIT_BE", "EXPLICIT_LE", "IMPLICIT_LE", "UNCOMPRESSED"]
 
 ResultHook = Callable[[ItemResult], None]
 

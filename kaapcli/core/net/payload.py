@@ -35,6 +35,7 @@ LOSSLESS = frozenset({
     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",  # JPEG 2000 / HTJ2K lossless
 })
 DECOMPRESS_POLICIES = ("never", "lossless", "lossy")
+MAX_DECODED_BYTES = 2 << 30  # header values are the sender's: never decode (twice, to verify) more than this
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float and (plain) Pixel Data
 
@@ -57,41 +58,69 @@ def check_structure(path: Path, offset: int, syntax: str) -> None:
     or when the dataset has an odd length (PS3.5 7.1.1: every value has even length; peers abort on it)."""
     if syntax == DEFLATED_LE or offset < 0:
         return  # a deflated stream has no element headers to walk; files without file meta are read by pydicom
-    size = path.stat().st_size
-    implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
     with open(path, "rb") as fh:
-        _walk(fh, offset, size, implicit, little, depth=0)
-    if (size - offset) % 2:
-        raise BadStructure(f"the dataset has an odd length ({size - offset} bytes): truncated or not conformant")
+        reader = _Window(fh)
+        _walk(reader, offset, reader.size, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE, depth=0)
+    if (reader.size - offset) % 2:
+        raise BadStructure(f"the dataset has an odd length ({reader.size - offset} bytes): truncated or not conformant")
 
 
-def _walk(fh: Any, pos: int, end: int, implicit: bool, little: bool, depth: int, *, delimited: bool = False) -> int:
+class _Window:
+    """Reads of a few bytes at any position, served from one 64 KB window (a header is read once, values skipped)."""
+
+    SIZE = 16384
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.size = fh.seek(0, 2)
+        self.start, self.data = 0, b""
+
+    def read(self, pos: int, n: int) -> bytes:
+        at = pos - self.start
+        if at < 0 or at + n > len(self.data):
+            if pos >= self.size:
+                return b""
+            self.fh.seek(pos)
+            self.start, self.data, at = pos, self.fh.read(max(n, self.SIZE)), 0
+        return self.data[at:at + n]
+
+
+_TAG = {"<": struct.Struct("<HH"), ">": struct.Struct(">HH")}
+_U16 = {"<": struct.Struct("<H"), ">": struct.Struct(">H")}
+_U32 = {"<": struct.Struct("<I"), ">": struct.Struct(">I")}
+_SHORT_VRS = frozenset(vr.encode() for vr in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT",
+                                              "PN", "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US"))
+
+
+def _walk(fh: _Window, pos: int, end: int, implicit: bool, little: bool, depth: int, *, delimited: bool = False
+          ) -> int:
     """Walk elements from ``pos`` to ``end``; a ``delimited`` item (undefined length) ends at its delimiter.
     Returns where the walk stopped."""
     order = "<" if little else ">"
+    tag_of, u16, u32 = _TAG[order].unpack_from, _U16[order].unpack_from, _U32[order].unpack_from
     if depth > 64:
         raise BadStructure("sequences nested more than 64 deep")
     while pos < end:
-        fh.seek(pos)
-        head = fh.read(8)
+        head = fh.read(pos, 12)
         if len(head) < 8:
             raise BadStructure(f"the file ends inside an element header at byte {pos}")
-        group, elem = struct.unpack_from(order + "HH", head)
+        group, elem = tag_of(head)
         if group == 0xFFFE:  # items and delimiters: tag and 4-byte length in every syntax (PS3.5 7.5)
             if delimited and elem == 0xE00D:
                 return pos + 8
             raise BadStructure(f"an unexpected item tag (FFFE,{elem:04X}) at byte {pos}")
         if implicit:
-            vr, length, pos = b"", struct.unpack_from(order + "I", head, 4)[0], pos + 8
+            vr, length, pos = b"", u32(head, 4)[0], pos + 8
         else:
             vr = head[4:6]
-            if vr in dicom.LONG_LENGTH_VR_BYTES:
-                extra = fh.read(4)
-                if len(extra) < 4:
+            if vr in _SHORT_VRS:
+                length, pos = u16(head, 6)[0], pos + 8
+            elif vr in dicom.LONG_LENGTH_VR_BYTES:
+                if len(head) < 12:
                     raise BadStructure(f"the file ends inside the header of ({group:04X},{elem:04X})")
-                length, pos = struct.unpack(order + "I", extra)[0], pos + 12
-            elif vr.isalpha() and vr.isupper():
-                length, pos = struct.unpack_from(order + "H", head, 6)[0], pos + 8
+                length, pos = u32(head, 8)[0], pos + 12
+            elif vr.isalpha() and vr.isupper():  # a VR of a later edition: 2-byte length (PS3.5 7.1.2)
+                length, pos = u16(head, 6)[0], pos + 8
             else:
                 raise BadStructure(f"element ({group:04X},{elem:04X}) at byte {pos} has no VR: the file is not "
                                    "encoded in the explicit VR syntax its file meta names")
@@ -103,31 +132,25 @@ def _walk(fh: Any, pos: int, end: int, implicit: bool, little: bool, depth: int,
             continue
         if pos + length > end:
             raise BadStructure(f"element ({group:04X},{elem:04X}) needs {length} bytes at byte {pos}, "
-                            f"but {'its item' if depth else 'the file'} ends after {end - pos}")
-        if (vr == b"SQ" or (implicit and _is_sequence(fh, pos, length, order))) and length:
-            _items(fh, pos, pos + length, implicit, little, depth)
+                               f"but {'its item' if depth else 'the file'} ends after {end - pos}")
+        if length and (vr == b"SQ" or (implicit and fh.read(pos, 4) == _ITEM[order])):
+            _items(fh, pos, pos + length, implicit, little, depth)  # implicit VR: a value starting with an item
         pos += length
     if delimited:
         raise BadStructure("the file ends before an item delimiter")
     return pos
 
 
-def _is_sequence(fh: Any, pos: int, length: int, order: str) -> bool:
-    """Implicit VR: a defined-length value that starts with an item tag is taken as a sequence."""
-    if length < 8:
-        return False
-    fh.seek(pos)
-    return fh.read(4) == struct.pack(order + "HH", 0xFFFE, 0xE000)
+_ITEM = {"<": struct.pack("<HH", 0xFFFE, 0xE000), ">": struct.pack(">HH", 0xFFFE, 0xE000)}
 
 
-def _items(fh: Any, pos: int, end: int, implicit: bool, little: bool, depth: int, *, delimited: bool = False,
+def _items(fh: _Window, pos: int, end: int, implicit: bool, little: bool, depth: int, *, delimited: bool = False,
            encapsulated: bool = False) -> int:
     """Walk the items of a sequence (or the fragments of encapsulated pixel data) from ``pos`` to ``end``; an
     undefined-length (``delimited``) sequence ends at its delimiter."""
     order = "<" if little else ">"
     while pos < end:
-        fh.seek(pos)
-        head = fh.read(8)
+        head = fh.read(pos, 8)
         if len(head) < 8:
             raise BadStructure(f"the file ends inside a sequence at byte {pos}")
         group, elem, length = struct.unpack(order + "HHI", head)
@@ -170,6 +193,7 @@ def transcode(path: Path, source: str, target: str, policy: str = "lossless") ->
     ds = dicom.read(path)
     for _ in ds.iterall():  # decode every element in the source's encoding before it is re-encoded
         pass
+    _check_decoded_size(ds)
     before = _pixels(ds, "the original")
     if source not in UNCOMPRESSED and before is not None:
         _decompress(ds, src_uid)
@@ -183,6 +207,18 @@ def transcode(path: Path, source: str, target: str, policy: str = "lossless") ->
         if after is None or before.shape != after.shape or not np.array_equal(before, after):
             raise KaapcliError(f"re-encoding from {src_uid.name} to {dst_uid.name} would change the decoded pixels")
     return encoded, f"sent as {dst_uid.name} (the peer refuses {src_uid.name}); decoded pixels verified identical"
+
+
+def _check_decoded_size(ds: Any) -> None:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        size = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8) * max(1, frames))
+    except (TypeError, ValueError) as exc:
+        raise KaapcliError(f"cannot verify the pixel data: bad image header value ({exc})") from None
+    if size > MAX_DECODED_BYTES:
+        raise KaapcliError(f"its pixel data would decode to {size / 2**30:.1f} GiB, more than kaapcli decodes to "
+                           f"re-encode ({MAX_DECODED_BYTES >> 30} GiB)")
 
 
 def _pixels(ds: Any, what: str) -> Any:
