@@ -39,6 +39,10 @@ Timeout = Annotated[float | None, typer.Option(
 ConnectTimeout = Annotated[float | None, typer.Option(
     "--connect-timeout", min=0.1, show_default="10", help="Seconds to wait for the TCP connection.",
     rich_help_panel=PANEL)]
+Token = Annotated[str | None, typer.Option(
+    "--token", envvar="KAAPCLI_TOKEN", metavar="TOKEN", show_default=False, rich_help_panel=PANEL,
+    help="DICOMweb: bearer token sent as 'Authorization: Bearer' (never printed; prefer the environment variable "
+         "or a profile's token_env to the command line, where other users can read it).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr (errors still shown).")]
 Layout = Annotated[str, typer.Option(
     "--layout", help="Path template of received files under OUT ({Keyword} fields of the dataset).")]
@@ -57,15 +61,21 @@ class Method(str, Enum):
     move = "move"
 
 
+class Decompress(str, Enum):
+    never = "never"
+    lossless = "lossless"
+    lossy = "lossy"
+
+
 class ServerType(str, Enum):
     orthanc = "orthanc"
     dcm4chee = "dcm4chee"
 
 
-def _peer(ctx: typer.Context, text: str) -> Any:
+def _peer(ctx: typer.Context, text: str, token: str | None = None) -> Any:
     from kaapcli.core.net.peers import parse_peer
 
-    return parse_peer(text, ctx.obj)
+    return parse_peer(text, ctx.obj).with_token(token)
 
 
 def _timeouts(timeout: float | None, connect: float | None) -> Any:
@@ -101,17 +111,20 @@ def echo(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
     """Check a peer: C-ECHO for DIMSE, a QIDO-RS probe for DICOMweb. Prints {"peer", "ok", "ms", "status"}."""
     from kaapcli.core.net import dicomweb, dimse
 
-    target = _peer(ctx, peer)
+    target = _peer(ctx, peer, token)
     timeouts = _timeouts(timeout, connect_timeout)
     if target.web:
         record = dicomweb.echo(target, timeouts)
     else:
         record = dimse.echo(target, _aet(calling_aet, "--calling-aet"), timeouts)
     Sink(Format.jsonl).record(record)
+    if not record["ok"]:
+        sys.stderr.write(f"kaapcli: error: {target}: answered {record['status']}\n")
     raise typer.Exit(0 if record["ok"] else 1)
 
 
@@ -128,6 +141,9 @@ def send(
     resume: Annotated[Path | None, typer.Option(
         "--resume", metavar="LEDGER", help="JSON-lines ledger of acknowledged SOP Instance UIDs: skip those, "
         "append new ones.", show_default=False)] = None,
+    decompress: Annotated[Decompress, typer.Option(
+        "--decompress", help="When the peer refuses a compressed file's syntax: decode it (pixels verified "
+        "identical) if it is lossless, also if lossy, or never (the file fails).")] = Decompress.lossless,
     dataset: Annotated[str | None, typer.Option(
         help="Kaapana: send as calling AE kp-DATASET.", show_default=False)] = None,
     project: Annotated[str | None, typer.Option(
@@ -135,6 +151,7 @@ def send(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Scan and report what would be sent.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="After sending, confirm by C-FIND (IMAGE level) that the "
                                          "peer lists every instance (Kaapana's check_arrival); a missing one fails."
@@ -145,9 +162,11 @@ def send(
 ) -> None:
     """Send DICOM files (C-STORE, or STOW-RS for http peers) as they are encoded, without decoding them.
 
-    Files are scanned first (file meta only), then sent over associations that propose exactly the SOP
-    classes and transfer syntaxes they need. Every status is checked: a failed or refused file is one
-    error line and exit 1; an unreachable peer is exit 69.
+    Files are scanned first (file meta and element headers: a truncated file is refused locally), then sent
+    over associations that propose exactly the SOP classes and transfer syntaxes they need. A file whose
+    syntax the peer refuses is re-encoded in one it accepts only when its decoded pixels stay identical
+    (byte order swapped, lossless compression decoded; see --decompress). Every status is checked: a failed
+    or refused file is one error line and exit 1; an unreachable peer is exit 69.
     """
     import time
 
@@ -156,7 +175,7 @@ def send(
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.ledger import Ledger
 
-    target = _peer(ctx, to)
+    target = _peer(ctx, to, token)
     calling = _aet(f"kp-{dataset}" if dataset else calling_aet, "calling AE title")
     if project:
         target = target.with_aet(_aet(f"kp-{project}", "called AE title"))
@@ -215,7 +234,7 @@ def send(
                 else:
                     dimse.send(instances, target, calling_aet=calling, timeouts=timeouts,
                                associations=associations, on_result=on_result, acknowledged=acknowledged,
-                               stop=stop)
+                               stop=stop, decompress=decompress.value)
             except KeyboardInterrupt:
                 summary.interrupted = True
             finally:
@@ -358,16 +377,24 @@ def query(
         "--return", "-r", metavar="KEYWORD", show_default=False, help="Extra return key (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many matches.",
                                               show_default=False)] = None,
+    worklist: Annotated[bool, typer.Option(
+        "--worklist", help="Query a Modality Worklist (C-FIND, PS3.4 K); -k Modality=, ScheduledStationAETitle=, "
+        "ScheduledProcedureStepStartDate= ... match inside the Scheduled Procedure Step.")] = False,
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
-    """Query a PACS (C-FIND study root, QIDO-RS for http): one DICOM JSON (PS3.18) object per match."""
+    """Query a PACS (C-FIND study root, QIDO-RS for http) or a worklist: one DICOM JSON (PS3.18) object per match.
+
+    `kaapcli query WLM@ris:104 --worklist -k ScheduledProcedureStepStartDate=20260101 > wl.jsonl` makes a
+    list `kaapcli collect wl.jsonl` takes (its AccessionNumber, PatientID and StudyInstanceUID).
+    """
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.query import Query
 
-    target = _peer(ctx, peer)
-    q = Query.parse(level.value, key or [], ret or [], limit)
+    target = _peer(ctx, peer, token)
+    q = Query.parse("worklist" if worklist else level.value, key or [], ret or [], limit)
     timeouts = _timeouts(timeout, connect_timeout)
     sink = Sink(Format.jsonl)
     if target.web:
@@ -408,6 +435,9 @@ def retrieve(
     aet: Annotated[str | None, typer.Option(
         "--aet", help="C-MOVE destination: the AE title the peer knows our receiver by (default: calling AE).",
         show_default=False)] = None,
+    dest: Annotated[str | None, typer.Option(
+        "--dest", metavar="AE", help="C-MOVE to this AE title (another node the peer knows) instead of a built-in "
+        "receiver; the peer's sub-operation counters are checked. Implies --method move.", show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
                                       help="C-MOVE: port of the built-in receiver.")] = 11112,
     bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver.")] = "0.0.0.0",
@@ -415,25 +445,28 @@ def retrieve(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
     fmt: Annotated[Format, typer.Option("--format", help="stdout: received file paths, or one JSON record per "
                                         "request with its sub-operation counts.")] = Format.paths,
     quiet: Quiet = False,
 ) -> None:
     """Retrieve studies, series or instances (C-GET, C-MOVE, or WADO-RS) into OUT.
 
-    Sub-operation counts are checked: anything failed, or fewer files than the peer reported, makes
-    exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works, and so do
+    Sub-operation counts are checked: anything failed, nothing retrieved, fewer files than the peer
+    reported or than its C-FIND listed makes exit 1. Series and instance requests carry the full
+    hierarchical key (the study UID is looked up by C-FIND when not given), as strict SCPs require.
+    `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works, and so do
     `kaapcli search Q | kaapcli retrieve --from-query - -o DIR` and `kaapcli retrieve --dataset NAME -o DIR`:
     each series comes from the PACS the index recorded (a configured [pacs.NAME] profile), or from PEER.
     """
     from kaapcli.core.net import fetch
     from kaapcli.core.net.fetch import Fetcher
-    from kaapcli.exitcodes import ExitCode, UsageError
+    from kaapcli.exitcodes import ExitCode, NoInputError, UsageError
 
     if peer and from_peer and peer != from_peer:
         raise UsageError("give the peer once: PEER or --from PEER")
     given = peer or from_peer
-    fallback = _peer(ctx, given) if given else None
+    fallback = _peer(ctx, given, token) if given else None
     timeouts = _timeouts(timeout, connect_timeout)
     calling = _aet(calling_aet, "--calling-aet")
     requests = _retrieve_requests(key or [], from_query, reference_of)
@@ -456,24 +489,37 @@ def retrieve(
             with lock:
                 sink.write_line(str(path))
 
-    failed = len(unplaced)
+    failed, missing = len(unplaced), 0
     files = 0
     for line in unplaced:
         reporter.error(line)
+    destination = _aet(dest, "--dest") if dest else None
     for target, batch in plan:
-        with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
-                     move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
+        with Fetcher(target, out, method="move" if destination else method.value, calling_aet=calling,
+                     timeouts=timeouts, layout=layout, move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port,
+                     on_stored=on_stored, destination=destination) as fetcher:
             for request in batch:
-                outcome = fetcher.fetch(request.uids)
-                files += len(outcome.files)
+                try:
+                    outcome = fetcher.fetch(request.uids)
+                except NoInputError as exc:  # not on the peer: this request failed, the others go on
+                    failed, missing = failed + 1, missing + 1
+                    reporter.error(exc.message)
+                    if fmt is Format.jsonl:
+                        sink.record({"request": " ".join(f"{k}={v}" for k, v in request.uids.items()), "ok": False,
+                                     "received": 0, "message": exc.message})
+                    continue
+                files += outcome.arrived
                 if fmt is Format.jsonl:
                     sink.record(outcome.record())
                 if not outcome.ok:
                     failed += 1
-                    reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} "
-                                   f"completed, {outcome.failed} failed, {outcome.warning} warning, "
-                                   f"{len(outcome.files)} received)")
-    reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
+                    why = outcome.message or outcome.shortfall() or "failed"
+                    reporter.error(f"{outcome.request}: {why} ({outcome.completed} completed, {outcome.failed} "
+                                   f"failed, {outcome.warning} warning, {len(outcome.files)} received)")
+    where = f"instances stored at {destination} (the peer's count)" if destination else "files received"
+    reporter.info(f"{len(requests)} requests, {files} {where}, {failed} requests failed")
+    if missing == len(requests):
+        raise typer.Exit(int(ExitCode.NOINPUT))
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)
 
 
@@ -524,33 +570,49 @@ def _retrieve_requests(keys: list[str], from_query: str | None, reference_of: Pa
 def delete(
     ctx: typer.Context,
     peer: PeerArg,
-    study: Annotated[str | None, typer.Option("--study", help="StudyInstanceUID to delete.",
-                                              show_default=False)] = None,
-    series: Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID to delete.",
-                                               show_default=False)] = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="StudyInstanceUID to delete (repeatable).",
+                                                    show_default=False)] = None,
+    series: Annotated[list[str] | None, typer.Option("--series", help="SeriesInstanceUID to delete (repeatable).",
+                                                     show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")
                    ] = False,
     server_type: Annotated[ServerType | None, typer.Option(
         "--server-type", help="The PACS product (default: the profile's kind).", show_default=False)] = None,
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    token: Token = None,
 ) -> None:
-    """Delete a study or series from a PACS through its REST API (Orthanc, dcm4chee-arc)."""
-    from kaapcli.core.net.admin import delete as delete_on
-    from kaapcli.exitcodes import UsageError
+    """Delete studies and series from a PACS through its REST API (Orthanc, dcm4chee-arc).
 
-    if bool(study) == bool(series) and not (study and series):
-        raise UsageError("give --study UID or --series UID")
-    target = _peer(ctx, peer)
+    Every named object is deleted or reported: one stderr line each; exit 1 when some could not be deleted,
+    66 when none of them was found.
+    """
+    from kaapcli.core.net.admin import delete_all
+    from kaapcli.exitcodes import ExitCode, UsageError
+
+    targets = [("study", uid) for uid in study or []] + [("series", uid) for uid in series or []]
+    if not targets:
+        raise UsageError("give --study UID or --series UID (each repeatable)")
+    target = _peer(ctx, peer, token)
     kind = server_type.value if server_type else target.kind
-    what = f"series {series}" if series else f"study {study}"
+    what = ", ".join(f"{level} {uid}" for level, uid in targets)
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to delete {what} without --yes (stdin is not a terminal)")
         if not typer.confirm(f"Delete {what} on {target}?", err=True):
             raise typer.Exit(1)
-    for line in delete_on(target, study=study, series=series, kind=kind, timeouts=_timeouts(timeout, connect_timeout)):
-        sys.stderr.write(f"{line}\n")
+    outcomes = delete_all(target, targets, kind=kind, timeouts=_timeouts(timeout, connect_timeout))
+    for outcome in outcomes:
+        if outcome.error is None:
+            for line in outcome.done:
+                sys.stderr.write(f"{line}\n")
+        else:
+            sys.stderr.write(f"kaapcli: error: {outcome.error.message}\n")
+    errors = [o.error for o in outcomes if o.error is not None]
+    if errors and len(errors) == len(outcomes):
+        codes = {int(e.code) for e in errors}
+        raise typer.Exit(codes.pop() if len(codes) == 1 else int(ExitCode.ITEMS_FAILED))
+    raise typer.Exit(int(ExitCode.ITEMS_FAILED) if errors else 0)
 
 
 def register(app: typer.Typer) -> None:

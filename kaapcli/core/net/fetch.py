@@ -22,7 +22,8 @@ class Fetcher:
 
     def __init__(self, peer: Peer, out: Path, *, method: str = "get", calling_aet: str = "KAAPCLI",
                  timeouts: Timeouts | None = None, layout: str = DEFAULT_LAYOUT, move_aet: str | None = None,
-                 bind: str = "0.0.0.0", port: int = 11112, on_stored: Callable[[Path], None] | None = None):
+                 bind: str = "0.0.0.0", port: int = 11112, on_stored: Callable[[Path], None] | None = None,
+                 destination: str | None = None):
         from kaapcli.core.net.scp import Receiver, StoreWriter
 
         self.peer, self.method, self.calling_aet = peer, method, calling_aet
@@ -30,7 +31,8 @@ class Fetcher:
         self.on_stored = on_stored
         self.writer = StoreWriter(out, layout)
         self.receiver: Any = None
-        if not peer.web and method == "move":
+        self.destination = destination  # C-MOVE to this third AE instead of a receiver of ours
+        if not peer.web and method == "move" and destination is None:
             self.receiver = Receiver(out, aet=move_aet or calling_aet, bind=bind, port=port, layout=layout,
                                      series_timeout=3600, timeouts=self.timeouts, on_stored=on_stored)
 
@@ -50,9 +52,9 @@ class Fetcher:
 
         if self.peer.web:
             return dicomweb.retrieve(self.peer, uids, self.writer, self.timeouts, self.on_stored)
-        if self.receiver is not None:
+        if self.method == "move":
             return dimse.move(self.peer, retrieve_query(uids), self.receiver, calling_aet=self.calling_aet,
-                              destination=self.receiver.aet, timeouts=self.timeouts)
+                              destination=self.destination or self.receiver.aet, timeouts=self.timeouts)
         return dimse.get(self.peer, retrieve_query(uids), self.writer, calling_aet=self.calling_aet,
                          timeouts=self.timeouts, on_stored=self.on_stored)
 

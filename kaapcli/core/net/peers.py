@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +39,8 @@ class Peer:
     port: int = 0
     url: str = ""  # DICOMweb root, e.g. http://pacs:8042/dicom-web
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)  # DICOMweb bearer token (Authorization: Bearer)
     kind: str = ""  # server type for `delete`: orthanc | dcm4chee
     rest: str = ""  # REST root for `delete` (default: derived from url)
     prefer_web: bool = False
@@ -61,10 +62,17 @@ class Peer:
         return self.label if self.label == self.address else f"{self.label} ({self.address})"
 
     def auth(self) -> tuple[str, str] | None:
-        return (self.username, self.password) if self.username else None
+        return (self.username, self.password) if self.username and not self.token else None
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers every DICOMweb request carries: the bearer token, when there is one (RFC 6750)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def with_aet(self, aet: str) -> Peer:
         return replace(self, aet=aet)
+
+    def with_token(self, token: str | None) -> Peer:
+        return replace(self, token=token) if token else self
 
 
 def check_aet(aet: str, what: str = "AE title") -> str:
@@ -112,7 +120,8 @@ def _from_profile(name: str, profile: dict[str, Any]) -> Peer:
         raise ConfigError(f"{where} kind: {kind!r} is not one of {', '.join(SERVER_KINDS)}")
     peer = Peer(label=name, aet=str(profile.get("aet", "")), host=str(profile.get("host", "")), port=port,
                 url=str(profile.get("dicomweb", "")).rstrip("/"), username=str(profile.get("username", "")),
-                password=str(profile.get("password", "")), kind=kind, rest=str(profile.get("rest", "")).rstrip("/"),
+                password=str(profile.get("password", "")), token=str(profile.get("token", "") or ""), kind=kind,
+                rest=str(profile.get("rest", "")).rstrip("/"),
                 prefer_web=str(profile.get("prefer", "")).lower() == "dicomweb")
     if not peer.has_dimse and not peer.url:
         raise ConfigError(f"{where}: needs aet, host and port, or dicomweb")

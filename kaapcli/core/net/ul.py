@@ -38,6 +38,7 @@ WINDOW = 16
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, and reason by source
 RJ_RESULT = {1: "Rejected Permanent", 2: "Rejected Transient"}
+RJ_SOURCE = {1: "Service User", 2: "Service Provider (ACSE related)", 3: "Service Provider (Presentation related)"}
 RJ_REASON = {
     1: {1: "No reason given", 2: "Application context name not supported", 3: "Calling AE title not recognised",
         7: "Called AE title not recognised"},
@@ -298,7 +299,7 @@ class StoreSCU(Connection):
         self.close()
         if kind == 0x03 and len(body) >= 4:
             result, source, reason = body[1], body[2], body[3]
-            detail = (f"Result: {RJ_RESULT.get(result, result)}; "
+            detail = (f"Result: {RJ_RESULT.get(result, result)}; Source: {RJ_SOURCE.get(source, source)}; "
                       f"Reason: {RJ_REASON.get(source, {}).get(reason, reason)}")
             raise UnavailableError(f"{peer}: association rejected ({detail})")
         if kind == 0x07:
