@@ -171,7 +171,7 @@ def test_stacks_split_by_echo(tmp_path: Path) -> None:
     e2 = np.asarray(nib.load(tmp_path / "out" / f"{uid}_e2.nii.gz").dataobj)
     assert e1.shape == e2.shape == (32, 32, 4)
     np.testing.assert_array_equal(e2, e1 // 2)
-    assert json.loads((tmp_path / "out" / f"{uid}_e2.json").read_text())["EchoTime"] == 90
+    assert json.loads((tmp_path / "out" / f"{uid}_e2.json").read_text())["EchoTime"] == 0.09  # BIDS: seconds
 
 
 def test_float_rescale_and_nrrd(series: Path, tmp_path: Path) -> None:
