@@ -360,11 +360,11 @@ def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame
     times = csa_values(csa, "MosaicRefAcqTimes")
     frames = []
     for k in range(m.count):
-        position = tuple(float(v) for v in first + k * m.spacing * m.normal)
+        x, y, z = (float(v) for v in first + k * m.spacing * m.normal)
         slice_time = None
         with contextlib.suppress(TypeError, ValueError, IndexError):
             slice_time = float(times[k]) if len(times) >= m.count and math.isfinite(float(times[k])) else None
-        frames.append(dataclasses.replace(frame, index=k, position=position, rows=m.rows, columns=m.columns,
+        frames.append(dataclasses.replace(frame, index=k, position=(x, y, z), rows=m.rows, columns=m.columns,
                                           mosaic=m.per_row, slice_time=slice_time))
     return frames
 
@@ -826,6 +826,6 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "csa_values", "frames_of", "group_frames", "gzip_members", "load_series",
-           "load_stack", "nifti_affine", "nifti_header", "repetition_time", "siemens_csa", "split_stacks", "stack_geometry", "to_nifti", "write_image",
-           "write_nifti"]
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "csa_values", "frames_of", "group_frames", "gzip_members",
+           "load_series", "load_stack", "nifti_affine", "nifti_header", "repetition_time", "siemens_csa",
+           "split_stacks", "stack_geometry", "to_nifti", "write_image", "write_nifti"]
