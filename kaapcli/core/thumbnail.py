@@ -205,7 +205,8 @@ class ThumbnailOperator(BaseOperator):
 
         from kaapcli.core.seg import read_segments
 
-        masks, seg_warnings = read_segments(seg_path, roots=[self.reference] if self.reference else [])
+        masks, seg_warnings = read_segments(seg_path, roots=[self.reference] if self.reference else [],
+                                            own_grid=False)  # the overlay needs the image slices
         warnings.extend(seg_warnings)
         if not masks:
             raise DataError(f"{seg_path}: no segments")
