@@ -770,6 +770,28 @@ def nifti_header(image: Any) -> bytes:
     return bytes(header.binaryblock) + b"\0\0\0\0"  # no extensions
 
 
+def as_written(image: Any) -> Any:
+    """``image`` with the geometry ITK reads back from its NIfTI as :func:`write_image` writes it (float32 header
+    fields), so a DICOM series and its converted NIfTI are the same image to every later step, bit for bit.
+
+    Only the 352-byte header is written (to a temporary file) and read (``ReadImageInformation``).
+    """
+    import tempfile
+
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(prefix="kaapcli-") as tmp:
+        header = Path(tmp) / "header.nii"
+        header.write_bytes(nifti_header(image))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(header))
+        reader.ReadImageInformation()
+        image.SetOrigin(reader.GetOrigin())
+        image.SetSpacing(reader.GetSpacing())
+        image.SetDirection(reader.GetDirection())
+    return image
+
+
 def gzip_members(head: bytes, voxels: np.ndarray, level: int = 1) -> bytes:
     """gzip of ``head`` + the voxel bytes, one member per slice, compressed on threads (zlib releases the GIL).
 
@@ -826,6 +848,6 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "csa_values", "frames_of", "group_frames", "gzip_members",
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "frames_of", "group_frames", "gzip_members",
            "load_series", "load_stack", "nifti_affine", "nifti_header", "repetition_time", "siemens_csa",
            "split_stacks", "stack_geometry", "to_nifti", "write_image", "write_nifti"]
