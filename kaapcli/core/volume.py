@@ -848,6 +848,6 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "frames_of", "group_frames", "gzip_members",
-           "load_series", "load_stack", "nifti_affine", "nifti_header", "repetition_time", "siemens_csa",
-           "split_stacks", "stack_geometry", "to_nifti", "write_image", "write_nifti"]
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "frames_of", "group_frames",
+           "gzip_members", "load_series", "load_stack", "nifti_affine", "nifti_header", "repetition_time",
+           "siemens_csa", "split_stacks", "stack_geometry", "to_nifti", "write_image", "write_nifti"]
