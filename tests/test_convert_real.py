@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -14,29 +13,25 @@ import pytest
 
 from tests.conftest import kaapcli
 from tests.realdata import copy_series
-from tests.test_convert import assert_same_world
+from tests.test_convert import assert_same_world, dcm2niix
+
+
+def companions(nii: Path) -> dict[str, Path]:
+    """A converter's files beside ``nii``: {".nii.gz": ..., ".json": ..., ".bval"/".bvec" if written}."""
+    stem = nii.name.removesuffix(".nii.gz")
+    return {ext: nii.with_name(stem + ext) for ext in (".nii.gz", ".json", ".bval", ".bvec")
+            if nii.with_name(stem + ext).exists()}
 
 
 def run_dcm2niix(src: Path, out: Path) -> dict[str, Path]:
-    """dcm2niix's files for ``src`` (one series): {".nii.gz": ..., ".json": ..., ".bval"/".bvec" if written}."""
-    exe = shutil.which("dcm2niix")
-    if exe is None:
-        pytest.fail("dcm2niix not installed (apt-get install dcm2niix)")
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([exe, "-z", "y", "-f", "%j", "-o", str(out), str(src)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (nii,) = sorted(out.glob("*.nii.gz"))
-    stem = nii.name.removesuffix(".nii.gz")
-    return {ext: out / (stem + ext) for ext in (".nii.gz", ".json", ".bval", ".bvec") if (out / (stem + ext)).exists()}
+    return companions(dcm2niix(src, out))
 
 
 def run_convert(src: Path, out: Path, *args: str) -> dict[str, Path]:
     proc = kaapcli("convert", src, "-o", out, "-q", *args)
     assert proc.returncode == 0, proc.stderr
     (nii,) = [Path(line) for line in proc.stdout.splitlines() if line.endswith(".nii.gz")]
-    stem = nii.name.removesuffix(".nii.gz")
-    return {ext: out / (stem + ext) for ext in (".nii.gz", ".json", ".bval", ".bvec") if (out / (stem + ext)).exists()}
+    return companions(nii)
 
 
 def world_bvecs(bvec: Path, nii: Path) -> np.ndarray:
@@ -206,9 +201,13 @@ def test_hostile_mosaic_count_is_checked_against_the_matrix(tmp_path: Path) -> N
     src = copy_series("siemens_fmri_mosaic", tmp_path / "in")
     ds = pydicom.dcmread(next(src.iterdir()), stop_before_pixels=True)
     del ds[0x00291010]
-    ds[0x0019100A].value = 65535  # 256 tiles per row: more than a 200-pixel matrix holds
-    ds.Rows = ds.Columns = 200
-    with pytest.raises(DataError, match="cannot hold 65535 images"):
+    ds[0x0019100A].value = 1000  # 32 tiles per row: more than a 20-pixel matrix holds
+    ds.Rows = ds.Columns = 20
+    with pytest.raises(DataError, match="cannot hold 1000 images"):
+        volume.frames_of(ds, Path("x.dcm"))
+    ds[0x0019100A].value = 65535  # 1x1-pixel tiles of a 65535-pixel matrix: 65535 frames from one header
+    ds.Rows = ds.Columns = 65535
+    with pytest.raises(DataError, match="claims 65535 images"):
         volume.frames_of(ds, Path("x.dcm"))
 
 

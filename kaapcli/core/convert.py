@@ -83,22 +83,6 @@ def _seconds(value: Any) -> float | None:
     return round(ms / 1000, 9) if np.isfinite(ms) and ms >= 0 else None
 
 
-def _enhanced_attr(header: Any, frame_index: int, seq_keyword: str, attr: str) -> Any:
-    """``attr`` of an enhanced object's functional groups for one frame (per-frame first, then shared)."""
-    groups = []
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and frame_index < len(per_frame):
-        groups.append(per_frame[frame_index])
-    shared = header.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
-        seq = group.get(seq_keyword)
-        if seq and attr in seq[0]:
-            return seq[0].get(attr)
-    return None
-
-
 def bids_fields(vol: Any) -> dict[str, Any]:
     """EchoTime, RepetitionTime, InversionTime (s), SliceTiming (s) and PhaseEncodingDirection where the header
     says them, named and signed as dcm2niix does for the voxel axes kaapcli writes (rows not flipped)."""
@@ -112,7 +96,8 @@ def bids_fields(vol: Any) -> dict[str, Any]:
     for keyword in SECONDS_TAGS:
         value = header.get(keyword)
         if value in (None, ""):
-            value = _enhanced_attr(header, first.index if not first.mosaic else 0, *sources[keyword])
+            value = volume.fg_attr(volume.functional_groups(header, first.index if not first.mosaic else 0),
+                                   *sources[keyword])
             if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
                 value = value[0] if len(value) else None
         seconds = _seconds(value)
@@ -121,11 +106,14 @@ def bids_fields(vol: Any) -> dict[str, Any]:
     times = [f.slice_time for f in vol.slices]
     if times and all(t is not None for t in times) and not vol.resampled:
         doc["SliceTiming"] = [round(float(t) / 1000, 6) for t in times]  # type: ignore[arg-type]
-    axis = str(header.get("InPlanePhaseEncodingDirection", "") or
-               _enhanced_attr(header, first.index, "MRFOVGeometrySequence", "InPlanePhaseEncodingDirection") or "")
+    axis = str(header.get("InPlanePhaseEncodingDirection", "") or volume.fg_attr(
+        volume.functional_groups(header, first.index), "MRFOVGeometrySequence", "InPlanePhaseEncodingDirection") or "")
     three_d = str(header.get("MRAcquisitionType", "")).upper() == "3D"
-    train = header.get("EchoTrainLength")
-    if axis.upper() in ("ROW", "COL") and not (three_d and not (train and int(train) > 1)):  # dcm2niix issue 371
+    try:
+        train = int(header.get("EchoTrainLength") or 0)
+    except (TypeError, ValueError):
+        train = 0
+    if axis.upper() in ("ROW", "COL") and not (three_d and train <= 1):  # dcm2niix: 3-D with no echo train: none
         letter = "i" if axis.upper() == "ROW" else "j"
         positive = volume.csa_values(volume.siemens_csa(header), "PhaseEncodingDirectionPositive")
         try:

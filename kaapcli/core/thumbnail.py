@@ -70,22 +70,16 @@ def frame_pixels(ds: Any, frame: int | None = None) -> Any:
 
 
 def frame_groups(ds: Any, frame: int | None) -> list[Any]:
-    """The functional groups that apply to one frame of an enhanced object: per-frame first, then shared."""
-    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
-        return []
-    index = int(ds.get("NumberOfFrames") or 1) // 2 if frame is None else frame
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    shared = ds.get("SharedFunctionalGroupsSequence") or []
-    return [g for g in (per_frame[index] if index < len(per_frame) else None, shared[0] if shared else None)
-            if g is not None]
+    """The functional groups of the shown frame (the middle one by default) of an enhanced object, or []."""
+    from kaapcli.core.volume import functional_groups
+
+    return functional_groups(ds, int(ds.get("NumberOfFrames") or 1) // 2 if frame is None else frame)
 
 
 def _group_value(groups: list[Any], sequence: str, keyword: str) -> Any:
-    for group in groups:
-        items = group.get(sequence)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-    return None
+    from kaapcli.core.volume import fg_attr
+
+    return fg_attr(groups, sequence, keyword)
 
 
 def to_display(ds: Any, arr: Any, frame: int | None = None) -> Any:

@@ -53,6 +53,7 @@ import numpy as np
 from kaapcli.core import dicom, fsio
 from kaapcli.exitcodes import DataError
 
+MAX_MOSAIC_TILES = 1024  # Siemens mosaics hold at most a few hundred slices: more is a hostile or broken header
 ORIENTATION_TOL = 1e-3  # direction cosines closer than this are the same orientation
 POSITION_TOL = 1e-2  # mm: slice positions and in-plane offsets closer than this are equal
 
@@ -150,7 +151,14 @@ def _seq_item(ds: Any, keyword: str) -> Any:
     return seq[0] if seq else None
 
 
-def _fg_attr(groups: Sequence[Any], seq_keyword: str, attr: str) -> Any:
+def functional_groups(ds: Any, index: int) -> list[Any]:
+    """The functional groups of frame ``index`` of an enhanced object: per-frame first, then shared (or [])."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    return [g for g in (per_frame[index] if 0 <= index < len(per_frame) else None, shared) if g is not None]
+
+
+def fg_attr(groups: Sequence[Any], seq_keyword: str, attr: str) -> Any:
     """``attr`` from the first functional group (per-frame, then shared) holding ``seq_keyword``."""
     for group in groups:
         if group is None:
@@ -226,6 +234,8 @@ def _mosaic_layout(ds: Any, path: Path, csa: dict[str, Any] | None, orientation:
         raise DataError(f"{path}: Siemens MOSAIC without a usable NumberOfImagesInMosaic in its CSA header "
                         f"({count if count is not None else 'missing'}): cannot unpack the tiles")
     n = int(count)
+    if n > MAX_MOSAIC_TILES:
+        raise DataError(f"{path}: Siemens MOSAIC claims {n} images (at most {MAX_MOSAIC_TILES} are plausible)")
     per_row = math.ceil(math.sqrt(n))
     tile_rows, tile_columns = rows // per_row, columns // per_row
     if tile_rows < 1 or tile_columns < 1:
@@ -249,7 +259,7 @@ def _mosaic_layout(ds: Any, path: Path, csa: dict[str, Any] | None, orientation:
 def _diffusion(ds: Any, groups: Sequence[Any], csa: dict[str, Any] | None
                ) -> tuple[float | None, tuple[float, float, float] | None]:
     """b-value and gradient direction (LPS): MR Diffusion Macro, then classic tags, then the Siemens CSA."""
-    bvalue = _fg_attr(groups, "MRDiffusionSequence", "DiffusionBValue")
+    bvalue = fg_attr(groups, "MRDiffusionSequence", "DiffusionBValue")
     direction = None
     for group in groups:
         diff = _seq_item(group, "MRDiffusionSequence") if group is not None else None
@@ -289,6 +299,8 @@ def frames_of(ds: Any, path: Path) -> list[Frame]:
     nframes = int(ds.get("NumberOfFrames") or 1)
     shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if nframes < 1 or (per_frame is not None and len(per_frame) != nframes):
+        raise DataError(f"{path}: NumberOfFrames {nframes} but {len(per_frame or [])} per-frame functional groups")
     image_type = "\\".join(str(v) for v in (ds.get("ImageType") or []))
     base_echo = str(ds.get("EchoNumbers", "") or "")
     base_acq = str(ds.get("TemporalPositionIdentifier", "") or ds.get("AcquisitionNumber", "") or "")
@@ -302,14 +314,14 @@ def frames_of(ds: Any, path: Path) -> list[Frame]:
     for f in range(nframes):
         groups = [per_frame[f] if per_frame is not None and f < len(per_frame) else None, shared]
         if per_frame is not None or shared is not None:
-            ipp = _fg_attr(groups, "PlanePositionSequence", "ImagePositionPatient")
-            iop = _fg_attr(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spacing = _fg_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
-            echo = _fg_attr(groups, "MREchoSequence", "EffectiveEchoTime")
-            temporal = _fg_attr(groups, "FrameContentSequence", "TemporalPositionIndex")
-            stack_id = _fg_attr(groups, "FrameContentSequence", "StackID")
+            ipp = fg_attr(groups, "PlanePositionSequence", "ImagePositionPatient")
+            iop = fg_attr(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spacing = fg_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
+            slope = fg_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = fg_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+            echo = fg_attr(groups, "MREchoSequence", "EffectiveEchoTime")
+            temporal = fg_attr(groups, "FrameContentSequence", "TemporalPositionIndex")
+            stack_id = fg_attr(groups, "FrameContentSequence", "StackID")
         else:
             ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), None
             slope = intercept = echo = temporal = stack_id = None
@@ -617,7 +629,7 @@ def repetition_time(header: Any) -> float | None:
     value = header.get("RepetitionTime")
     if value in (None, ""):
         shared = _seq_item(header, "SharedFunctionalGroupsSequence")
-        value = _fg_attr([shared], "MRTimingAndRelatedParametersSequence", "RepetitionTime")
+        value = fg_attr([shared], "MRTimingAndRelatedParametersSequence", "RepetitionTime")
     try:
         tr = float(value) / 1000 if value not in (None, "") else None
     except (TypeError, ValueError):
@@ -848,6 +860,7 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "frames_of", "group_frames",
-           "gzip_members", "load_series", "load_stack", "nifti_affine", "nifti_header", "repetition_time",
-           "siemens_csa", "split_stacks", "stack_geometry", "to_nifti", "write_image", "write_nifti"]
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "fg_attr", "frames_of",
+           "functional_groups", "group_frames", "gzip_members", "load_series", "load_stack", "nifti_affine",
+           "nifti_header", "repetition_time", "siemens_csa", "split_stacks", "stack_geometry", "to_nifti",
+           "write_image", "write_nifti"]
