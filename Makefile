@@ -12,6 +12,7 @@ $(BIN)/kaapcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "heudiconv==1.5.1"  # only for its real Siemens/XA test DICOMs (tests/realdata.py)
 	$(BIN)/python -m compileall -q kaapcli  # as pip does for an installed package: no recompiling at every start
 	touch $@
 

@@ -108,6 +108,11 @@ class Operator(Protocol):
         ...
 
 
+class SkipItem(Exception):
+    """Raised by ``group_key`` for a file the operator recognises but does not process (e.g. a SEG met by
+    convert): the file is skipped, not failed, with this message as the reason."""
+
+
 class BaseOperator:
     """Defaults for :class:`Operator`: DICOM inputs, one item per file, no options."""
 
@@ -265,19 +270,21 @@ def _accept(op: Operator, path: Path) -> bool:
         return False
 
 
-def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str]]:
-    """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error)."""
-    out: list[tuple[Path, str | None, str]] = []
+def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, str]]:
+    """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error, skip reason)."""
+    out: list[tuple[Path, str | None, str, str]] = []
     for path in paths:
         if not _accept(op, path):
-            out.append((path, None, ""))
+            out.append((path, None, "", ""))
             continue
         try:
-            out.append((path, op.group_key(path), ""))
+            out.append((path, op.group_key(path), "", ""))
+        except SkipItem as exc:
+            out.append((path, None, "", str(exc)))
         except KaapcliError as exc:
-            out.append((path, None, str(exc)))
+            out.append((path, None, str(exc), ""))
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop the scan
-            out.append((path, None, describe_exception(exc)))
+            out.append((path, None, describe_exception(exc), ""))
     return out
 
 
@@ -390,11 +397,11 @@ def plan_items(op: Operator, files: list[Path], pool: _Pool, on_result: ResultHo
     groups: dict[str, list[Path]] = {}
     size = _chunk_size(len(files), pool.workers)
     for chunk in pool.run(_scan_chunk, _chunks(files, size), op):
-        for path, key, error in chunk:
+        for path, key, error, skip in chunk:
             if error:
                 on_result(ItemResult(str(path), "failed", message=f"{path}: {error}", code=int(ExitCode.DATAERR)))
             elif key is None:
-                on_result(ItemResult(str(path), "skipped", message="not an input of this command",
+                on_result(ItemResult(str(path), "skipped", message=skip or "not an input of this command",
                                      reason="not-input"))
             else:
                 groups.setdefault(key, []).append(path)
