@@ -90,13 +90,7 @@ def completions(args: list[str], incomplete: str) -> list[tuple[str, str]] | Non
             positionals += 1
 
     if "--" not in args and incomplete.startswith("-"):
-        found = [(name, c_help) for name, c_help in node["commands"] if name.startswith(incomplete)]
-        for option in node["options"]:
-            if option["hidden"] or (not option["multiple"] and option["names"][0] in given):
-                continue
-            found += [(name, option["help"]) for name in option["names"] + option["secondary"]
-                      if name.startswith(incomplete)]
-        return found
+        return _own(node, incomplete, given)
     for option in node["options"]:  # the last complete words are an option that still wants its value
         last = None
         for back, arg in enumerate(reversed(args)):
@@ -112,7 +106,19 @@ def completions(args: list[str], incomplete: str) -> list[tuple[str, str]] | Non
         if argument["nargs"] == -1 or remaining < argument["nargs"]:
             return _values(argument, incomplete)
         remaining -= argument["nargs"]
-    return [(name, c_help) for name, c_help in node["commands"] if name.startswith(incomplete)]
+    return _own(node, incomplete, given)
+
+
+def _own(node: dict[str, Any], incomplete: str, given: set[str]) -> list[tuple[str, str]]:
+    """What a command itself offers: its subcommands, and its options not given yet (for a word like ``-``)."""
+    found = [(name, c_help) for name, c_help in node["commands"] if name.startswith(incomplete)]
+    if incomplete and not incomplete[0].isalnum():
+        for option in node["options"]:
+            if option["hidden"] or (not option["multiple"] and option["names"][0] in given):
+                continue
+            found += [(name, option["help"]) for name in option["names"] + option["secondary"]
+                      if name.startswith(incomplete)]
+    return found
 
 
 def _values(param: dict[str, Any], incomplete: str) -> list[tuple[str, str]] | None:
