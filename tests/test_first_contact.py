@@ -53,6 +53,25 @@ def test_a_run_imports_typer_and_only_its_own_command_module() -> None:
     assert loaded & COMMAND_MODULES == {"kaapcli.cli.sort"}
 
 
+UNRELATED = {"SimpleITK", "nibabel", "highdicom", "opensearchpy", "minio", "pynetdicom", "skimage", "scipy",
+             "requests"}
+
+
+def test_first_work_imports_only_what_its_path_needs(mock_ct: Path, tmp_path: Path) -> None:
+    mock = _modules_after(f"from kaapcli.cli.app import main; main(['mock', '-o', {str(tmp_path / 'm')!r}, "
+                          "'--slices', '1', '--rows', '16', '--columns', '16', '-q'])")
+    assert {"pydicom", "numpy"} <= mock and not mock & UNRELATED, mock & UNRELATED
+    meta = _modules_after(f"from kaapcli.cli.app import main; main(['dcm2json', {str(mock_ct)!r}, '-o', "
+                          f"{str(tmp_path / 'j')!r}, '-q', '-w', '1'])")
+    assert "pydicom" in meta and not meta & (UNRELATED | {"numpy"}), meta & (UNRELATED | {"numpy"})
+    assert list((tmp_path / "j").glob("*.json"))
+    # requests stays importable for those who need it (DICOMweb, OpenSearch) after pydicom came without it
+    after = subprocess.run([sys.executable, "-c", "from kaapcli.cli.app import main; main(['dcm2json', "
+                            f"{str(mock_ct)!r}, '-o', {str(tmp_path / 'j2')!r}, '-q', '-w', '1']); import requests"],
+                           capture_output=True, text=True, timeout=60)
+    assert after.returncode == 0, after.stderr
+
+
 @pytest.mark.parametrize("width", [60, 80, 100, 140])
 def test_root_help_from_the_table_equals_the_loaded_apps(width: int) -> None:
     """`kaapcli --help` lists the commands from the generated table; it must read exactly as the app would."""

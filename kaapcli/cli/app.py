@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     if not debug:  # library warnings (pydicom's "Expected explicit VR", ...) are not our one-line messages
         warnings.simplefilter("ignore")
+    if "pydicom" not in sys.modules:
+        sys.meta_path.insert(0, PydicomWithoutRequests())
     try:
         result = click_command(args).main(args=args, prog_name="kaapcli", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0
@@ -228,6 +230,37 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         sys.stderr.write(f"kaapcli: internal error: {type(exc).__name__}: {exc} (rerun with --debug)\n")
         return ExitCode.SOFTWARE
+
+
+class PydicomWithoutRequests:
+    """An import hook: while pydicom is first imported, ``requests`` is not found.  pydicom imports requests
+    (~60 ms) only to download its own test files, and falls back to urllib; every other import of requests
+    (DICOMweb, OpenSearch) is untouched.  What core.dicom.import_pydicom does, for every command of a run."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> Any:
+        if name != "pydicom":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or "requests" in sys.modules:
+            return spec
+        real = spec.loader
+
+        class Loader:
+            create_module = real.create_module
+
+            @staticmethod
+            def exec_module(module: Any) -> None:
+                sys.modules["requests"] = None  # type: ignore[assignment]  # ``import requests`` raises ImportError
+                try:
+                    real.exec_module(module)
+                finally:
+                    del sys.modules["requests"]
+
+        spec.loader = Loader()  # type: ignore[assignment]
+        return spec
 
 
 def _sigterm(signum: int, frame: object) -> None:
