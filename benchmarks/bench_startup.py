@@ -2,7 +2,8 @@
 """Start-up: how long kaapcli takes before and at its first work, next to ``python -c pass`` and DCMTK.
 
 Each case is a fresh process, run ``--repeat`` times interleaved with the others (so a busy moment hits all
-alike); the median and the fastest run are printed, and each median's ratio to DCMTK's ``storescu --version``.
+alike); printed: the median and fastest wall time, the median CPU time (user + system of the process, which
+a busy machine hardly moves) and the wall median's ratio to DCMTK's ``storescu --version``.
 
 - anchors: ``python -c pass`` (the interpreter of kaapcli's environment) and ``storescu --version``;
 - ``kaapcli --version``, ``kaapcli --help``, ``kaapcli convert --help`` (one command's help);
@@ -34,13 +35,16 @@ from common import compile_kaapcli
 DCMTK = Path("/usr/bin")  # pynetdicom's scripts shadow some DCMTK names on PATH: be explicit
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run; CPU (user + system of that process) hardly moves on a busy machine."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
-    return elapsed
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode})")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -78,7 +82,7 @@ def main() -> int:
             "first work: kaapcli mock (1 file)": ([kaapcli, "mock", "-o", str(work / "m2"), "--slices", "1", "--rows",
                                                    "64", "--columns", "64", "--force", "-q"], env),
         }
-        times: dict[str, list[float]] = {name: [] for name in cases}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
         for cmd, case_env in cases.values():  # warm the page cache once
             timed(cmd, case_env)
         for _ in range(args.repeat):
@@ -86,12 +90,15 @@ def main() -> int:
                 times[name].append(timed(cmd, case_env))
         shutil.rmtree(work / "m2", ignore_errors=True)
 
-    anchor = statistics.median(times["storescu --version (DCMTK)"])
-    print(f"start-up, {args.repeat} runs each (interleaved), kaapcli = {kaapcli}")
-    print(f"{'case':42} {'median':>9} {'fastest':>9} {'/ storescu':>11}")
+    anchor = statistics.median(wall for wall, _ in times["storescu --version (DCMTK)"])
+    print(f"start-up, {args.repeat} runs each (interleaved), kaapcli = {kaapcli}, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'case':42} {'wall median':>12} {'fastest':>9} {'CPU median':>11} {'wall / storescu':>16}")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:42} {median * 1000:7.1f} ms {min(values) * 1000:7.1f} ms {median / anchor:10.1f}x")
+        wall = statistics.median(w for w, _ in values)
+        fastest = min(w for w, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(f"{name:42} {wall * 1000:9.1f} ms {fastest * 1000:6.1f} ms {cpu * 1000:8.1f} ms {wall / anchor:15.1f}x")
     return 0
 
 

@@ -7,7 +7,6 @@ click's own answers (typer's completion classes over the fully loaded app) and t
 from __future__ import annotations
 
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import ROOT, kaapcli
+from conftest import ROOT, kaapcli, kaapcli_on_terminal
 
 from kaapcli.cli import complete
 from kaapcli.cli._commands import COMMANDS, COMPLETION
@@ -102,24 +101,9 @@ def test_a_mistyped_command_is_suggested_once(args: list[str], suggestion: str) 
 
 def test_progress_bar_shows_files_and_megabytes_per_second(mock_ct: Path, tmp_path: Path) -> None:
     """On a terminal the bar carries the rate of the work done so far (16 files in 2 series here)."""
-    master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "dcm2json", str(mock_ct), "-o", str(tmp_path / "j"),
-                             "-w", "1"], stdout=subprocess.DEVNULL, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=120) == 0
-    os.close(master)
-    terminal = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    code, _, terminal = kaapcli_on_terminal("dcm2json", mock_ct, "-o", tmp_path / "j", "-w", "1", columns=120)
+    assert code == 0
+    terminal = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal)
     assert re.search(r"2/2 +\d+ files/s, \d+\.\d MB/s", terminal), terminal
 
 
