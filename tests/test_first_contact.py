@@ -64,6 +64,9 @@ def test_first_work_imports_only_what_its_path_needs(mock_ct: Path, tmp_path: Pa
                           f"{str(tmp_path / 'j')!r}, '-q', '-w', '1'])")
     assert "pydicom" in meta and not meta & (UNRELATED | {"numpy"}), meta & (UNRELATED | {"numpy"})
     assert list((tmp_path / "j").glob("*.json"))
+    tree = _modules_after(f"from kaapcli.cli.app import main; main(['sort', {str(mock_ct)!r}, '-o', "
+                          f"{str(tmp_path / 's')!r}, '-q', '-w', '1'])")
+    assert "pydicom" in tree and not tree & (UNRELATED | {"numpy"}), tree & (UNRELATED | {"numpy"})
     # requests stays importable for those who need it (DICOMweb, OpenSearch) after pydicom came without it
     after = subprocess.run([sys.executable, "-c", "from kaapcli.cli.app import main; main(['dcm2json', "
                             f"{str(mock_ct)!r}, '-o', {str(tmp_path / 'j2')!r}, '-q', '-w', '1']); import requests"],
