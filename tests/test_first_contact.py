@@ -49,7 +49,7 @@ def test_help_and_version_import_no_command_module_nor_typer() -> None:
 
 def test_a_run_imports_typer_and_only_its_own_command_module() -> None:
     loaded = _modules_after("from kaapcli.cli.app import main; main(['sort', '--help'])")
-    assert loaded & COMMAND_MODULES == {"kaapcli.cli.sort"}
+    assert loaded & COMMAND_MODULES == {"kaapcli.cli.sort"} and "typer" in loaded
 
 
 UNRELATED = {"SimpleITK", "nibabel", "highdicom", "opensearchpy", "minio", "pynetdicom", "skimage", "scipy",
@@ -216,3 +216,7 @@ def test_completion_formats_of_fish_and_powershell() -> None:
     assert code == 0 and text.split() == ["nii.gz:::", "nii:::", "nrrd:::"]
     assert ask("zsh", "kaapcli --config ") == ("_files", 0)
     assert ask("tcsh", "kaapcli ")[1] == 1
+    bad = subprocess.run([sys.executable, "-m", "kaapcli"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, complete.COMPLETE_VAR: "complete_bash", "COMP_WORDS": "kaapcli '",
+                              "COMP_CWORD": "not a number"})
+    assert bad.returncode == 1 and bad.stdout == bad.stderr == ""  # garbage in: no traceback on the line

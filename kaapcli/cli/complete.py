@@ -178,7 +178,12 @@ def respond() -> int:
     if instruction != "complete":
         sys.stderr.write(f'Completion instruction "{instruction}" not supported.\n')
         return 1
-    text, code = answer(shell, os.environ)
+    try:
+        text, code = answer(shell, os.environ)
+    except Exception:  # noqa: BLE001 - a Tab press prints no traceback into the user's command line
+        if os.environ.get("KAAPCLI_DEBUG", "") not in ("", "0", "false", "no"):
+            raise
+        return 1
     if text:
         stream = sys.stdout if code == 0 else sys.stderr
         stream.write(text + "\n")
