@@ -77,8 +77,11 @@ class RootGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         from kaapcli.cli._commands import COMMANDS
 
-        if cmd_name not in self.commands and cmd_name in COMMANDS:
-            self.load(COMMANDS[cmd_name])
+        if cmd_name not in self.commands:
+            if cmd_name in COMMANDS:
+                self.load(COMMANDS[cmd_name])
+            else:  # a name the table does not know (a typo, or a command added since `make docs`): ask all
+                self.load_all()
         return self.commands.get(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
