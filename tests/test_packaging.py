@@ -32,7 +32,7 @@ import kaapcli
 SDIST_MUST_HOLD = ["tests/conftest.py", "tests/peers.py", "tests/test_cli_contract.py", "man/kaapcli.1",
                    "completions/bash/kaapcli", "completions/zsh/_kaapcli", "completions/fish/kaapcli.fish",
                    "docs", "examples/Makefile", "benchmarks/bench_startup.py", "Makefile", "LICENSE", "README.md",
-                   "pyproject.toml", "kaapcli/cli/_commands.py"]
+                   "pyproject.toml", "kaapcli/cli/_commands.py", "Dockerfile"]
 SDIST_DIRS = ["kaapcli", "tests", "man", "completions", "docs", "examples", "benchmarks"]
 WHEEL_DATA = ["share/man/man1/kaapcli.1", "share/bash-completion/completions/kaapcli",
               "share/zsh/site-functions/_kaapcli", "share/fish/vendor_completions.d/kaapcli.fish"]
@@ -66,6 +66,17 @@ def _smoke_commands() -> str:
     runs = [args for instr, args in _dockerfile() if instr == "RUN" and args.startswith("kaapcli ")]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def _repository_files(tops: list[str]) -> list[str]:
+    """The files under ``tops``: git's list in a clone, else (an unpacked sdist) what is on disk."""
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--", *tops], capture_output=True, text=True)
+        if listed.returncode == 0:
+            return [line for line in listed.stdout.splitlines() if (ROOT / line).is_file()]
+    return [str(p.relative_to(ROOT)) for top in tops for p in (ROOT / top).rglob("*")
+            if p.is_file() and not any(part.startswith((".", "__pycache__")) or part == "out"
+                                       for part in p.relative_to(ROOT).parts)]
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +133,8 @@ def test_wheel_and_sdist_install_and_run_outside_the_repository(dist: Path, tmp_
     source = tmp_path / "sdist" / f"kaapcli-{kaapcli.__version__}"
     for rel in SDIST_MUST_HOLD:
         assert (source / rel).exists(), rel
-    for top in SDIST_DIRS:  # every file of the repository's package, tests, docs, ... directories
-        for path in (ROOT / top).rglob("*"):
-            rel = path.relative_to(ROOT)
-            if path.is_file() and not any(part.startswith((".", "__pycache__")) or part == "out" for part in rel.parts):
-                assert (source / rel).is_file(), f"sdist lacks {rel}"
+    for rel in _repository_files(SDIST_DIRS):  # every file of the package, tests, docs, ... directories
+        assert (source / rel).is_file(), f"sdist lacks {rel}"
     _run([str(venv / "bin" / "pip"), "install", "-q", "pytest>=8", "pytest-timeout>=2.3"], timeout=600, env=env)
     tests = _run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                   "tests/test_cli_contract.py"], timeout=600, cwd=source, env=env)
