@@ -67,9 +67,13 @@ def test_first_work_imports_only_what_its_path_needs(mock_ct: Path, tmp_path: Pa
     tree = _modules_after(f"from kaapcli.cli.app import main; main(['sort', {str(mock_ct)!r}, '-o', "
                           f"{str(tmp_path / 's')!r}, '-q', '-w', '1'])")
     assert "pydicom" in tree and not tree & (UNRELATED | {"numpy"}), tree & (UNRELATED | {"numpy"})
-    # requests stays importable for those who need it (DICOMweb, OpenSearch) after pydicom came without it
-    after = subprocess.run([sys.executable, "-c", "from kaapcli.cli.app import main; main(['dcm2json', "
-                            f"{str(mock_ct)!r}, '-o', {str(tmp_path / 'j2')!r}, '-q', '-w', '1']); import requests"],
+    # requests stays importable for those who need it (DICOMweb, OpenSearch) after pydicom came without it,
+    # and pydicom is left as if imported plainly (its own loader: package resources work)
+    after = subprocess.run([sys.executable, "-c", "from kaapcli.cli.app import main; main(['mock', '-o', "
+                            f"{str(tmp_path / 'm2')!r}, '--slices', '1', '--rows', '8', '--columns', '8', '-q']); "
+                            "import requests, pydicom, importlib.resources as r; "
+                            "assert type(pydicom.__spec__.loader).__name__ == 'SourceFileLoader'; "
+                            "assert r.files('pydicom').joinpath('data').is_dir()"],
                            capture_output=True, text=True, timeout=60)
     assert after.returncode == 0, after.stderr
 

@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -219,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INTERRUPTED
     except KaapcliError as exc:
         if debug:
-            import traceback
-
             traceback.print_exc()
         sys.stderr.write(f"kaapcli: error: {exc.message}\n")
         if exc.hint:
@@ -228,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 70
         if debug:
-            import traceback
-
             traceback.print_exc()
         sys.stderr.write(f"kaapcli: internal error: {type(exc).__name__}: {exc} (rerun with --debug)\n")
         return ExitCode.SOFTWARE
@@ -252,15 +249,19 @@ class PydicomWithoutRequests:
         real = spec.loader
 
         class Loader:
-            create_module = real.create_module
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(real, attr)
 
-            @staticmethod
-            def exec_module(module: Any) -> None:
+            def create_module(self, module_spec: Any) -> Any:
+                return real.create_module(module_spec)
+
+            def exec_module(self, module: Any) -> None:
                 sys.modules["requests"] = None  # type: ignore[assignment]  # ``import requests`` raises ImportError
                 try:
                     real.exec_module(module)
                 finally:
                     del sys.modules["requests"]
+                    module.__loader__ = module.__spec__.loader = real  # afterwards pydicom looks as imported
 
         spec.loader = Loader()  # type: ignore[assignment]
         return spec
