@@ -37,6 +37,32 @@ def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
     return False
 
 
+def kaapcli_on_terminal(*args: str | os.PathLike[str], columns: int = 100,
+                        timeout: float = 120) -> tuple[int, str, str]:
+    """Run ``python -m kaapcli ARGS`` with stderr on a pseudo-terminal (so a progress bar is drawn) and stdout
+    on a pipe: (exit code, stdout, everything the terminal received)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out, _ = proc.communicate(timeout=timeout)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
 def dcmtk(name: str) -> str:
     path = DCMTK_BIN / name
     if not path.exists():

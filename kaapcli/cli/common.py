@@ -123,6 +123,7 @@ class Reporter:
         self.progress: Any = None
         self.task: Any = None
         self.label = label
+        self.files = self.nbytes = 0  # done so far, for the rate column
 
     def __enter__(self) -> Reporter:
         if self.live:
@@ -137,11 +138,11 @@ class Reporter:
             )
 
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=self.console, transient=True,
+                                     MofNCompleteColumn(), _rate_column(), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=self.console, transient=True,
                                      redirect_stdout=False, redirect_stderr=False)
             self.progress.start()
-            self.task = self.progress.add_task(self.label, total=None)
+            self.task = self.progress.add_task(self.label, total=None, files=0, nbytes=0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,9 +153,12 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, total=n)
 
-    def advance(self) -> None:
+    def advance(self, nfiles: int = 1, nbytes: int = 0) -> None:
+        """One item done, holding ``nfiles`` input files of ``nbytes`` bytes (for the rate column)."""
+        self.files += nfiles
+        self.nbytes += nbytes
         if self.progress is not None:
-            self.progress.advance(self.task)
+            self.progress.update(self.task, advance=1, files=self.files, nbytes=self.nbytes)
 
     def line(self, text: str, style: str = "") -> None:
         if self.live:
@@ -173,6 +177,24 @@ class Reporter:
     def info(self, text: str) -> None:
         if not self.quiet:
             self.line(text)
+
+
+def _rate_column() -> Any:
+    """A progress column: files/s and MB/s since the start (rates of the work, not of the items: a
+    per-series command advances the bar once per series)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            elapsed = task.elapsed
+            if not elapsed:
+                return Text("")
+            files, nbytes = task.fields.get("files", 0), task.fields.get("nbytes", 0)
+            rate = f"{files / elapsed:.0f} files/s" + (f", {nbytes / 1e6 / elapsed:.1f} MB/s" if nbytes else "")
+            return Text(rate, style="progress.data.speed")
+
+    return RateColumn()
 
 
 # --------------------------------------------------------------------------- stdout
@@ -234,7 +256,7 @@ def execute(op: Operator, files: list[Path], out: Path | None, run: RunOptions, 
         sink = Sink(run.format, reporter)
 
         def on_result(result: ItemResult) -> None:
-            reporter.advance()
+            reporter.advance(0 if result.reason == "not-input" else result.nfiles, result.nbytes)
             if result.status == "failed":
                 reporter.error(result.message)
             for warning in result.warnings:

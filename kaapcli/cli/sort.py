@@ -30,12 +30,13 @@ def sort(
     Two different files that map to the same name: the second fails (nothing is overwritten);
     identical content is fine, so re-runs are safe.
     """
-    from kaapcli.core import fsio
+    from kaapcli.core import dicom, fsio
     from kaapcli.core.sort import SortOperator
     from kaapcli.exitcodes import UsageError
 
     if link and copy:
         raise UsageError("--link and --copy exclude each other")
+    dicom.import_pydicom(pixels=False)  # files are copied or linked as they are: no pixel value is decoded
     op = SortOperator(template, link=link)
     files = fsio.outside_output(inputs, fsio.collect_inputs(inputs), out)
     summary = execute(op, files, out, run, "sort")
