@@ -23,6 +23,7 @@ COMMANDS = {
     "mock": "mock",
     "modify": "modify",
     "pdf2dcm": "encapsulate",
+    "phi-scan": "phi_scan",
     "query": "net",
     "radiomics": "radiomics",
     "receive": "net",

@@ -1,0 +1,469 @@
+"""Residual-identifier scanner (``kaapcli phi-scan``): what a de-identified tree still tells about its people.
+
+Steps:
+
+1. from the originals (optional): collect the values of their identifying attributes (every element whose
+   Table E.1-1 action under the Basic Profile is not K, every person name and its name components, instance
+   UIDs, dates also in the forms people write them), minus tokens that also occur in attributes the profile
+   keeps (a manufacturer's name is not a patient's), plus the tokens the profile keeps, to recognise them later;
+2. walk the tree, hidden files and directories included (symbolic links are reported by their target, not
+   followed);
+3. per file (in the batch engine's worker pool): its path below the root (file and folder names); for a DICOM
+   file every element of the file meta and of the dataset, sequences included: private elements, burned-in
+   annotation and recognisable-visual-features flags, the de-identification marker, values of the originals,
+   identifying patterns (names, dates, IDs, and ``--patterns``) in free text; for any other file its bytes as
+   text: values of the originals and patterns;
+4. one :class:`Finding` per residual identifier.
+
+Matching is by tokens (runs of letters and digits; dotted digit runs such as UIDs stay whole) looked up in hash
+tables, so it costs the same whatever the number of originals.  This module never prints and never writes
+anything; the values in findings are masked unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kaapcli.core import dicom, fsio
+from kaapcli.core.batch import BaseOperator, BatchOptions, Context, Item, ItemResult, Outcome, run_batch
+from kaapcli.exitcodes import ConfigError, DataError, NoInputError
+
+KINDS = ("identifier", "name", "uid", "date", "pattern", "private-tag", "burned-in", "visual-features",
+         "unmarked", "unreadable")
+TOKEN = re.compile(r"\d+(?:\.\d+)+|[^\W_]+")
+FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "PN"})
+IDENTIFYING_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UN", "UR", "UT"})
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+                      "UR", "UT"})
+# Tokens that occur in names and everywhere else, and the dummies de-identifiers write: never identifiers alone.
+COMMON_TOKENS = frozenset({"MR", "MRS", "MS", "MISS", "DR", "PROF", "JR", "SR", "II", "III", "IV", "MD", "PHD",
+                           "ANONYMIZED", "ANONYMOUS", "ANON", "UNKNOWN", "NONE", "NULL", "TEST", "PATIENT", "NAME",
+                           "REMOVED", "YES", "NO", "DEMO", "PHANTOM"})
+# Identifying patterns in free text (HIPAA Safe Harbor kinds: names, dates, record numbers, phone, e-mail, SSN).
+DAY, MONTH, YEAR = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])", r"(?:19|20)\d\d"
+FREE_TEXT_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("date", re.compile(rf"(?<![\w.]){YEAR}[-/.]{MONTH}[-/.]{DAY}(?![\w.])|(?<![\w.]){DAY}[-/.]{MONTH}[-/.]{YEAR}"
+                        rf"(?![\w.])|(?<![\w.]){MONTH}/{DAY}/{YEAR}(?![\w.])")),
+    ("date", re.compile(r"(?<![\w.])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![\w.])")),
+    ("person name", re.compile(r"\b[A-Z][A-Za-z'-]+\^[A-Z][A-Za-z'-]*")),  # FAMILY^GIVEN, DICOM's own form
+    ("person name", re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+[A-Z][a-z]+")),
+    ("ssn", re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")),
+    ("e-mail", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")),
+    ("phone", re.compile(r"(?<![\w.])\+?\(?\d{2,4}\)?[ -]\d{3,4}[ -]\d{3,4}(?![\w.])")),
+    ("record number", re.compile(r"(?<![\w.])\d{6,}(?![\w.])|\b(?:MRN|PID|ID)[:#]?\s*\d{4,}\b", re.IGNORECASE)),
+)
+MAX_FINDINGS_PER_FILE = 200
+
+
+def free_text_pattern(text: str, extra: Iterable[tuple[str, re.Pattern[str]]] = ()) -> str:
+    """The name of the first identifying pattern found in ``text`` ('' when none)."""
+    for name, pattern in (*FREE_TEXT_PATTERNS, *extra):
+        if pattern.search(text):
+            return name
+    return ""
+
+
+def tokens(text: str) -> list[str]:
+    return [t.upper() for t in TOKEN.findall(text)]
+
+
+def mask(value: str) -> str:
+    """A value with all but the first character of every run of letters or digits hidden."""
+    return TOKEN.sub(lambda m: m.group(0)[0] + "*" * (len(m.group(0)) - 1), value)
+
+
+def load_patterns(path: Path) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """``--patterns FILE``: one regular expression a line, optionally ``name<TAB>regex``; ``#`` starts a comment."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise NoInputError(f"--patterns {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"--patterns {path}: not UTF-8 text") from None
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, regex = line.partition("\t")
+        name, regex = (name.strip(), regex) if sep else (f"pattern {number}", line)
+        try:
+            out.append((name, re.compile(regex.strip())))
+        except re.error as exc:
+            raise ConfigError(f"--patterns {path}:{number}: {exc}", hint="one Python regular expression a line") \
+                from None
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- findings
+
+@dataclass(frozen=True)
+class Finding:
+    """One residual identifier: where it is, what kind, and (masked) what."""
+
+    path: str
+    kind: str
+    where: str
+    what: str
+    value: str = ""
+
+    def record(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- identifiers of the originals
+
+@dataclass
+class Identifiers:
+    """Values of the originals, as token sequences: ``single`` for one token, ``multi`` keyed by the first."""
+
+    single: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (kind, attribute)
+    multi: dict[str, list[tuple[tuple[str, ...], str, str]]] = field(default_factory=dict)
+    kept: set[tuple[str, ...]] = field(default_factory=set)  # values (as tokens) of attributes the profile keeps
+
+    def add(self, words: list[str], kind: str, attribute: str) -> None:
+        if len(words) == 1:
+            word = words[0]
+            if word not in COMMON_TOKENS and (len(word) >= 5 or len(word) >= 3 and word.isalpha()):
+                self.single.setdefault(word, (kind, attribute))
+        elif len(words) > 1 and sum(map(len, words)) >= 4 and not set(words) <= COMMON_TOKENS:
+            self.multi.setdefault(words[0], []).append((tuple(words), kind, attribute))
+
+    def merge(self, other: dict[str, Any]) -> None:
+        for word, (kind, attribute) in other["single"]:
+            self.single.setdefault(word, (kind, attribute))
+        for words, kind, attribute in other["multi"]:
+            self.multi.setdefault(words[0], []).append((tuple(words), kind, attribute))
+        self.kept.update(tuple(words) for words in other["kept"])
+
+    def finish(self) -> None:
+        """Drop what also occurs in an attribute the profile keeps (it proves nothing), and duplicates."""
+        for first, entries in self.multi.items():
+            self.multi[first] = list({e[0]: e for e in entries}.values())
+        for value in self.kept:
+            for i, word in enumerate(value):
+                self.single.pop(word, None)
+                entries = self.multi.get(word)
+                if entries:
+                    self.multi[word] = [e for e in entries if value[i:i + len(e[0])] != e[0]]
+        self.multi = {first: entries for first, entries in self.multi.items() if entries}
+        self.kept = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.single or self.multi)
+
+    def find(self, words: list[str]) -> Iterator[tuple[str, str, str]]:
+        """(matched text, kind, attribute) for every identifier among ``words``."""
+        for i, word in enumerate(words):
+            hit = self.single.get(word)
+            if hit is not None:
+                yield word, *hit
+            for seq, kind, attribute in self.multi.get(word, ()):
+                if tuple(words[i:i + len(seq)]) == seq:
+                    yield " ".join(seq), kind, attribute
+
+
+def date_forms(value: str) -> list[list[str]]:
+    """A DA/DT value as the token sequences people write it in: 19710123, 1971-01-23, 23.01.1971, 01/23/1971."""
+    text = value.strip()[:8]
+    if not re.fullmatch(r"\d{8}", text):
+        return []
+    y, m, d = text[:4], text[4:6], text[6:]
+    forms = [[text], [y, m, d], [d, m, y], [m, d, y], [f"{y}.{m}.{d}"], [f"{d}.{m}.{y}"]]
+    if value.strip() != text and value.strip().isdigit():
+        forms.append([value.strip()])  # the DateTime as written
+    return forms
+
+
+def element_texts(elem: Any) -> list[str]:
+    """The string values of a non-sequence element ('' values dropped); bytes of unknown VRs decoded as text."""
+    value = elem.value
+    if value is None or value == "":
+        return []
+    if isinstance(value, bytes | bytearray):
+        return [bytes(value).decode("utf-8", "replace")] if elem.VR in ("UN", "UT", "ST", "LT") else []
+    if elem.VR not in TEXT_VRS:
+        return []
+    values = value if elem.VM > 1 else [value]
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def walk_elements(ds: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(location, element, containing dataset) for every element of ``ds``, depth first through sequences."""
+    for elem in ds:
+        here = f"{path}{dicom.tag_label(int(elem.tag))}"
+        yield here, elem, ds
+        if elem.VR == "SQ" and elem.value:
+            for n, item in enumerate(elem.value):
+                yield from walk_elements(item, f"{here}[{n}] > ")
+
+
+def is_descriptor(tag: int) -> bool:
+    """Whether Table E.1-1 treats an attribute as free text that may hold identity (a description or comment,
+    cleanable under the Clean Descriptors or Clean Structured Content option) rather than as an identifier."""
+    from kaapcli.core.anonymize import load_table
+
+    row = load_table().lookup(tag)
+    return row is not None and any(code == "C" for col, code in row.options
+                                   if col in ("clean_descriptors", "clean_structured_content"))
+
+
+def collect_identifiers(ds: Any) -> dict[str, Any]:
+    """The identifying values of one original and the values it keeps (JSON-able, to leave a worker).
+
+    Identifying: values of attributes the Basic Profile does not keep (K), except descriptions and comments
+    (their identifying content is found through the names, IDs and dates of the same object, and through the
+    patterns), and, inside sequences the profile removes, person names, dates and UIDs."""
+    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for, element_vr, is_well_known_uid
+
+    options = Options()
+    found = Identifiers()
+
+    def walk(d: Any, container: str) -> None:
+        """``container``: the action of the sequence around ``d`` that overrides its kept elements: "X" (the
+        profile removes or empties it), "D" (it keeps codes and other non-text values, text gets a dummy), ""."""
+        for tag in list(d.keys()):
+            if tag.is_private:
+                continue  # private values are not attributes of anyone: private elements are findings themselves
+            vr = element_vr(d, tag)
+            action = action_for(int(tag), vr, options)
+            elem = d[tag]
+            if vr == "SQ":
+                inner = "X" if container == "X" or action in ("X", "Z") else "D" if container or action == "D" else ""
+                for item in elem.value or ():
+                    walk(item, inner)
+                continue
+            texts = element_texts(elem)
+            keeps = action in ("K", "C") or int(tag) in CODE_ATTRIBUTES
+            if keeps and (not container or container == "D" and (vr not in TEXT_VRS or int(tag) in CODE_ATTRIBUTES
+                                                                 or vr in ("CS", "UI", "DA", "DT", "TM"))):
+                found.kept.update(tuple(tokens(text)) for text in texts)
+                continue
+            if vr not in IDENTIFYING_VRS or keeps and vr not in ("PN", "DA", "DT", "UI") or is_descriptor(int(tag)):
+                continue  # codes, times, ages, numbers and free text: too common to recognise anywhere
+            keyword = elem.keyword or dicom.tag_label(int(tag))
+            for text in texts:
+                if vr == "UI":
+                    if not is_well_known_uid(text):
+                        found.add([text], "uid", keyword)
+                elif vr in ("DA", "DT"):
+                    for form in date_forms(text):
+                        found.add(form, "date", keyword)
+                elif vr == "PN":
+                    for component in re.split(r"[=^]", text):
+                        found.add(tokens(component), "name", keyword)
+                        for word in tokens(component):
+                            found.add([word], "name", keyword)
+                    found.add(tokens(text), "name", keyword)
+                else:
+                    found.add(tokens(text), "identifier", keyword)
+
+    walk(ds, "")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("MediaStorageSOPInstanceUID"):
+        uid = str(meta.MediaStorageSOPInstanceUID)
+        if not is_well_known_uid(uid):
+            found.add([uid], "uid", "MediaStorageSOPInstanceUID")
+    return {"single": list(found.single.items()), "multi": [e for es in found.multi.values() for e in es],
+            "kept": sorted(found.kept)}
+
+
+class OriginalsOperator(BaseOperator):
+    """Reads one original and returns its identifying values (as JSON in the outcome's message)."""
+
+    name = "phi-scan-originals"
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        ds = dicom.read(item.paths[0], stop_before_pixels=True)
+        return Outcome(message=json.dumps(collect_identifiers(ds)))
+
+
+# --------------------------------------------------------------------------- scanning one file
+
+@dataclass
+class ScanRules:
+    """What the scan looks for besides the originals' values."""
+
+    root: Path
+    patterns: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    show_values: bool = False
+
+
+_IDENTIFIERS = Identifiers()  # set in the parent before the pool forks: workers inherit it instead of unpickling it
+
+
+class ScanOperator(BaseOperator):
+    """Scans one file of the tree and returns its findings (as JSON in the outcome's message)."""
+
+    name = "phi-scan"
+
+    def __init__(self, rules: ScanRules):
+        self.rules = rules
+
+    def accepts(self, path: Path) -> bool:
+        return True  # every file: sidecars, manifests and maps leak as well as DICOM files
+
+    def process(self, item: Item, ctx: Context) -> Outcome:
+        findings = scan_file(item.paths[0], self.rules, _IDENTIFIERS)
+        return Outcome(message=json.dumps([f.record() for f in findings]))
+
+
+def scan_file(path: Path, rules: ScanRules, identifiers: Identifiers) -> list[Finding]:
+    out: list[Finding] = []
+    shown = str(path)
+
+    def add(kind: str, where: str, what: str, value: str = "") -> None:
+        if len(out) < MAX_FINDINGS_PER_FILE:
+            out.append(Finding(shown, kind, where, what, value if rules.show_values else mask(value)))
+
+    def look(text: str, where: str, free_text: bool = True) -> None:
+        """The originals' values and ``--patterns`` anywhere; the built-in patterns in free text only."""
+        for matched, kind, attribute in identifiers.find(tokens(text)):
+            add(kind, where, f"{attribute} of an original", matched)
+        for name, pattern in (*FREE_TEXT_PATTERNS, *rules.patterns) if free_text else rules.patterns:
+            found = pattern.search(text)
+            if found:
+                add("pattern", where, name, found.group(0))
+
+    try:
+        relative = path.relative_to(rules.root)
+    except ValueError:
+        relative = Path(path.name)
+    for part in relative.parts:
+        look(TOKEN_UID.sub(" ", re.sub(r"\.(dcm|json|jsonl|nii|gz|txt|csv|sqlite)$", "", part)), "file name")
+    if path.is_symlink():
+        look(os.readlink(path), "symbolic link target")
+        return out
+    try:
+        is_dicom = fsio.is_dicom(path)
+        if is_dicom:
+            _scan_dicom(path, add, look)
+        else:
+            _scan_bytes(path, look)
+    except OSError as exc:
+        add("unreadable", "file", f"cannot read: {exc.strerror}")
+    return out
+
+
+TOKEN_UID = re.compile(r"\d+(?:\.\d+){3,}")  # UIDs (and the keyed 2.25.<n> ones) are not record numbers
+
+
+def _scan_bytes(path: Path, look: Callable[..., None], chunk_size: int = 1 << 20) -> None:
+    """Any other file, as UTF-8 text, in chunks cut after a line end (or a non-word byte) so no token is split."""
+    line, rest = 1, b""
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(chunk_size)
+            data = rest + chunk
+            if not data:
+                return
+            cut = len(data) if not chunk else max(data.rfind(b"\n"), data.rfind(b" ")) + 1
+            if cut <= 0:
+                cut = max(0, len(data) - 1024)  # no separator in a whole chunk: only the last KiB may hold a token
+            lines = data[:cut].split(b"\n")
+            for number, text in enumerate(lines, line):
+                if text.strip():
+                    look(text.decode("utf-8", "replace"), f"content, line {number}")
+            line += len(lines) - 1
+            rest = data[cut:]
+
+
+def _scan_dicom(path: Path, add: Callable[..., None], look: Callable[..., None]) -> None:
+    try:
+        ds = dicom.read(path, stop_before_pixels=True)
+    except DataError as exc:
+        add("unreadable", "file", f"a DICOM file that cannot be parsed: {exc.message}")
+        return
+    deidentified = str(ds.get("PatientIdentityRemoved", "") or "").upper() == "YES"
+    if not deidentified:
+        add("unmarked", "(0012,0062) PatientIdentityRemoved", "not YES: this object does not claim to be "
+            "de-identified")
+    for flag, kind in (("BurnedInAnnotation", "burned-in"), ("RecognizableVisualFeatures", "visual-features")):
+        if str(ds.get(flag, "") or "").upper() == "YES":
+            add(kind, flag, f"{flag} is YES: the pixels identify")
+    private: dict[tuple[int, str], int] = {}
+    meta = getattr(ds, "file_meta", None)
+    sources = [("file meta > ", meta)] if meta is not None else []
+    for prefix, container in [*sources, ("", ds)]:
+        for where, elem, parent in walk_elements(container, prefix):
+            tag = int(elem.tag)
+            if elem.tag.is_private:
+                creator_tag = (tag & 0xFFFF0000) | ((tag & 0xFF00) >> 8)
+                creator = parent.get(creator_tag) if (tag & 0xFFFF) >= 0x1000 else elem
+                key = (tag >> 16, str(getattr(creator, "value", "") or "").strip())
+                private[key] = private.get(key, 0) + 1
+                continue
+            if elem.VR == "SQ" or tag == 0x00120063:  # the de-identifier's own method text
+                continue
+            free = elem.VR in FREE_TEXT_VRS and not (tag == 0x00100010 and deidentified) and \
+                not (elem.VR in ("LO", "SH") and kept_verbatim(tag, elem.VR))
+            for text in element_texts(elem):
+                look(text, where, free)
+    for (group, creator), count in sorted(private.items()):
+        add("private-tag", f"({group:04X},xxxx) {creator or 'no private creator'}",
+            f"{count} private element(s): private attributes can hold anything")
+
+
+def kept_verbatim(tag: int, vr: str) -> bool:
+    """Short texts the profile keeps as they are (manufacturer, model, software versions, codes): not free text."""
+    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for
+
+    return tag in CODE_ATTRIBUTES or action_for(tag, vr, Options()) == "K"
+
+
+# --------------------------------------------------------------------------- the scan
+
+def walk_tree(root: Path) -> list[Path]:
+    """Every file below ``root`` (or ``root`` itself), hidden names included, sorted; links are not followed."""
+    if root.is_symlink() or root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise NoInputError(f"{root}: no such file or directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        base = Path(dirpath)
+        files.extend(base / name for name in sorted(filenames))
+        files.extend(base / name for name in dirnames if (base / name).is_symlink())
+    return files
+
+
+def gather_identifiers(originals: Path, options: BatchOptions) -> tuple[Identifiers, list[str]]:
+    """The identifiers of every DICOM file below ``originals`` (in the worker pool), and the read errors."""
+    found = Identifiers()
+    errors: list[str] = []
+
+    def on_result(result: ItemResult) -> None:
+        if result.status == "failed":
+            errors.append(result.message)
+        elif result.status == "ok" and result.message:
+            found.merge(json.loads(result.message))
+
+    run_batch(OriginalsOperator(), fsio.collect_inputs([str(originals)]), None, options, on_result=on_result)
+    found.finish()
+    return found, errors
+
+
+def scan(tree: Path, rules: ScanRules, identifiers: Identifiers, options: BatchOptions,
+         on_findings: Callable[[list[Finding]], None], on_error: Callable[[str], None]) -> int:
+    """Scan every file of ``tree``; report findings file by file, in path order.  Returns the files scanned."""
+    global _IDENTIFIERS
+    _IDENTIFIERS = identifiers
+    files = walk_tree(tree)
+
+    def on_result(result: ItemResult) -> None:
+        if result.status == "failed":
+            on_error(result.message)
+        elif result.message:
+            on_findings([Finding(**f) for f in json.loads(result.message)])
+
+    try:
+        run_batch(ScanOperator(rules), files, None, options, on_result=on_result)
+    finally:
+        _IDENTIFIERS = Identifiers()
+    return len(files)
