@@ -22,6 +22,7 @@ anything; the values in findings are masked unless asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,7 +130,7 @@ class Identifiers:
     def add(self, words: list[str], kind: str, attribute: str) -> None:
         if len(words) == 1:
             word = words[0]
-            if word not in COMMON_TOKENS and (len(word) >= 5 or len(word) >= 3 and word.isalpha()):
+            if word not in COMMON_TOKENS and len(word) >= (3 if word.isalpha() else 5 if word.isdigit() else 4):
                 self.single.setdefault(word, (kind, attribute))
         elif len(words) > 1 and sum(map(len, words)) >= 4 and not set(words) <= COMMON_TOKENS:
             self.multi.setdefault(words[0], []).append((tuple(words), kind, attribute))
@@ -340,8 +341,11 @@ def scan_file(path: Path, rules: ScanRules, identifiers: Identifiers) -> list[Fi
         look(os.readlink(path), "symbolic link target")
         return out
     try:
-        is_dicom = fsio.is_dicom(path)
-        if is_dicom:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head == b"SQLite format 3\0":  # a pseudonym map, an index: its text is not in line-shaped bytes
+            _scan_sqlite(path, add, look)
+        elif fsio.is_dicom(path):
             _scan_dicom(path, add, look)
         else:
             _scan_bytes(path, look)
@@ -373,11 +377,31 @@ def _scan_bytes(path: Path, look: Callable[..., None], chunk_size: int = 1 << 20
             rest = data[cut:]
 
 
+def _scan_sqlite(path: Path, add: Callable[..., None], look: Callable[..., None]) -> None:
+    """Every text value of every table of an SQLite file, opened read-only (it is never changed, nor journaled)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)) as con:
+            tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                quoted = '"' + table.replace('"', '""') + '"'
+                for number, row in enumerate(con.execute(f"SELECT * FROM {quoted}"), 1):  # noqa: S608 - a name
+                    for value in row:
+                        if isinstance(value, str | bytes):
+                            text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+                            look(text, f"table {table}, row {number}")
+    except sqlite3.DatabaseError as exc:
+        add("unreadable", "file", f"an SQLite file that cannot be read: {exc}")
+
+
 def _scan_dicom(path: Path, add: Callable[..., None], look: Callable[..., None]) -> None:
     try:
-        ds = dicom.read(path, stop_before_pixels=True)
+        with dicom.collect_warnings() as notes:
+            ds = dicom.read(path, stop_before_pixels=True)
+        dicom.check_complete(ds, notes)
     except DataError as exc:
-        add("unreadable", "file", f"a DICOM file that cannot be parsed: {exc.message}")
+        add("unreadable", "file", f"a DICOM file that cannot be read whole: {exc.message}")
         return
     deidentified = str(ds.get("PatientIdentityRemoved", "") or "").upper() == "YES"
     if not deidentified:
