@@ -967,7 +967,6 @@ class AnonymizeOperator(BaseOperator):
 
     def _file_meta(self, ds: Any) -> None:
         """A fresh file meta group: only the class, the new instance UID, the transfer syntax and who wrote it."""
-        from pydicom.dataset import FileMetaDataset
         from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         old = getattr(ds, "file_meta", None)
@@ -975,13 +974,8 @@ class AnonymizeOperator(BaseOperator):
         if not syntax:
             implicit, little = getattr(ds, "original_encoding", (False, True))
             syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or (old.get("MediaStorageSOPClassUID") if old else "")
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = syntax
-        meta.ImplementationClassUID = dicom.IMPLEMENTATION_UID
-        meta.ImplementationVersionName = dicom.IMPLEMENTATION_VERSION
-        ds.file_meta = meta
+        sop_class = ds.get("SOPClassUID") or (old.get("MediaStorageSOPClassUID") if old else "")
+        ds.file_meta = dicom.file_meta(str(sop_class), str(ds.SOPInstanceUID), str(syntax))
         ds.preamble = b"\0" * 128
 
     def _name(self, ds: Any) -> Path:

@@ -28,6 +28,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,8 @@ class Identifiers:
         for value in self.kept:
             for i, word in enumerate(value):
                 self.single.pop(word, None)
-                entries = self.multi.get(word)
-                if entries:
-                    self.multi[word] = [e for e in entries if value[i:i + len(e[0])] != e[0]]
+                if word in self.multi:
+                    self.multi[word] = [e for e in self.multi[word] if value[i:i + len(e[0])] != e[0]]
         self.multi = {first: entries for first, entries in self.multi.items() if entries}
         self.kept = set()
 
@@ -182,7 +182,7 @@ def date_forms(value: str) -> list[list[str]]:
 
 
 def element_texts(elem: Any) -> list[str]:
-    """The string values of a non-sequence element ('' values dropped); bytes of unknown VRs decoded as text."""
+    """The string values of a decoded non-sequence element; bytes of unknown VRs decoded as text."""
     value = elem.value
     if value is None or value == "":
         return []
@@ -194,16 +194,48 @@ def element_texts(elem: Any) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
-def walk_elements(ds: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(location, element, containing dataset) for every element of ``ds``, depth first through sequences."""
-    for elem in ds:
-        here = f"{path}{dicom.tag_label(int(elem.tag))}"
-        yield here, elem, ds
-        if elem.VR == "SQ" and elem.value:
-            for n, item in enumerate(elem.value):
-                yield from walk_elements(item, f"{here}[{n}] > ")
+# Character sets whose text is decoded here from the raw bytes, without pydicom's per-element conversion (the
+# scan's main cost otherwise); any other set, and every sequence, goes through pydicom.
+RAW_ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
+def raw_encoding(ds: Any, parent: str | None) -> str | None:
+    """The codec for the raw text of ``ds`` (its own Specific Character Set, else its parent's), or None."""
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return parent
+    value = raw.value if not getattr(raw, "is_raw", False) else raw.value.decode("latin-1").strip(" \0")
+    return RAW_ENCODINGS.get(str(value).strip() if not isinstance(value, list) else "?")
+
+
+def dataset_values(ds: Any, encoding: str | None = "latin-1") -> Iterator[tuple[Any, str, list[str], Any]]:
+    """(tag, VR, string values, the element) for every element of ``ds`` (not into sequences: the caller recurses
+    into ``ds[tag].value`` for VR SQ).  Text is decoded from the raw bytes when the character set allows."""
+    from pydicom.datadict import dictionary_VR
+
+    encoding = raw_encoding(ds, encoding)
+    for elem in ds.elements():
+        tag, vr = elem.tag, elem.VR
+        if vr in (None, "UN") and not tag.is_private:  # implicit VR, or UN: pydicom would use the dictionary
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        if getattr(elem, "is_raw", False) and encoding and vr in TEXT_VRS and vr != "SQ":
+            text = elem.value.decode(encoding, "replace") if elem.value else ""
+            values = [v.strip(" \0") for v in (text.split("\\") if vr not in ("LT", "ST", "UT", "UR") else [text])]
+            yield tag, vr, [v for v in values if v], elem
+        elif vr == "SQ" or tag.is_private:
+            yield tag, vr, [], elem
+        else:
+            decoded = ds[tag]
+            yield tag, decoded.VR, element_texts(decoded), decoded
+
+
+_ACTIONS: dict[tuple[int, str], str] = {}  # (tag, VR) -> the Basic Profile's action, as it is met
+
+
+@cache
 def is_descriptor(tag: int) -> bool:
     """Whether Table E.1-1 treats an attribute as free text that may hold identity (a description or comment,
     cleanable under the Clean Descriptors or Clean Structured Content option) rather than as an identifier."""
@@ -220,26 +252,26 @@ def collect_identifiers(ds: Any) -> dict[str, Any]:
     Identifying: values of attributes the Basic Profile does not keep (K), except descriptions and comments
     (their identifying content is found through the names, IDs and dates of the same object, and through the
     patterns), and, inside sequences the profile removes, person names, dates and UIDs."""
-    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for, element_vr, is_well_known_uid
+    from pydicom.datadict import keyword_for_tag
+
+    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for, is_well_known_uid
 
     options = Options()
     found = Identifiers()
+    actions = _ACTIONS
 
-    def walk(d: Any, container: str) -> None:
+    def walk(d: Any, container: str, encoding: str | None) -> None:
         """``container``: the action of the sequence around ``d`` that overrides its kept elements: "X" (the
         profile removes or empties it), "D" (it keeps codes and other non-text values, text gets a dummy), ""."""
-        for tag in list(d.keys()):
+        for tag, vr, texts, _ in dataset_values(d, encoding):
             if tag.is_private:
                 continue  # private values are not attributes of anyone: private elements are findings themselves
-            vr = element_vr(d, tag)
-            action = action_for(int(tag), vr, options)
-            elem = d[tag]
+            action = actions.get((tag, vr)) or actions.setdefault((tag, vr), action_for(int(tag), vr, options))
             if vr == "SQ":
                 inner = "X" if container == "X" or action in ("X", "Z") else "D" if container or action == "D" else ""
-                for item in elem.value or ():
-                    walk(item, inner)
+                for item in d[tag].value or ():
+                    walk(item, inner, raw_encoding(d, encoding))
                 continue
-            texts = element_texts(elem)
             keeps = action in ("K", "C") or int(tag) in CODE_ATTRIBUTES
             if keeps and (not container or container == "D" and (vr not in TEXT_VRS or int(tag) in CODE_ATTRIBUTES
                                                                  or vr in ("CS", "UI", "DA", "DT", "TM"))):
@@ -247,7 +279,7 @@ def collect_identifiers(ds: Any) -> dict[str, Any]:
                 continue
             if vr not in IDENTIFYING_VRS or keeps and vr not in ("PN", "DA", "DT", "UI") or is_descriptor(int(tag)):
                 continue  # codes, times, ages, numbers and free text: too common to recognise anywhere
-            keyword = elem.keyword or dicom.tag_label(int(tag))
+            keyword = keyword_for_tag(tag) or dicom.tag_label(int(tag))
             for text in texts:
                 if vr == "UI":
                     if not is_well_known_uid(text):
@@ -264,7 +296,7 @@ def collect_identifiers(ds: Any) -> dict[str, Any]:
                 else:
                     found.add(tokens(text), "identifier", keyword)
 
-    walk(ds, "")
+    walk(ds, "", "latin-1")
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("MediaStorageSOPInstanceUID"):
         uid = str(meta.MediaStorageSOPInstanceUID)
@@ -318,11 +350,14 @@ def scan_file(path: Path, rules: ScanRules, identifiers: Identifiers) -> list[Fi
     out: list[Finding] = []
     shown = str(path)
 
-    def add(kind: str, where: str, what: str, value: str = "") -> None:
+    def add(kind: str, where: str | Callable[[], str], what: str, value: str = "") -> None:
         if len(out) < MAX_FINDINGS_PER_FILE:
-            out.append(Finding(shown, kind, where, what, value if rules.show_values else mask(value)))
+            finding = Finding(shown, kind, where if isinstance(where, str) else where(), what,
+                              value if rules.show_values else mask(value))
+            if finding not in out:
+                out.append(finding)
 
-    def look(text: str, where: str, free_text: bool = True) -> None:
+    def look(text: str, where: str | Callable[[], str], free_text: bool = True) -> None:
         """The originals' values and ``--patterns`` anywhere; the built-in patterns in free text only."""
         for matched, kind, attribute in identifiers.find(tokens(text)):
             add(kind, where, f"{attribute} of an original", matched)
@@ -411,28 +446,40 @@ def _scan_dicom(path: Path, add: Callable[..., None], look: Callable[..., None])
         if str(ds.get(flag, "") or "").upper() == "YES":
             add(kind, flag, f"{flag} is YES: the pixels identify")
     private: dict[tuple[int, str], int] = {}
+
+    def walk(d: Any, prefix: str, encoding: str | None) -> None:
+        for tag, vr, texts, elem in dataset_values(d, encoding):
+            if tag.is_private:
+                if tag.element < 0x0100:
+                    private.setdefault((tag.group, _text(elem)), 0)  # a private creator element
+                else:
+                    creator = d.get_item((tag.group << 16) | (tag.element >> 8))
+                    key = (tag.group, _text(creator) if creator is not None else "")
+                    private[key] = private.get(key, 0) + 1
+            elif vr == "SQ":
+                for n, item in enumerate(d[tag].value or ()):
+                    walk(item, f"{prefix}{dicom.tag_label(tag)}[{n}] > ", raw_encoding(d, encoding))
+            elif texts and tag != 0x00120063:  # not the de-identifier's own method text
+                free = vr in FREE_TEXT_VRS and not (tag == 0x00100010 and deidentified) and \
+                    not (vr in ("LO", "SH") and kept_verbatim(int(tag), vr))
+                for text in texts:
+                    look(text, lambda tag=tag: f"{prefix}{dicom.tag_label(tag)}", free)
+
     meta = getattr(ds, "file_meta", None)
-    sources = [("file meta > ", meta)] if meta is not None else []
-    for prefix, container in [*sources, ("", ds)]:
-        for where, elem, parent in walk_elements(container, prefix):
-            tag = int(elem.tag)
-            if elem.tag.is_private:
-                creator_tag = (tag & 0xFFFF0000) | ((tag & 0xFF00) >> 8)
-                creator = parent.get(creator_tag) if (tag & 0xFFFF) >= 0x1000 else elem
-                key = (tag >> 16, str(getattr(creator, "value", "") or "").strip())
-                private[key] = private.get(key, 0) + 1
-                continue
-            if elem.VR == "SQ" or tag == 0x00120063:  # the de-identifier's own method text
-                continue
-            free = elem.VR in FREE_TEXT_VRS and not (tag == 0x00100010 and deidentified) and \
-                not (elem.VR in ("LO", "SH") and kept_verbatim(tag, elem.VR))
-            for text in element_texts(elem):
-                look(text, where, free)
+    if meta is not None:
+        walk(meta, "file meta > ", "latin-1")
+    walk(ds, "", "latin-1")
     for (group, creator), count in sorted(private.items()):
         add("private-tag", f"({group:04X},xxxx) {creator or 'no private creator'}",
             f"{count} private element(s): private attributes can hold anything")
 
 
+def _text(elem: Any) -> str:
+    value = elem.value
+    return (value.decode("latin-1") if isinstance(value, bytes) else str(value or "")).strip(" \0")
+
+
+@cache
 def kept_verbatim(tag: int, vr: str) -> bool:
     """Short texts the profile keeps as they are (manufacturer, model, software versions, codes): not free text."""
     from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for
@@ -448,7 +495,7 @@ def walk_tree(root: Path) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise NoInputError(f"{root}: no such file or directory")
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         base = Path(dirpath)
