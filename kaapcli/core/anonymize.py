@@ -904,7 +904,7 @@ class AnonymizeOperator(BaseOperator):
         patient_basis = originals[PATIENT_ID] or originals[PATIENT_NAME] or originals[STUDY_UID]
         run = Run(self.opts, self.keyed, patient_basis, identifying_strings(ds) if self.opts.selected() else (),
                   patient={t: str(ds.get(t).value or "") for t in (PATIENT_SEX, BIRTH_DATE, PATIENT_AGE, STUDY_DATE)
-                           if t in ds},
+                           if t in ds} if self.opts.pseudonyms == "realistic" else {},
                   safe_private=self.safe_private, verbose=ctx.dry_run, actions=self.actions)
         if self.opts.profile == "kaapana":
             self._kaapana(ds, run)
