@@ -186,3 +186,15 @@ def test_errors_are_one_line_and_not_a_pass(tmp_path: Path) -> None:
     broken.write_bytes(Path(pydicom.data.get_testdata_file(ORIGINAL)).read_bytes()[:1500])  # ends inside an element
     proc, findings = scan(tmp_path / "tree")
     assert proc.returncode == 1 and [f["kind"] for f in findings] == ["unreadable"]
+
+
+def test_a_worker_without_the_originals_values_fails_rather_than_passes(tmp_path: Path) -> None:
+    """Workers inherit the originals' values from the scanning process; one that did not (another start method)
+    must fail its items, since an empty set of values would report a leaking tree clean."""
+    from kaapcli.core.batch import Context, Item
+    from kaapcli.core.phi_scan import ScanOperator, ScanRules
+
+    (tmp_path / "f.txt").write_text("x\n")
+    op = ScanOperator(ScanRules(root=tmp_path, identifiers_token="from-another-scan"))
+    with pytest.raises(RuntimeError, match="originals"):
+        op.process(Item("f", (tmp_path / "f.txt",)), Context(out=None))

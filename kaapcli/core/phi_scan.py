@@ -26,8 +26,9 @@ import contextlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -325,9 +326,13 @@ class ScanRules:
     root: Path
     patterns: tuple[tuple[str, re.Pattern[str]], ...] = ()
     show_values: bool = False
+    identifiers_token: str = ""  # which identifiers the workers must hold (see _IDENTIFIERS)
 
 
-_IDENTIFIERS = Identifiers()  # set in the parent before the pool forks: workers inherit it instead of unpickling it
+# Set in the parent before the pool forks: workers inherit it instead of unpickling it with every chunk.  A worker
+# that does not hold the identifiers the scan was started with fails every item: a silently empty set would pass.
+_IDENTIFIERS = Identifiers()
+_IDENTIFIERS_TOKEN = ""
 
 
 class ScanOperator(BaseOperator):
@@ -342,6 +347,8 @@ class ScanOperator(BaseOperator):
         return True  # every file: sidecars, manifests and maps leak as well as DICOM files
 
     def process(self, item: Item, ctx: Context) -> Outcome:
+        if self.rules.identifiers_token != _IDENTIFIERS_TOKEN:
+            raise RuntimeError("this worker process does not hold the originals' values (not forked from the scan)")
         findings = scan_file(item.paths[0], self.rules, _IDENTIFIERS)
         return Outcome(message=json.dumps([f.record() for f in findings]))
 
@@ -533,8 +540,9 @@ def gather_identifiers(originals: Path, options: BatchOptions) -> tuple[Identifi
 def scan(tree: Path, rules: ScanRules, identifiers: Identifiers, options: BatchOptions,
          on_findings: Callable[[list[Finding]], None], on_error: Callable[[str], None]) -> int:
     """Scan every file of ``tree``; report findings file by file, in path order.  Returns the files scanned."""
-    global _IDENTIFIERS
-    _IDENTIFIERS = identifiers
+    global _IDENTIFIERS, _IDENTIFIERS_TOKEN
+    _IDENTIFIERS, _IDENTIFIERS_TOKEN = identifiers, secrets.token_hex(8)
+    rules = replace(rules, identifiers_token=_IDENTIFIERS_TOKEN)
     files = walk_tree(tree)
     _prepare()
 
@@ -547,5 +555,5 @@ def scan(tree: Path, rules: ScanRules, identifiers: Identifiers, options: BatchO
     try:
         run_batch(ScanOperator(rules), files, None, options, on_result=on_result)
     finally:
-        _IDENTIFIERS = Identifiers()
+        _IDENTIFIERS, _IDENTIFIERS_TOKEN = Identifiers(), ""
     return len(files)
