@@ -749,15 +749,15 @@ def read_header(path: Path) -> tuple[Any, tuple[int, int] | None]:
         ds = dicom.read(fp, stop_before_pixels=True)
         start = fp.tell()
         size = fp.seek(0, 2)
-    meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    implicit, little = getattr(ds, "original_encoding", (None, None))
-    declared = (syntax.is_implicit_VR, syntax.is_little_endian) if syntax and syntax.is_transfer_syntax else None
-    if syntax == DeflatedExplicitVRLittleEndian or declared != (implicit, little):
-        return dicom.read(path), None  # positions in a deflated stream, or a mislabelled encoding: no splicing
-    if start >= size:
-        return ds, (size, size)  # no pixel data at all
-    end = pixel_element_end(path, start, bool(implicit), bool(little))
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        declared = (syntax.is_implicit_VR, syntax.is_little_endian) if syntax and syntax.is_transfer_syntax else None
+        if syntax == DeflatedExplicitVRLittleEndian or declared != (implicit, little):
+            return dicom.read(path), None  # positions in a deflated stream, or a mislabelled encoding: no splicing
+        if start >= size:
+            return ds, (size, size)  # no pixel data at all
+        end = pixel_element_end(fp, start, bool(implicit), bool(little))
     if end is not None and end > size:
         raise DataError(f"truncated file: PixelData ends at byte {end}, the file has {size}")
     if end == size:
@@ -765,34 +765,33 @@ def read_header(path: Path) -> tuple[Any, tuple[int, int] | None]:
     return dicom.read(path), None  # something follows Pixel Data (padding, signatures): full re-encode
 
 
-def pixel_element_end(path: Path, start: int, implicit: bool, little: bool) -> int | None:
+def pixel_element_end(fp: IO[bytes], start: int, implicit: bool, little: bool) -> int | None:
     """Where the (7FE0,0010) element starting at ``start`` ends (None: not Pixel Data, or not walkable)."""
     order = "<" if little else ">"
-    with open(path, "rb") as fp:
-        fp.seek(start)
-        head = fp.read(12)
-        if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+    fp.seek(start)
+    head = fp.read(12)
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        length, pos = struct.unpack(order + "L", head[4:8])[0], start + 8
+    else:
+        if head[4:6] not in (b"OB", b"OW") or len(head) < 12:
             return None
-        if implicit:
-            length, pos = struct.unpack(order + "L", head[4:8])[0], start + 8
-        else:
-            if head[4:6] not in (b"OB", b"OW") or len(head) < 12:
-                return None
-            length, pos = struct.unpack(order + "L", head[8:12])[0], start + 12
-        if length != 0xFFFFFFFF:
-            return pos + length
-        while True:  # encapsulated: items until the sequence delimiter (always little endian)
-            fp.seek(pos)
-            item = fp.read(8)
-            if len(item) < 8:
-                return None
-            group, element, item_length = struct.unpack("<HHL", item)
-            pos += 8
-            if (group, element) == (0xFFFE, 0xE0DD):
-                return pos
-            if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
-                return None
-            pos += item_length
+        length, pos = struct.unpack(order + "L", head[8:12])[0], start + 12
+    if length != 0xFFFFFFFF:
+        return pos + length
+    while True:  # encapsulated: items until the sequence delimiter (always little endian)
+        fp.seek(pos)
+        item = fp.read(8)
+        if len(item) < 8:
+            return None
+        group, element, item_length = struct.unpack("<HHL", item)
+        pos += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
+            return None
+        pos += item_length
 
 
 def write_spliced(ds: Any, source: Path, pixels: tuple[int, int], dest: Path) -> int:
