@@ -198,3 +198,23 @@ def test_a_worker_without_the_originals_values_fails_rather_than_passes(tmp_path
     op = ScanOperator(ScanRules(root=tmp_path, identifiers_token="from-another-scan"))
     with pytest.raises(RuntimeError, match="originals"):
         op.process(Item("f", (tmp_path / "f.txt",)), Context(out=None))
+
+
+@pytest.mark.parametrize("unit", ["A-", "a.a+", "Dr ", "1"])
+def test_patterns_take_linear_time_on_hostile_text(unit: str) -> None:
+    """Header values and sidecars are attacker-controlled: ten times the text costs about ten times the time
+    (a quadratic pattern would take a hundred times), whatever repeats in it."""
+    import time
+
+    from kaapcli.core.phi_scan import free_text_pattern
+
+    def seconds(n: int) -> float:
+        text = unit * n + "x"
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            free_text_pattern(text)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert seconds(100_000) < 40 * seconds(10_000)

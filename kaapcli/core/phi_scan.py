@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
@@ -49,17 +50,20 @@ COMMON_TOKENS = frozenset({"MR", "MRS", "MS", "MISS", "DR", "PROF", "JR", "SR", 
                            "ANONYMIZED", "ANONYMOUS", "ANON", "UNKNOWN", "NONE", "NULL", "TEST", "PATIENT", "NAME",
                            "REMOVED", "YES", "NO", "DEMO", "PHANTOM"})
 # Identifying patterns in free text (HIPAA Safe Harbor kinds: names, dates, record numbers, phone, e-mail, SSN).
+# Header values and files are hostile input: every pattern starts only where a run begins (a lookbehind) and
+# repeats boundedly, so a search costs time linear in the text, never quadratic.
 DAY, MONTH, YEAR = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])", r"(?:19|20)\d\d"
 FREE_TEXT_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("date", re.compile(rf"(?<![\w.]){YEAR}[-/.]{MONTH}[-/.]{DAY}(?![\w.])|(?<![\w.]){DAY}[-/.]{MONTH}[-/.]{YEAR}"
                         rf"(?![\w.])|(?<![\w.]){MONTH}/{DAY}/{YEAR}(?![\w.])")),
     ("date", re.compile(r"(?<![\w.])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![\w.])")),
-    ("person name", re.compile(r"\b[A-Z][A-Za-z'-]+\^[A-Z][A-Za-z'-]*")),  # FAMILY^GIVEN, DICOM's own form
-    ("person name", re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+[A-Z][a-z]+")),
+    ("person name", re.compile(r"(?<![A-Za-z'-])[A-Z][A-Za-z'-]{1,40}\^[A-Z]")),  # FAMILY^GIVEN, DICOM's own form
+    ("person name", re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s{1,3}[A-Z][a-z]{1,40}")),
     ("ssn", re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")),
-    ("e-mail", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")),
+    ("e-mail", re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")),
     ("phone", re.compile(r"(?<![\w.])\+?\(?\d{2,4}\)?[ -]\d{3,4}[ -]\d{3,4}(?![\w.])")),
-    ("record number", re.compile(r"(?<![\w.])\d{6,}(?![\w.])|\b(?:MRN|PID|ID)[:#]?\s*\d{4,}\b", re.IGNORECASE)),
+    ("record number", re.compile(r"(?<![\w.])\d{6,}(?![\w.])|\b(?:MRN|PID|ID)[:#]?\s{0,3}\d{4,}(?!\d)",
+                                 re.IGNORECASE)),
 )
 MAX_FINDINGS_PER_FILE = 200
 
@@ -355,7 +359,7 @@ class ScanOperator(BaseOperator):
 
 def scan_file(path: Path, rules: ScanRules, identifiers: Identifiers) -> list[Finding]:
     out: list[Finding] = []
-    shown = str(path)
+    shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable as JSON
 
     def add(kind: str, where: str | Callable[[], str], what: str, value: str = "") -> None:
         if len(out) < MAX_FINDINGS_PER_FILE:
@@ -383,6 +387,9 @@ def scan_file(path: Path, rules: ScanRules, identifiers: Identifiers) -> list[Fi
         look(os.readlink(path), "symbolic link target")
         return out
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the scan, a device would never end
+            add("unreadable", "file", "not a regular file: not scanned")
+            return out
         with open(path, "rb") as fh:
             head = fh.read(16)
         if head == b"SQLite format 3\0":  # a pseudonym map, an index: its text is not in line-shaped bytes
