@@ -633,24 +633,31 @@ def identifying_strings(ds: Any) -> tuple[str, ...]:
 
 def mark(ds: Any, options: Options) -> None:
     """PS3.15 E.1.1 conformance markers: identity removed, method text and CID 7050 codes, temporal status."""
+    methods, codes = _markers(options)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = list(methods)
+    ds.DeidentificationMethodCodeSequence = codes  # one Sequence for every file: only ever written, never edited
+    ds.LongitudinalTemporalInformationModified = {"full": "UNMODIFIED", "shift": "MODIFIED"}.get(options.dates,
+                                                                                                  "REMOVED")
+
+
+@cache
+def _markers(options: Options) -> tuple[tuple[str, ...], Any]:
+    """DeidentificationMethod texts and the CID 7050 code items for a set of options, built once per process."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    ds.PatientIdentityRemoved = "YES"
-    names = ["basic", *options.selected()]
-    ds.DeidentificationMethod = [f"kaapcli: {METHOD_CODES[n][1]}"[:64] for n in names if n in METHOD_CODES] + \
-        (["kaapcli: realistic pseudonyms (keyed names, moved birth dates)"] if options.pseudonyms == "realistic"
-         else [])
+    names = [n for n in ("basic", *options.selected()) if n in METHOD_CODES]
+    methods = [f"kaapcli: {METHOD_CODES[n][1]}"[:64] for n in names]
+    if options.pseudonyms == "realistic":
+        methods.append("kaapcli: realistic pseudonyms (keyed names, moved birth dates)")
     items = []
     for n in names:
-        if n in METHOD_CODES:
-            item = Dataset()
-            item.CodeValue, item.CodeMeaning = METHOD_CODES[n]
-            item.CodingSchemeDesignator = "DCM"
-            items.append(item)
-    ds.DeidentificationMethodCodeSequence = Sequence(items)
-    ds.LongitudinalTemporalInformationModified = {"full": "UNMODIFIED", "shift": "MODIFIED"}.get(options.dates,
-                                                                                                  "REMOVED")
+        item = Dataset()
+        item.CodeValue, item.CodeMeaning = METHOD_CODES[n]
+        item.CodingSchemeDesignator = "DCM"
+        items.append(item)
+    return tuple(methods), Sequence(items)
 
 
 def already_deidentified(ds: Any) -> bool:
@@ -794,12 +801,11 @@ def pixel_element_end(fp: IO[bytes], start: int, implicit: bool, little: bool) -
         pos += item_length
 
 
-def write_spliced(ds: Any, source: Path, pixels: tuple[int, int], dest: Path) -> int:
-    """Write the de-identified header, then the source's Pixel Data element copied byte for byte."""
-    meta = ds.file_meta
+def write_spliced(ds: Any, meta: tuple[str, str, str], source: Path, pixels: tuple[int, int], dest: Path) -> int:
+    """Write the file meta (class, instance UID, syntax), the de-identified header, then the source's Pixel Data
+    element copied byte for byte."""
     implicit, little = ds.original_encoding
-    header = dicom.encode_file_meta(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
-                                    meta.TransferSyntaxUID) + dicom.encode_dataset(ds, implicit, little)
+    header = dicom.encode_file_meta(*meta) + dicom.encode_dataset(ds, implicit, little)
     start, end = pixels
     with open(source, "rb") as src, fsio.atomic_write(dest) as out:
         out.write(header)
@@ -911,7 +917,7 @@ class AnonymizeOperator(BaseOperator):
             deidentify(ds, run)
             self._add_replacements(ds, run)
             mark(ds, self.opts)
-        self._file_meta(ds)
+        meta = self._file_meta(ds)
 
         if self.in_place:
             dest = path
@@ -920,9 +926,10 @@ class AnonymizeOperator(BaseOperator):
         if ctx.dry_run:
             return Outcome(message=f"would write {dest}\n" + "\n".join(run.lines), warnings=warnings)
         if pixels is None:
+            ds.file_meta, ds.preamble = dicom.file_meta(*meta), b"\0" * 128
             dicom.save(ds, dest)
         else:
-            write_spliced(ds, path, pixels, dest)
+            write_spliced(ds, meta, path, pixels, dest)
         if self.map_path is not None:
             record_map(self.map_path, self._map_rows(originals, ds, patient_basis))
         return Outcome(outputs=[dest], warnings=warnings)
@@ -964,8 +971,9 @@ class AnonymizeOperator(BaseOperator):
                                      "cannot add it") from None
                 run.note(0, tag, "R", "added as asked")
 
-    def _file_meta(self, ds: Any) -> None:
-        """A fresh file meta group: only the class, the new instance UID, the transfer syntax and who wrote it."""
+    def _file_meta(self, ds: Any) -> tuple[str, str, str]:
+        """The fresh file meta group's class, new instance UID and transfer syntax (kaapcli's implementation UID
+        joins them when it is encoded)."""
         from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         old = getattr(ds, "file_meta", None)
@@ -974,8 +982,7 @@ class AnonymizeOperator(BaseOperator):
             implicit, little = getattr(ds, "original_encoding", (False, True))
             syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
         sop_class = ds.get("SOPClassUID") or (old.get("MediaStorageSOPClassUID") if old else "")
-        ds.file_meta = dicom.file_meta(str(sop_class), str(ds.SOPInstanceUID), str(syntax))
-        ds.preamble = b"\0" * 128
+        return str(sop_class), str(ds.SOPInstanceUID), str(syntax)
 
     def _name(self, ds: Any) -> Path:
         name = fsio.render_template(self.opts.name, dicom.template_values(ds, self.opts.name))
