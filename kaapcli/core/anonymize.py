@@ -431,8 +431,40 @@ def deidentify(ds: Any, run: Run, depth: int = 0, text_mode: TextMode = "") -> N
             del ds[tag]
         elif action == "K" and vr != "SQ":
             run.note(depth, tag, "K")  # not even decoded: pydicom writes the bytes as read
-        else:
+        elif not _replace_raw(ds, tag, vr, action, run, depth):
             _apply(ds[tag], action, run, depth, text_mode)
+
+
+def _replace_raw(ds: Any, tag: Any, vr: str, action: str, run: Run, depth: int) -> bool:
+    """Z, D and P values do not depend on the old one, and U values only on its ASCII text: a raw element (read
+    with an explicit VR) is replaced by a new one without pydicom decoding and validating the old value."""
+    if action not in ("Z", "D", "P", "U", "U*") or vr in ("SQ", "UN"):
+        return False
+    raw = ds.get_item(tag)
+    if not getattr(raw, "is_raw", False) or raw.VR is None:
+        return False
+    from pydicom.dataelem import DataElement
+
+    if action == "Z":
+        value: Any = None if vr not in ("OB", "OW") else b""
+        how = "Z", "empty"
+    elif action == "D":
+        value, how = _dummy_value(vr), ("D", "dummy")
+    elif action == "P":
+        value, how = pseudonym(run, int(tag)), ("Z->D", "keyed pseudonym" if run.options.pseudonyms == "hex"
+                                                or int(tag) == PATIENT_ID else "keyed realistic name")
+    elif vr != "UI":
+        value, how = _dummy_value(vr), ("U", "keyed UID")
+    else:
+        uids = [v.strip(" \0") for v in raw.value.decode("latin-1").split("\\")] if raw.value else []
+        if _names_class_uid(int(tag)) or not any(u and not is_well_known_uid(u) for u in uids):
+            run.note(depth, tag, "K", "well-known UID")
+            return True
+        mapped = [u if not u or is_well_known_uid(u) else run.keyed.uid(u) for u in uids]
+        value, how = mapped if len(mapped) > 1 else mapped[0], ("U", "keyed UID")
+    ds[tag] = DataElement(tag, vr, value)
+    run.note(depth, tag, *how)
+    return True
 
 
 def element_vr(ds: Any, tag: Any) -> str:
@@ -508,13 +540,17 @@ def _map_uids(elem: Any, run: Run) -> Any:
 
 
 def _dummy(elem: Any) -> Any:
-    if elem.VR == "UI":
+    return _dummy_value(elem.VR)
+
+
+def _dummy_value(vr: str) -> Any:
+    if vr == "UI":
         return None  # never invent a UID that could collide; UI rows are U in the table anyway
-    if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
         return b""
-    if elem.VR in TEXT_VRS or elem.VR == "UC":
-        return DUMMY_TEXT if elem.VR != "SH" and elem.VR != "AE" else DUMMY_TEXT[:16]
-    return DUMMY_BY_VR.get(elem.VR, DUMMY_TEXT)
+    if vr in TEXT_VRS or vr == "UC":
+        return DUMMY_TEXT if vr != "SH" and vr != "AE" else DUMMY_TEXT[:16]
+    return DUMMY_BY_VR.get(vr, DUMMY_TEXT)
 
 
 def pseudonym(run: Run, tag: int) -> str:
