@@ -696,6 +696,34 @@ def _markers(options: Options) -> tuple[tuple[str, ...], Any]:
     return tuple(methods), Sequence(items)
 
 
+# Character sets whose text is decoded by kaapcli straight from the raw bytes, without pydicom's
+# per-element conversion (which validates every value); any other set goes through pydicom.
+RAW_ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+
+
+def raw_encoding(ds: Any, parent: str | None) -> str | None:
+    """The codec for the raw text of ``ds`` (its own Specific Character Set, else its parent's), or None."""
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return parent
+    value = raw.value if not getattr(raw, "is_raw", False) else raw.value.decode("latin-1").strip(" \0")
+    return RAW_ENCODINGS.get(str(value).strip() if not isinstance(value, list) else "?")
+
+
+def original_text(ds: Any, tag: int) -> str:
+    """A top-level value as text ('' when absent): from its raw bytes where the character set allows (it stays
+    undecoded for the profile to replace), else through pydicom."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return ""
+    if getattr(raw, "is_raw", False) and raw.VR in ("UI", "LO", "SH", "CS", "PN"):
+        encoding = "latin-1" if raw.VR == "UI" else raw_encoding(ds, "latin-1")
+        if encoding:
+            return raw.value.decode(encoding, "replace").strip(" \0") if raw.value else ""
+    value = ds[tag].value
+    return str(value) if value else ""
+
+
 def already_deidentified(ds: Any) -> bool:
     """Whether kaapcli de-identified this dataset already (its markers say so): ``in_place`` never does it twice,
     which would map the UIDs a second time."""
@@ -930,7 +958,7 @@ class AnonymizeOperator(BaseOperator):
         return outcome
 
     def _deidentify_file(self, ds: Any, ctx: Context, path: Path, pixels: tuple[int, int] | None) -> Outcome:
-        originals = {t: str(ds.get(t).value) if t in ds and ds.get(t).value else "" for t in
+        originals = {t: original_text(ds, t) for t in
                      (STUDY_UID, SERIES_UID, SOP_INSTANCE_UID, PATIENT_ID, PATIENT_NAME, ACCESSION)}
         if not originals[SOP_INSTANCE_UID]:
             raise DataError("missing SOPInstanceUID", hint="not a composite instance; nothing to name it by")

@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from kaapcli.core import dicom, fsio
+from kaapcli.core.anonymize import (
+    CODE_ATTRIBUTES,
+    Options,
+    action_for,
+    is_well_known_uid,
+    load_table,
+    raw_encoding,
+)
 from kaapcli.core.batch import BaseOperator, BatchOptions, Context, Item, ItemResult, Outcome, run_batch
 from kaapcli.exitcodes import ConfigError, DataError, NoInputError
 
@@ -199,20 +207,6 @@ def element_texts(elem: Any) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
-# Character sets whose text is decoded here from the raw bytes, without pydicom's per-element conversion (the
-# scan's main cost otherwise); any other set, and every sequence, goes through pydicom.
-RAW_ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
-
-
-def raw_encoding(ds: Any, parent: str | None) -> str | None:
-    """The codec for the raw text of ``ds`` (its own Specific Character Set, else its parent's), or None."""
-    raw = ds.get_item(0x00080005)
-    if raw is None:
-        return parent
-    value = raw.value if not getattr(raw, "is_raw", False) else raw.value.decode("latin-1").strip(" \0")
-    return RAW_ENCODINGS.get(str(value).strip() if not isinstance(value, list) else "?")
-
-
 def dataset_values(ds: Any, encoding: str | None = "latin-1") -> Iterator[tuple[Any, str, list[str], Any]]:
     """(tag, VR, string values, the element) for every element of ``ds`` (not into sequences: the caller recurses
     into ``ds[tag].value`` for VR SQ).  Text is decoded from the raw bytes when the character set allows."""
@@ -244,8 +238,6 @@ _ACTIONS: dict[tuple[int, str], str] = {}  # (tag, VR) -> the Basic Profile's ac
 def is_descriptor(tag: int) -> bool:
     """Whether Table E.1-1 treats an attribute as free text that may hold identity (a description or comment,
     cleanable under the Clean Descriptors or Clean Structured Content option) rather than as an identifier."""
-    from kaapcli.core.anonymize import load_table
-
     row = load_table().lookup(tag)
     return row is not None and any(code == "C" for col, code in row.options
                                    if col in ("clean_descriptors", "clean_structured_content"))
@@ -258,8 +250,6 @@ def collect_identifiers(ds: Any) -> dict[str, Any]:
     (their identifying content is found through the names, IDs and dates of the same object, and through the
     patterns), and, inside sequences the profile removes, person names, dates and UIDs."""
     from pydicom.datadict import keyword_for_tag
-
-    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for, is_well_known_uid
 
     options = Options()
     found = Identifiers()
@@ -496,8 +486,6 @@ def _text(elem: Any) -> str:
 @cache
 def kept_verbatim(tag: int, vr: str) -> bool:
     """Short texts the profile keeps as they are (manufacturer, model, software versions, codes): not free text."""
-    from kaapcli.core.anonymize import CODE_ATTRIBUTES, Options, action_for
-
     return tag in CODE_ATTRIBUTES or action_for(tag, vr, Options()) == "K"
 
 
@@ -521,8 +509,6 @@ def walk_tree(root: Path) -> list[Path]:
 def _prepare() -> None:
     """Import pydicom and parse Table E.1-1 here in the parent: forked workers inherit both instead of each
     doing it again (~0.3 s apiece)."""
-    from kaapcli.core.anonymize import load_table
-
     dicom.import_pydicom(pixels=False)
     load_table()
 
