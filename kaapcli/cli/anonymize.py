@@ -75,7 +75,8 @@ def anonymize(
     key_file: Annotated[Path | None, typer.Option(
         "--key-file", help="Read the secret key from this file.", show_default=False)] = None,
     profile: Annotated[ProfileChoice, typer.Option(
-        help="basic: PS3.15 Basic Profile + options; kaapana: Kaapana's 45-tag dcmodify erase, nothing else.",
+        help="basic: PS3.15 Basic Profile + options; kaapana: Kaapana's 45 tags only (UIDs among them keyed, "
+        "Type 2 ones emptied, the rest erased; the Basic Profile options do not apply).",
         rich_help_panel=PROFILE)] = ProfileChoice.basic,
     retain_dates: Annotated[DatesChoice | None, typer.Option(
         "--retain-dates", help="full: keep dates; shift: move them back by one keyed offset per patient "
