@@ -115,3 +115,32 @@ def mock_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.dcm") if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="session")
+def distinct_pydicom_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pydicom's test files, one per SOP Instance UID (read-only: copy before modifying).  Its variants of one
+    image (other syntaxes, byte orders) share the UID, so their de-identified outputs would share a name."""
+    import pydicom
+
+    dest = tmp_path_factory.mktemp("pydicom_distinct")
+    seen: set[str] = set()
+    for path in pydicom_test_files():
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SOPInstanceUID", ""))
+        except Exception:  # noqa: BLE001 - broken inputs belong to other tests
+            continue
+        if uid and uid not in seen and not (dest / path.name).exists():
+            seen.add(uid)
+            shutil.copyfile(path, dest / path.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def anonymized_pydicom(distinct_pydicom_files: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``kaapcli anonymize`` of :func:`distinct_pydicom_files` (Basic Profile, burned-in guard off), --format jsonl."""
+    out = tmp_path_factory.mktemp("pydicom_anonymized")
+    proc = kaapcli("anonymize", distinct_pydicom_files, "-o", out, "--key", "test-key-1", "--burned-in", "ignore",
+                   "--format", "jsonl", "-q")
+    return proc, out
