@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,9 +269,9 @@ def test_spool_creates_ahead_and_cleans_up(tmp_path: Path) -> None:
     deadline = time.monotonic() + 5
     while len(list(tmp_path.iterdir())) < ul.Spool.AHEAD and time.monotonic() < deadline:
         time.sleep(0.01)
-    path, fh = spool.take()
-    fh.write(b"data")
-    fh.close()
+    path, fd = spool.take()
+    os.write(fd, b"data")
+    os.close(fd)
     spool.close()
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"data"
 

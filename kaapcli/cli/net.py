@@ -34,6 +34,35 @@ Layout = Annotated[str, typer.Option(
     "--layout", help="Path template of received files under OUT ({Keyword} fields of the dataset).")]
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
+TLS_PANEL = "TLS options (PS3.15 B.1)"
+TlsOn = Annotated[bool | None, typer.Option(
+    "--tls/--no-tls", show_default="off, or the profile's tls", rich_help_panel=TLS_PANEL,
+    help="DICOM over TLS. The peer's certificate is verified (--tls-ca, else the system's trust store).")]
+TlsCert = Annotated[Path | None, typer.Option(
+    "--tls-cert", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="Our certificate (chain): required to receive; sent to a peer that asks for one.")]
+TlsKey = Annotated[Path | None, typer.Option(
+    "--tls-key", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).")]
+TlsCa = Annotated[Path | None, typer.Option(
+    "--tls-ca", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="CA certificates to verify the peer with; a receiver given them requires client certificates "
+         "signed by them (mutual authentication).")]
+
+
+class TlsVerify(str, Enum):
+    host = "host"
+    chain = "chain"
+
+
+TlsCheck = Annotated[TlsVerify, typer.Option(
+    "--tls-verify", rich_help_panel=TLS_PANEL,
+    help="host: the peer's certificate must be trusted and name the host connected to; chain: trusted only "
+         "(what DCMTK and Orthanc check).")]
+AllowHost = Annotated[list[str] | None, typer.Option(
+    "--allow-host", metavar="HOST|CIDR", show_default=False, rich_help_panel=PANEL,
+    help="Accept connections only from these hosts or networks (repeatable; names are resolved at start).")]
+
 
 class Level(str, Enum):
     patient = "patient"
@@ -70,16 +99,51 @@ def _aet(value: str, what: str) -> str:
     return check_aet(value, what)
 
 
+def _tls(ctx: typer.Context, enabled: bool | None, cert: Path | None, key: Path | None, ca: Path | None,
+         verify: TlsVerify, base: Any = None) -> Any:
+    """TLS settings from the options over ``base`` (a profile's); None for plain TCP.  A --tls-* option given on
+    the command line without TLS is a usage error rather than a silently unencrypted connection."""
+    import os
+
+    from click.core import ParameterSource
+
+    from kaapcli.core.net.tls import TLS
+    from kaapcli.exitcodes import UsageError
+
+    def source(name: str) -> Any:
+        return ctx.get_parameter_source(name)
+
+    if not (base is not None if enabled is None else enabled):
+        named = [f"--{name.replace('_', '-')}" for name, value in (("tls_cert", cert), ("tls_key", key),
+                                                                    ("tls_ca", ca))
+                 if value and source(name) is ParameterSource.COMMANDLINE]
+        if named:
+            raise UsageError(f"{named[0]} without --tls", hint="add --tls (or tls = true in the profile)")
+        return None
+    base = base or TLS()
+    return TLS(cert=str(cert or base.cert), key=str(key or base.key), ca=str(ca or base.ca),
+               verify=verify.value if source("tls_verify") not in (None, ParameterSource.DEFAULT) else base.verify,
+               key_password=base.key_password or os.environ.get("KAAPCLI_TLS_KEY_PASSWORD", ""), where=base.where)
+
+
 def _route_logs(reporter: Reporter) -> None:
-    """Errors the receiver logs from its threads become ``error:`` lines on stderr."""
+    """What the receiver logs from its threads becomes lines on stderr: ``error:`` (failed C-STOREs),
+    ``warning:`` (refused connections and associations, aborted ones) and plain lines."""
     import logging
 
     class ToReporter(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            reporter.error(record.getMessage())
+            text = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                reporter.error(text)
+            elif record.levelno >= logging.WARNING:
+                reporter.warning(text)
+            else:
+                reporter.info(text)
 
     logger = logging.getLogger("kaapcli.net")
-    logger.handlers[:] = [ToReporter(logging.ERROR)]
+    logger.handlers[:] = [ToReporter(logging.INFO)]
+    logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
@@ -91,11 +155,17 @@ def echo(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Check a peer: C-ECHO for DIMSE, a QIDO-RS probe for DICOMweb. Prints {"peer", "ok", "ms", "status"}."""
     from kaapcli.core.net import dicomweb, dimse
 
     target = _peer(ctx, peer)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     timeouts = _timeouts(timeout, connect_timeout)
     if target.web:
         record = dicomweb.echo(target, timeouts)
@@ -129,6 +199,11 @@ def send(
     fmt: Annotated[Format, typer.Option("--format", help="stdout: sent file paths, or one JSON record per file.")
                    ] = Format.paths,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Send DICOM files (C-STORE, or STOW-RS for http peers) as they are encoded, without decoding them.
 
@@ -144,6 +219,7 @@ def send(
     from kaapcli.core.net.ledger import Ledger
 
     target = _peer(ctx, to)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     calling = _aet(f"kp-{dataset}" if dataset else calling_aet, "calling AE title")
     if project:
         target = target.with_aet(_aet(f"kp-{project}", "called AE title"))
@@ -152,13 +228,17 @@ def send(
     ledger = Ledger(resume) if resume else None
     summary = BatchSummary()
     start = time.perf_counter()
+    lost: dict[str, int] = {}  # why an association broke -> files it took with it
     with Reporter(f"send → {target.address}", quiet) as reporter:
         sink = Sink(fmt, reporter)
 
         def on_result(result: ItemResult) -> None:
             summary.results.append(result)
             reporter.advance()
-            if result.status == "failed":
+            if result.status == "failed" and result.reason == dimse.ASSOCIATION_LOST:
+                cause = result.message.split(": not stored: ", 1)[-1]
+                lost[cause] = lost.get(cause, 0) + 1  # said once below, not once per file
+            elif result.status == "failed":
                 reporter.error(result.message)
             for warning in result.warnings:
                 reporter.warning(f"{result.input}: {warning}")
@@ -208,6 +288,8 @@ def send(
             finally:
                 if ledger is not None:
                     ledger.close()
+    for cause, count in lost.items():
+        reporter.error(f"{cause}: {count} file{'s' if count > 1 else ''} not stored")
     summary.seconds = time.perf_counter() - start
     if summary.interrupted:
         reporter.error("interrupted")
@@ -228,6 +310,12 @@ def receive(
     allow_aet: Annotated[list[str] | None, typer.Option(
         "--allow-aet", help="Accept associations only from these calling AE titles (repeatable).",
         show_default=False)] = None,
+    allow_host: AllowHost = None,
+    max_associations: Annotated[int, typer.Option(
+        "--max-associations", min=1, max=1024, help="Associations served at once; more are rejected "
+        "(local limit exceeded).")] = 64,
+    max_per_host: Annotated[int, typer.Option(
+        "--max-per-host", min=1, max=1024, help="Associations served at once from one host.")] = 32,
     series_timeout: Annotated[float, typer.Option(
         "--series-timeout", min=0.0, help="A series is complete after this many seconds without new instances."
     )] = 10.0,
@@ -242,6 +330,11 @@ def receive(
     project: LiveProject = None,
     timeout: Timeout = None,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Receive DICOM (Storage SCP) until SIGINT/SIGTERM: every dataset written to disk as sent, atomically.
 
@@ -250,20 +343,35 @@ def receive(
     written to OUT/.kaapcli/series/<SeriesInstanceUID>.json, then it is indexed (--index; a calling AE
     kp-<dataset> also adds it to that dataset), its rules run (--rules, at most --jobs at once, each
     run journalled) and --on-complete runs. A failing rule never stops the receiver.
+
+    Every dataset's structure is checked as it arrives; one that is malformed, does not match its command or
+    cannot be written is answered with a failure status (0xC000, 0xA900, 0xA700) and not kept. Connections
+    are bounded (--max-associations, --max-per-host, --allow-host, --allow-aet, --timeout); refusals are
+    warning lines. See docs/networking.md for the security model.
     """
     import time
 
     from kaapcli.core.net.peers import Timeouts
     from kaapcli.core.net.scp import Receiver, SeriesReceipt
+    from kaapcli.exitcodes import UsageError
 
+    settings = _tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify)
+    if settings is not None and not (settings.cert and settings.key):
+        raise UsageError("receive --tls needs --tls-cert and --tls-key (our certificate and its key)")
     reporter = Reporter("receive", quiet)
     _route_logs(reporter)
     sink = Sink(Format.paths)
     lock = threading.Lock()
+    stdout_closed = threading.Event()
 
     def on_stored(path: Path) -> None:
         with lock:
-            sink.write_line(str(path))
+            if stdout_closed.is_set():
+                return
+            try:
+                sink.write_line(str(path))
+            except BrokenPipeError:  # `kaapcli receive | head`: the file is stored; the receiver ends (141)
+                stdout_closed.set()
 
     def announce(receipt: SeriesReceipt) -> None:
         reporter.info(f"series complete: {receipt.series_uid} ({receipt.instances} instances, "
@@ -281,12 +389,14 @@ def receive(
         hooks.append(_command_hook(on_complete, reporter))
     allowed = [_aet(a, "--allow-aet") for a in allow_aet or []]
     receiver = Receiver(out, aet=_aet(aet, "--aet"), bind=bind, port=port, layout=layout, allow_aets=allowed,
-                        series_timeout=series_timeout, timeouts=Timeouts.of(timeout), on_stored=on_stored,
-                        hooks=hooks)
+                        allow_hosts=allow_host or [], series_timeout=series_timeout, timeouts=Timeouts.of(timeout),
+                        on_stored=on_stored, hooks=hooks, max_associations=max_associations,
+                        max_per_host=max_per_host, tls=settings)
     receiver.start()
-    reporter.info(f"receiving as {receiver.aet} on {bind}:{receiver.port} into {out} (Ctrl-C to stop)")
+    reporter.info(f"receiving as {receiver.aet} on {bind}:{receiver.port}{' (TLS)' if settings else ''} into "
+                  f"{out} (Ctrl-C to stop)")
     try:
-        while True:
+        while not stdout_closed.is_set():
             time.sleep(0.2)
             receiver.poll()
     except KeyboardInterrupt:  # SIGINT, and SIGTERM (cli/app.py turns it into KeyboardInterrupt)
@@ -294,8 +404,11 @@ def receive(
     receiver.stop()
     if rules_hook is not None:
         rules_hook.close()  # let running rules finish
-    reporter.info(f"{receiver.stored} files received, {receiver.failed} failed")
-    raise typer.Exit(0)
+    failures = ", ".join(f"{n} x {status}" for status, n in sorted(receiver.failures.items()))
+    refused = sum(receiver.refused.values())
+    reporter.info(f"{receiver.stored} files received, {receiver.failed} failed" + (f" ({failures})" if failures else "")
+                  + (f", {refused} connections refused" if refused else ""))
+    raise typer.Exit(141 if stdout_closed.is_set() else 0)
 
 
 def _command_hook(template: str, reporter: Reporter) -> Any:
@@ -337,12 +450,22 @@ def query(
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
-    """Query a PACS (C-FIND study root, QIDO-RS for http): one DICOM JSON (PS3.18) object per match."""
+    """Query a PACS (C-FIND study root, QIDO-RS for http): one DICOM JSON (PS3.18) object per match.
+
+    A peer that breaks off after some matches were printed: exit 1 (none printed: 69) and one error line.
+    """
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.query import Query
+    from kaapcli.exitcodes import KaapcliError
 
     target = _peer(ctx, peer)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     q = Query.parse(level.value, key or [], ret or [], limit)
     timeouts = _timeouts(timeout, connect_timeout)
     sink = Sink(Format.jsonl)
@@ -350,8 +473,16 @@ def query(
         matches = dicomweb.query(target, q, timeouts)
     else:
         matches = dimse.find(target, q, calling_aet=_aet(calling_aet, "--calling-aet"), timeouts=timeouts)
-    for record in matches:
-        sink.record(record)
+    printed = 0
+    try:
+        for record in matches:
+            sink.record(record)
+            printed += 1
+    except KaapcliError as exc:
+        if not printed:
+            raise
+        sys.stderr.write(f"kaapcli: error: {exc.message} (after {printed} matches)\n")
+        raise typer.Exit(1) from None
 
 
 # --------------------------------------------------------------------------- retrieve
@@ -374,7 +505,14 @@ def retrieve(
         show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
                                       help="C-MOVE: port of the built-in receiver.")] = 11112,
-    bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver.")] = "0.0.0.0",
+    bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver (a remote PACS "
+                                      "needs one it can reach).")] = "127.0.0.1",
+    allow_aet: Annotated[list[str] | None, typer.Option(
+        "--allow-aet", show_default="the PEER's AE title", rich_help_panel=PANEL,
+        help="C-MOVE: calling AE titles the built-in receiver accepts (repeatable).")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", metavar="HOST|CIDR", show_default="the PEER's host", rich_help_panel=PANEL,
+        help="C-MOVE: hosts or networks the built-in receiver accepts (repeatable).")] = None,
     layout: Layout = DEFAULT_LAYOUT,
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
@@ -382,16 +520,26 @@ def retrieve(
     fmt: Annotated[Format, typer.Option("--format", help="stdout: received file paths, or one JSON record per "
                                         "request with its sub-operation counts.")] = Format.paths,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Retrieve studies, series or instances (C-GET, C-MOVE, or WADO-RS) into OUT.
 
     Sub-operation counts are checked: anything failed, or fewer files than the peer reported, makes
     exit 1. `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works.
+    A peer that breaks off: exit 69, or 1 when some requests were done, and one error line.
+
+    The C-MOVE receiver listens on --bind (default 127.0.0.1) and accepts only the PEER (its AE title and
+    host, or --allow-aet / --allow-host): anything else pushing files is refused and reported.
     """
     from kaapcli.core.net.fetch import Fetcher
-    from kaapcli.exitcodes import ExitCode, UsageError
+    from kaapcli.exitcodes import ExitCode, UnavailableError, UsageError
 
     target = _peer(ctx, peer)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     timeouts = _timeouts(timeout, connect_timeout)
     calling = _aet(calling_aet, "--calling-aet")
     requests = _retrieve_requests(key or [], from_query, reference_of)
@@ -409,10 +557,21 @@ def retrieve(
 
     failed = 0
     files = 0
+    done = 0
     with Fetcher(target, out, method=method.value, calling_aet=calling, timeouts=timeouts, layout=layout,
-                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored) as fetcher:
+                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port, on_stored=on_stored,
+                 allow_aets=[_aet(a, "--allow-aet") for a in allow_aet or []], allow_hosts=allow_host or []
+                 ) as fetcher:
         for uids in requests:
-            outcome = fetcher.fetch(uids)
+            try:
+                outcome = fetcher.fetch(uids)
+            except UnavailableError as exc:
+                if not done and not files:
+                    raise
+                reporter.error(f"{exc.message} ({len(requests) - done} of {len(requests)} requests not done)")
+                failed += len(requests) - done
+                break
+            done += 1
             files += len(outcome.files)
             if fmt is Format.jsonl:
                 sink.record(outcome.record())
@@ -420,6 +579,8 @@ def retrieve(
                 failed += 1
                 reporter.error(f"{outcome.request}: {outcome.message or 'failed'} ({outcome.completed} completed, "
                                f"{outcome.failed} failed, {outcome.warning} warning, {len(outcome.files)} received)")
+    if fetcher.receiver is not None and fetcher.receiver.refused:
+        reporter.warning(f"the C-MOVE receiver refused {sum(fetcher.receiver.refused.values())} connections")
     reporter.info(f"{len(requests)} requests, {files} files received, {failed} requests failed")
     raise typer.Exit(int(ExitCode.ITEMS_FAILED) if failed else 0)
 

@@ -36,6 +36,7 @@ EXPLICIT_BE = "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE)
 
 ResultHook = Callable[[ItemResult], None]
+ASSOCIATION_LOST = "association-lost"  # ItemResult.reason of the files an association that broke took with it
 
 
 # --------------------------------------------------------------------------- pynetdicom plumbing
@@ -84,6 +85,11 @@ def make_ae(calling_aet: str, timeouts: Timeouts) -> Any:
 def _why(lines: list[str]) -> str:
     text = " ".join(lines)
     low = text.lower()
+    if "certificate verify failed" in low:
+        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip(" :")
+        return f"TLS: the peer's certificate is not trusted ({detail or 'certificate verify failed'})"
+    if "[ssl" in low:
+        return "TLS handshake failed: " + next(line for line in lines if "[SSL" in line).split(":", 1)[-1].strip()
     if "connection refused" in low:
         return "connection refused"
     if "timed out" in low or "timeout" in low:
@@ -119,6 +125,8 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
     if contexts is not None:
         ae.requested_contexts = contexts
     handlers = [(evt.EVT_CONN_OPEN, no_delay), *(evt_handlers or [])]
+    if peer.tls is not None:  # PS3.15 B.1; pynetdicom wraps the socket before it connects
+        kwargs["tls_args"] = (peer.tls.client_context(), peer.host)
     try:
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, evt_handlers=handlers, **kwargs)
     except OSError as exc:  # e.g. the host name does not resolve
@@ -266,9 +274,16 @@ class SendJob:
         self.results.append(result)
         self.on_result(result)
 
-    def fail_rest(self, rest: list[Instance], message: str, code: ExitCode) -> None:
+    def fail_rest(self, rest: list[Instance], message: str, code: ExitCode, reason: str = "") -> None:
         for inst in rest:
-            self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code)))
+            self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code),
+                                 reason=reason))
+
+    def lost(self, rest: list[Instance], exc: Exception) -> None:
+        """The association broke: the files in flight and those not sent yet fail, marked ``association-lost`` so
+        that the CLI says it in one line, not one per file."""
+        self.fail_rest(rest, f"not stored: {self.peer}: association lost ({exc})", ExitCode.UNAVAILABLE,
+                       ASSOCIATION_LOST)
 
     def run(self, scu: ul.StoreSCU) -> None:
         """Send every instance on an established association, as many ahead of their responses as the peer
@@ -295,16 +310,14 @@ class SendJob:
                 try:
                     message_id, responses = scu.store(inst.sop_class, inst.sop_instance, syntax, dataset)
                 except ul.AssociationLost as exc:
-                    self.fail_rest([*pending.values(), *self.instances[i:]],
-                                   f"no C-STORE response from {self.peer} ({exc})", ExitCode.UNAVAILABLE)
+                    self.lost([*pending.values(), *self.instances[i:]], exc)
                     return
                 pending[message_id] = inst
                 answered(responses)
             try:
                 answered(scu.drain())
             except ul.AssociationLost as exc:
-                self.fail_rest(list(pending.values()), f"no C-STORE response from {self.peer} ({exc})",
-                               ExitCode.UNAVAILABLE)
+                self.lost(list(pending.values()), exc)
         finally:
             scu.release()
 
