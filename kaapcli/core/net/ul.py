@@ -206,7 +206,9 @@ def response(field: int, message_id: int, sop_class: str, status: int, sop_insta
     fields = ([(0x0002, _uid(sop_class))] if sop_class else []) + [
         (0x0100, _us(field)), (0x0120, _us(message_id)), (0x0800, _us(0x0101)), (0x0900, _us(status))]
     if comment:
-        text = comment.encode("ascii", "replace")[:64]
+        text = comment.encode("ascii", "replace")
+        if len(text) > 64:  # LO: 64 characters; cut at a word
+            text = text[:61].rsplit(b" ", 1)[0] + b"..."
         fields.append((0x0902, text + b" " * (len(text) % 2)))
     return command(fields + ([(0x1000, _uid(sop_instance))] if sop_instance else []))
 
@@ -920,7 +922,7 @@ class Incoming:
         try:
             self.size += _write_all(self.fd, [data] if self.size else [self.meta, data])
         except OSError as exc:
-            self.fail(OUT_OF_RESOURCES, f"cannot write {self.path}: {exc.strerror or exc}")
+            self.fail(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
 
     def complete(self) -> None:
         """After the last fragment: the structure must have ended cleanly and name the command's SOP class and
@@ -937,7 +939,7 @@ class Incoming:
             try:
                 os.close(fd)  # NFS reports a failed write-back here
             except OSError as exc:
-                self.fail(OUT_OF_RESOURCES, f"cannot write {self.path}: {exc.strerror or exc}")
+                self.fail(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
         if self.error is None:
             self._consistent()
 
@@ -1357,8 +1359,7 @@ class StoreSCP(Connection):
         try:
             incoming.path, incoming.fd = self.spool.take()  # closed when the last fragment arrives, or in serve()
         except OSError as exc:
-            incoming.fail(OUT_OF_RESOURCES, f"cannot create a spool file in {self.spool.directory}: "
-                                            f"{exc.strerror or exc}")
+            incoming.fail(OUT_OF_RESOURCES, f"cannot create a spool file: {exc.strerror or exc}")
             return
         incoming.meta = dicom.encode_file_meta(incoming.sop_class or abstract, incoming.sop_instance,
                                                incoming.syntax, self.calling_aet)
