@@ -478,10 +478,13 @@ def test_second_receiver_on_one_directory_is_refused_and_stale_spool_removed(rec
 
 class DyingPeer:
     """A Storage/Verification/Q-R SCP that accepts any association (granting an operations window of ``window``),
-    answers ``answer`` requests with Success, then resets the connection (RST) when the next command arrives."""
+    answers the first ``answer`` requests (over all its associations) with Success, then resets the connection (RST)
+    at the next one — after one pending C-FIND match when ``match`` (an implicit VR identifier) is given."""
 
-    def __init__(self, answer: int = 0, window: int = 16):
-        self.answer, self.window = answer, window
+    def __init__(self, answer: int = 0, window: int = 16, match: bytes | None = None):
+        self.answer, self.window, self.match = answer, window, match
+        self.answered = 0
+        self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -498,47 +501,66 @@ class DyingPeer:
                 conn, _ = self.server.accept()
                 threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
+    def _accept(self, peer: RawAssociation) -> None:
+        _, rq = peer.read_pdu()
+        results, pos = b"", 68
+        while pos + 4 <= len(rq):
+            kind, _, length = struct.unpack_from(">BBH", rq, pos)
+            payload = rq[pos + 4:pos + 4 + length]
+            if kind == 0x20:
+                sub, syntax = 4, b""
+                while sub + 4 <= len(payload):
+                    sk, _, sl = struct.unpack_from(">BBH", payload, sub)
+                    if sk == 0x40 and not syntax:
+                        syntax = payload[sub + 4:sub + 4 + sl]
+                    sub += 4 + sl
+                results += item(0x21, bytes([payload[0], 0, 0, 0]) + item(0x40, syntax))
+            pos += 4 + length
+        ac = (rq[:36] + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + results
+              + item(0x50, item(0x51, struct.pack(">I", 16384))
+                     + (item(0x53, struct.pack(">HH", self.window, 1)) if self.window > 1 else b"")))
+        peer.send(struct.pack(">BBI", 2, 0, len(ac)) + ac)
+
     def _serve(self, conn: socket.socket) -> None:
         peer = RawAssociation.__new__(RawAssociation)
         peer.sock, peer.timeout = conn, 30
+        us = struct.Struct("<H")
         with contextlib.suppress(OSError, ConnectionError, AssertionError):
-            _, rq = peer.read_pdu()
-            results, pos = b"", 68
-            while pos + 4 <= len(rq):
-                kind, _, length = struct.unpack_from(">BBH", rq, pos)
-                payload = rq[pos + 4:pos + 4 + length]
-                if kind == 0x20:
-                    sub, syntax = 4, b""
-                    while sub + 4 <= len(payload):
-                        sk, _, sl = struct.unpack_from(">BBH", payload, sub)
-                        if sk == 0x40 and not syntax:
-                            syntax = payload[sub + 4:sub + 4 + sl]
-                        sub += 4 + sl
-                    results += item(0x21, bytes([payload[0], 0, 0, 0]) + item(0x40, syntax))
-                pos += 4 + length
-            ac = (rq[:36] + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + results
-                  + item(0x50, item(0x51, struct.pack(">I", 16384))
-                         + (item(0x53, struct.pack(">HH", self.window, 1)) if self.window > 1 else b"")))
-            peer.send(struct.pack(">BBI", 2, 0, len(ac)) + ac)
-            answered = 0
-            command = b""
+            self._accept(peer)
+            command, waiting = b"", False
             while True:
                 kind, body = peer.read_pdu()
+                if kind == 0x05:
+                    peer.send(struct.pack(">BBII", 0x06, 0, 4, 0))  # A-RELEASE-RP
                 if kind != 0x04:
                     break
                 context, control, data = body[4], body[5], body[6:]
                 if control & 0x01:
                     command += data
-                    if control & 0x02 and answered >= self.answer:
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        conn.close()  # RST
-                        return
-                elif control & 0x02:  # a dataset's last fragment: answer its C-STORE
-                    fields = {0x00000100: struct.pack("<H", 0x8001), 0x00000120: parse_fields(command)[0x0110],
-                              0x00000800: struct.pack("<H", 0x0101), 0x00000900: struct.pack("<H", 0)}
-                    peer.send(pdata(context, 0x03, command_set(fields)))
-                    answered += 1
-                    command = b""
+                    if not control & 0x02:
+                        continue
+                    waiting = us.unpack(parse_fields(command)[0x0800])[0] != 0x0101
+                    if waiting:
+                        continue  # its dataset follows
+                elif not control & 0x02 or not waiting:
+                    continue
+                fields = parse_fields(command)
+                request, command, waiting = us.unpack(fields[0x0100])[0], b"", False
+                with self.lock:
+                    due, self.answered = self.answered >= self.answer, self.answered + 1
+                if due:
+                    if request == 0x0020 and self.match is not None:  # C-FIND: one match, then the reset
+                        peer.send(pdata(context, 0x03, command_set({
+                            0x00000002: fields[0x0002], 0x00000100: us.pack(0x8020), 0x00000120: fields[0x0110],
+                            0x00000800: us.pack(0), 0x00000900: us.pack(0xFF00)})))
+                        peer.send(pdata(context, 0x02, self.match))
+                        time.sleep(0.5)  # read before the reset (a RST discards what the other side has not read)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()  # RST
+                    return
+                peer.send(pdata(context, 0x03, command_set({
+                    0x00000100: us.pack(request | 0x8000), 0x00000120: fields[0x0110],
+                    0x00000800: us.pack(0x0101), 0x00000900: us.pack(0)})))
 
     def close(self) -> None:
         self.server.close()
@@ -583,6 +605,32 @@ def test_pynetdicom_commands_to_a_peer_that_resets(command: str, tmp_path: Path)
     assert proc.returncode == 69, (proc.returncode, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"127.0.0.1:{dying.port}" in errors[0], proc.stderr
+
+
+def test_query_and_retrieve_cut_short_after_some_items_exit_1(tmp_path: Path) -> None:
+    identifier = (struct.pack("<HHI", 0x0008, 0x0052, 6) + b"STUDY " + struct.pack("<HHI", 0x0020, 0x000D, 6)
+                  + b"1.2.3\0")
+    dying = DyingPeer(match=identifier)
+    try:
+        query = kaapcli("query", dying.peer, "--timeout", "10", timeout=60)
+    finally:
+        dying.close()
+    assert query.returncode == 1, query.stderr
+    assert [json.loads(line)["0020000D"]["Value"] for line in query.stdout.splitlines()] == [["1.2.3"]]
+    errors = [line for line in query.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "after 1 matches" in errors[0] and f"127.0.0.1:{dying.port}" in errors[0]
+    requests = tmp_path / "requests.jsonl"
+    records = [json.dumps({"0020000D": {"vr": "UI", "Value": [uid]}}) for uid in ("1.2.3", "1.2.4")]
+    requests.write_text("\n".join(records) + "\n")
+    dying = DyingPeer(answer=2)  # the first request's C-FIND probe and C-GET, then resets
+    try:
+        retrieve = kaapcli("retrieve", dying.peer, "--from-query", requests, "-o", tmp_path / "out", "--timeout", "10",
+                           timeout=60)
+    finally:
+        dying.close()
+    assert retrieve.returncode == 1, retrieve.stderr
+    errors = [line for line in retrieve.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "1 of 2 requests not done" in errors[0], retrieve.stderr
 
 
 def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:

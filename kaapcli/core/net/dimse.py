@@ -86,8 +86,9 @@ def _why(lines: list[str]) -> str:
     text = " ".join(lines)
     low = text.lower()
     if "certificate verify failed" in low:
-        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip(" :")
-        return f"TLS: the peer's certificate is not trusted ({detail or 'certificate verify failed'})"
+        why = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip(" :")
+        what = "not for that host" if "mismatch" in why else "not trusted"
+        return f"TLS: the peer's certificate is {what} ({why or 'certificate verify failed'})"
     if "[ssl" in low:
         return "TLS handshake failed: " + next(line for line in lines if "[SSL" in line).split(":", 1)[-1].strip()
     if "connection refused" in low:

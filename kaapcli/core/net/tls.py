@@ -102,6 +102,8 @@ def describe(exc: BaseException) -> str:
     import ssl
 
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if "mismatch" in (exc.verify_message or ""):
+            return f"TLS: the peer's certificate is not for that host ({exc.verify_message.rstrip('.')})"
         return f"TLS: the peer's certificate is not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)

@@ -303,6 +303,7 @@ _LONG_VRS = frozenset(dicom.LONG_LENGTH_VR_BYTES)
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
                         b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _DATASET, _IN_ITEM, _IN_SEQUENCE, _IN_FRAGMENTS = range(4)
+_EXPLICIT_LE_HEADER = struct.Struct("<HH2sH")
 _CAPTURE_LIMIT = 256  # top-level values longer than this are not collected (UIDs have at most 64 bytes)
 _INFLATE_STEP = 1 << 20
 _MAX_INFLATED = 1 << 32
@@ -321,7 +322,8 @@ class DatasetChecker:
     inside its item or sequence, and the dataset ends exactly at an element boundary; undefined-length sequences,
     items and encapsulated pixel data are terminated by their delimiters; sequences hold only items, pixel data
     only fragments of defined length; no file meta (group 0002) element in the dataset.  Not checked: values, tag
-    order, odd lengths (real devices write them and every reader copes).
+    order, odd lengths (real devices write them and every reader copes), bytes after a deflate stream (ignored,
+    as pydicom and DCMTK do).
 
     On the way the top-level values of ``wanted`` tags (short ones) are collected for the receiver.
     """
@@ -345,6 +347,7 @@ class DatasetChecker:
         self._carry = b""  # the start of an element header cut by the end of a fragment
         # open containers: [kind, end or None (undefined length), limit (nearest defined end), implicit, tag]
         self.stack: list[list[Any]] = []
+        self._fast = self.explicit and self.order == "<"
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """The next bytes of the dataset; raises Malformed."""
@@ -359,9 +362,8 @@ class DatasetChecker:
                 if self.inflated > _MAX_INFLATED:
                     raise Malformed("the deflated data set inflates to more than 4 GiB")
                 self._feed(out)
-                pending = self.inflater.unconsumed_tail
-                if self.inflater.eof and len(self.inflater.unused_data) > 1:  # PS3.5 A.5: one pad byte at most
-                    raise Malformed("bytes after the end of the deflated data set")
+                pending = self.inflater.unconsumed_tail  # bytes after the deflate stream's end are ignored, as
+                # pydicom and DCMTK do (PS3.5 A.5 allows a pad byte; real files have more)
         except zlib.error as exc:
             raise Malformed(f"not a deflate stream ({exc})") from exc
 
@@ -403,6 +405,10 @@ class DatasetChecker:
                     self._capture = None
             if self.stack:
                 self._close_ended()
+            elif self._fast and not self._carry:
+                i = self._top_level_run(data, i, size)
+                if self.skip:
+                    continue
             if i >= size:
                 return
             if self._carry:
@@ -420,6 +426,24 @@ class DatasetChecker:
                     self._carry = bytes(data[i:])
                     return
                 i += parsed
+
+    def _top_level_run(self, data: bytes | bytearray | memoryview, i: int, size: int) -> int:
+        """The common case in one tight loop: top-level explicit VR little endian elements with a 2-byte length,
+        not wanted (most of a header).  Returns where the general path takes over; sets ``skip`` for a value that
+        continues in the next fragment."""
+        unpack, short, wanted = _EXPLICIT_LE_HEADER.unpack_from, _SHORT_VRS, self.wanted
+        while i + 8 <= size:
+            group, element, vr, length = unpack(data, i)
+            if vr not in short or group in (0x0002, 0xFFFE) or (group << 16 | element) in wanted:
+                return i
+            self.tag, self.length = group << 16 | element, length
+            i += 8 + length
+            self.pos += 8 + length
+            if i > size:
+                self.skip = i - size
+                self.pos -= self.skip
+                return size
+        return i
 
     def _close_ended(self) -> None:
         stack = self.stack
@@ -693,7 +717,9 @@ class StoreSCU(Connection):
             raise
         except OSError as exc:
             sock.close()
-            raise UnavailableError(f"{peer}: {describe_os_error(exc)}") from exc
+            why = describe_os_error(exc)
+            hint = "--tls-verify chain checks the chain only" if "not for that host" in why else ""
+            raise UnavailableError(f"{peer}: {why}", hint=hint) from exc
 
     def _associate_rq(self) -> bytes:
         body = struct.pack(">HH", 1, 0) + _aet(self.peer.aet) + _aet(self.calling_aet) + bytes(32)
