@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import dcmtk, dicom_files, free_port, kaapcli
-from peers import MOVE_AET, ORTHANC, receiver, stop, wait_port  # noqa: F401 - pytest fixture
+from peers import MOVE_AET, ORTHANC, Orthanc, receiver, stop, wait_port  # noqa: F401 - pytest fixture
 
 pytestmark = pytest.mark.network
 
@@ -208,19 +208,8 @@ def test_kaapcli_to_dcmtk_storescp_over_tls(pki: Pki, mock_ct: Path, tmp_path: P
 # --------------------------------------------------------------------------- Orthanc DicomTlsEnabled
 
 @dataclass
-class OrthancTls:
-    dicom_port: int
-    http_port: int
-    move_port: int
-    rx_port: int
-
-    @property
-    def dimse(self) -> str:
-        return f"ORTHANC@127.0.0.1:{self.dicom_port}"
-
-    @property
-    def rest(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+class OrthancTls(Orthanc):
+    rx_port: int = 0  # where Orthanc pushes to the kaapcli receiver it knows as KAAPRX
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +219,7 @@ def orthanc_tls(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[
     if not ORTHANC.exists():
         pytest.skip("Orthanc not installed (apt-get install orthanc)")
     root = tmp_path_factory.mktemp("orthanc-tls")
-    peer = OrthancTls(free_port(), free_port(), free_port(), free_port())
+    peer = OrthancTls("ORTHANC", free_port(), free_port(), free_port(), free_port())
     config = {
         "Name": "kaapcli-tls", "DicomAet": "ORTHANC", "DicomPort": peer.dicom_port, "HttpPort": peer.http_port,
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpBindAddress": "127.0.0.1",

@@ -334,7 +334,6 @@ def receive(
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     tls_ca: TlsCa = None,
-    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Receive DICOM (Storage SCP) until SIGINT/SIGTERM: every dataset written to disk as sent, atomically.
 
@@ -355,7 +354,7 @@ def receive(
     from kaapcli.core.net.scp import Receiver, SeriesReceipt
     from kaapcli.exitcodes import UsageError
 
-    settings = _tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify)
+    settings = _tls(ctx, tls, tls_cert, tls_key, tls_ca, TlsVerify.host)
     if settings is not None and not (settings.cert and settings.key):
         raise UsageError("receive --tls needs --tls-cert and --tls-key (our certificate and its key)")
     reporter = Reporter("receive", quiet)
