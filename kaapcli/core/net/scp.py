@@ -224,12 +224,14 @@ class HostList:
         return any(address.version == net.version and address in net for net in self.networks)
 
 
-def _is_loopback(address: str) -> bool:
+def _is_loopback(bind: str) -> bool:
+    """Whether ``bind`` (an address or a host name) listens on loopback only; "" and 0.0.0.0 listen everywhere."""
     import ipaddress
 
     try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
+        addresses = {info[4][0] for info in socket.getaddrinfo(bind or None, None, type=socket.SOCK_STREAM)}
+        return bool(bind) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses)
+    except (OSError, ValueError):
         return False
 
 
@@ -308,8 +310,8 @@ class Receiver:
         self._spool = ul.Spool(spool)  # only once listening: a receiver that cannot start leaves no files
         listener.setblocking(False)
         self._listener = listener
-        address, self.port = listener.getsockname()[:2]
-        if not self.allow_aets and not self._hosts and not _is_loopback(address):
+        self.port = int(listener.getsockname()[1])
+        if not self.allow_aets and not self._hosts and not _is_loopback(self.bind):
             LOG.warning("listening on %s:%d with neither --allow-aet nor --allow-host: any host that reaches this "
                         "port can store files here", self.bind, self.port)
         self._stopping.clear()
