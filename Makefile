@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv openssl
 
 .PHONY: demo test check venv test-deps system-deps docs docs-check bench lint clean
 

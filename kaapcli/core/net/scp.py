@@ -229,7 +229,7 @@ def _is_loopback(bind: str) -> bool:
     import ipaddress
 
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(bind or None, None, type=socket.SOCK_STREAM)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(bind or None, None, type=socket.SOCK_STREAM)}
         return bool(bind) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses)
     except (OSError, ValueError):
         return False
