@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -187,9 +188,14 @@ def _stdout_closed() -> bool:
 
 
 def _quiet_exit_on_closed_stdout() -> int:
-    # Python would report the closed pipe again when it flushes stdout at exit: point it at /dev/null first
+    # Python would report the closed pipe again when it flushes stdout at exit, and a process pool shutting down
+    # behind it may print its own noise at exit: like a process killed by SIGPIPE, say nothing more.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
     os.close(devnull)
     return STDOUT_CLOSED
 
