@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv man-db
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv man-db openssl
 
 .PHONY: demo test check typecheck venv test-deps system-deps docs docs-check dist bench lint clean
 

@@ -9,6 +9,7 @@ shell completion never reaches this module (``kaapcli/cli/complete.py`` answers 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -200,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         return respond()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("KAAPCLI_DEBUG", "") not in ("", "0", "false", "no")
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `kaapcli ... | head` ends like any Unix tool
+    # SIGPIPE stays ignored (Python's default): a write to a peer's closed socket is an EPIPE error the network code
+    # reports, never a silent death; a closed stdout is handled below like a Unix tool killed by SIGPIPE.
     signal.signal(signal.SIGTERM, _sigterm)
     if not debug:  # library warnings (pydicom's "Expected explicit VR", ...) are not our one-line messages
         warnings.simplefilter("ignore")
     if "pydicom" not in sys.modules:
         sys.meta_path.insert(0, PydicomWithoutRequests())
     try:
-        result = click_command(args).main(args=args, prog_name="kaapcli", standalone_mode=False)
+        command = click_command(args)
+        command.invoke = _pipe_errors_escape_click(command.invoke)  # type: ignore[method-assign]
+        result = command.main(args=args, prog_name="kaapcli", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
@@ -218,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):
         sys.stderr.write("kaapcli: interrupted\n")
         return ExitCode.INTERRUPTED
+    except _BrokenPipe as exc:
+        if _stdout_closed():
+            return _quiet_exit_on_closed_stdout()
+        if debug:
+            traceback.print_exception(exc.__cause__ or exc)
+        sys.stderr.write(f"kaapcli: internal error: {exc.__cause__} (rerun with --debug)\n")
+        return ExitCode.SOFTWARE
     except KaapcliError as exc:
         if debug:
             traceback.print_exc()
@@ -265,6 +275,46 @@ class PydicomWithoutRequests:
 
         spec.loader = Loader()  # type: ignore[assignment]
         return spec
+STDOUT_CLOSED = 128 + 13  # the status of a process killed by SIGPIPE, as `kaapcli ... | head` expects
+
+
+class _BrokenPipe(Exception):
+    """A BrokenPipeError on its way out of a command (click would turn any EPIPE into a silent exit 1)."""
+
+
+def _pipe_errors_escape_click(invoke: Any) -> Any:
+    def wrapped(ctx: click.Context) -> Any:
+        try:
+            return invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _BrokenPipe(str(exc)) from exc
+
+    return wrapped
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe's write end polls POLLERR, a socket's POLLHUP)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    # Python would report the closed pipe again when it flushes stdout at exit, and a process pool shutting down
+    # behind it may print its own noise at exit: like a process killed by SIGPIPE, say nothing more.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return STDOUT_CLOSED
 
 
 def _sigterm(signum: int, frame: object) -> None:

@@ -41,6 +41,7 @@ from kaapcli.exitcodes import ConfigError
 
 PROFILE_KINDS = ("pacs", "index", "s3")
 SECRET_WORDS = ("password", "secret", "token", "key")
+PATH_KEYS = ("tls_key",)  # where a secret is, not the secret: shown, so that a wrong path can be seen
 
 
 def config_paths() -> list[Path]:
@@ -92,7 +93,7 @@ class Config:
 
 def is_secret(key: str) -> bool:
     low = key.lower()
-    return any(word in low for word in SECRET_WORDS) and not low.endswith("_env")
+    return any(word in low for word in SECRET_WORDS) and not low.endswith("_env") and low not in PATH_KEYS
 
 
 def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
