@@ -98,7 +98,24 @@ def click_command(args: Sequence[str] | None = None) -> click.Command:
 
     name = _command_name(args) if args is not None and COMPLETE_VAR not in os.environ else None
     _register([COMMANDS[name]] if name in COMMANDS else command_modules())
-    return typer.main.get_command(app)
+    command = typer.main.get_command(app)
+    _add_debug(command)
+    return command
+
+
+def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        os.environ["KAAPCLI_DEBUG"] = "1"  # main() saw --debug already; commands that look at the variable see it
+
+
+def _add_debug(command: click.Command) -> None:
+    """Every command takes --debug (the batch commands declare their own): main() reads it from the arguments."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_debug(sub)
+    if not any("--debug" in getattr(p, "opts", ()) for p in command.params):
+        command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_enable_debug,
+                                           help="Show tracebacks and library warnings."))
 
 
 def _command_name(args: Sequence[str]) -> str | None:
@@ -118,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure becomes one line on stderr and an exit code of the table."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("KAAPCLI_DEBUG", "") not in ("", "0", "false", "no")
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `kaapcli ... | head` ends like any Unix tool
     signal.signal(signal.SIGTERM, _sigterm)
     if not debug:  # library warnings (pydicom's "Expected explicit VR", ...) are not our one-line messages
         warnings.simplefilter("ignore")
@@ -134,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):
         sys.stderr.write("kaapcli: interrupted\n")
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `kaapcli ... | head`: the reader is gone; end quietly, as SIGPIPE would
+        return 128 + signal.SIGPIPE
     except KaapcliError as exc:
         if debug:
             traceback.print_exc()
