@@ -291,6 +291,6 @@ def execute(op: Operator, files: Iterable[Any], out: Path | None, run: RunOption
         where = ", ".join(("stdin" if s == "-" else s) for s in sources) or "the inputs"
         skipped = summary.count("skipped", "not-input") + summary.count("skipped", "not-regular")
         reporter.error(f"no {getattr(op, 'input_kind', 'DICOM input')} found in {where}"
-                       + (f" ({skipped} other files skipped)" if skipped else ""))
+                       + (f" ({skipped} other file{'s' if skipped != 1 else ''} skipped)" if skipped else ""))
     reporter.info(summary.line())
     return summary

@@ -47,7 +47,8 @@ def concat_json(
 
 def zip_command(
     inputs: Annotated[list[Path], typer.Argument(
-        help="Directories (stored relative to themselves) or files (stored by name).", show_default=False)],
+        help="Directories (stored relative to themselves) or files (stored by name).", show_default=False,
+        readable=False)],  # checked by plan_entries/zip_files, which name what cannot be read (exit 66)
     out: Annotated[Path, typer.Option("--out", "-o", help="The archive to write.", show_default=False)],
     include: Annotated[list[str] | None, typer.Option(
         help="Only entries matching these globs (comma-separated, repeatable), e.g. '*.dcm,*.json'.",

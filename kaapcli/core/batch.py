@@ -278,7 +278,11 @@ class Manifest:
         self.own: dict[str, tuple[str, tuple[str, ...]]] = {}  # what this shard's files hold
         self._journal: int | None = None
         self._legacy: list[Path] = []
+        self._crashed: list[str] = []  # run tokens of this shard's earlier runs that never closed their journal
+        self._changed = False
         self._load(op_name)
+        if not read_only:
+            self._start()
 
     def _load(self, op_name: str) -> None:
         if self.dir.is_dir():
@@ -304,6 +308,22 @@ class Manifest:
                         outputs = tuple(self._relative(o) for o in entry.get("outputs", []))
                         self.entries[_digest(key)] = self.own[_digest(key)] = (str(entry.get("options", "")), outputs)
 
+    def _start(self) -> None:
+        """Open this shard's journal with the run's token first; when an earlier run of this shard died without
+        closing its journal (SIGKILL, a crash), remove the temporary files it left in OUT."""
+        import fcntl
+
+        fsio.ensure_dir(self.dir)
+        self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(self._journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:  # another run of this shard writes here now: its temporary files are its own
+            alone = False
+        if alone and self._crashed:
+            fsio.remove_temps_of(self.out, self._crashed)
+        os.write(self._journal, (fsio.dumps({"run": fsio.RUN_TOKEN}) + "\n").encode())
+
     def _read_snapshot(self, path: Path, own: dict[str, tuple[str, tuple[str, ...]]] | None) -> None:
         try:
             data = json.loads(path.read_bytes())
@@ -324,6 +344,8 @@ class Manifest:
                 continue  # a line cut by a crash
             if isinstance(record, dict) and isinstance(record.get("k"), str):
                 self._put(record["k"], record, own)
+            elif own is not None and isinstance(record, dict) and isinstance(record.get("run"), str):
+                self._crashed.append(record["run"])
 
     def _put(self, digest: str, entry: Any, own: dict[str, tuple[str, tuple[str, ...]]] | None) -> None:
         if not isinstance(entry, dict):
@@ -373,22 +395,21 @@ class Manifest:
             self._append({"k": digest, "o": None})
 
     def _append(self, record: dict[str, Any]) -> None:
-        if self._journal is None:
-            fsio.ensure_dir(self.dir)
-            self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
-        os.write(self._journal, (fsio.dumps(record) + "\n").encode())
+        self._changed = True
+        if self._journal is not None:
+            os.write(self._journal, (fsio.dumps(record) + "\n").encode())
 
     def close(self) -> None:
         """Fold the journal into the snapshot (atomically), then drop the journal and any legacy manifest."""
-        if self.read_only or (self._journal is None and not self._legacy):
+        if self.read_only or self._journal is None:
             return
-        if self._journal is not None:
-            os.close(self._journal)
-            self._journal = None
-        items = {d: {"o": o, "out": list(out)} for d, (o, out) in self.own.items()}
-        fsio.write_bytes(self.snapshot, (fsio.dumps({"version": 2, "items": items}) + "\n").encode())
+        if self._changed or self._legacy or self._crashed:
+            items = {d: {"o": o, "out": list(out)} for d, (o, out) in self.own.items()}
+            fsio.write_bytes(self.snapshot, (fsio.dumps({"version": 2, "items": items}) + "\n").encode())
         with contextlib.suppress(OSError):
             self.journal_path.unlink()
+        os.close(self._journal)  # after the unlink: the lock is held until the journal is gone
+        self._journal = None
         for path in self._legacy:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -583,6 +604,7 @@ class _Runner:
         self.accepted = 0  # items that were inputs of the operator (before sharding)
         self.stop_signal = 0
         self.stopping = False
+        self.lost_workers = False  # workers ended early: results they sent may never have arrived
 
     # ----------------------------------------------------------------- signals
     @contextlib.contextmanager
@@ -872,6 +894,7 @@ class _Runner:
         affected = [first] + [s for s in self.slots if s.future is not None]
         self.slots = deque(s for s in self.slots if s.future is None)
         self.in_flight = 0
+        self.lost_workers = True
         self.shutdown(kill=True)
         if self.stopping:
             self.summary.rolled_back += sum(len(s.items) for s in affected)
@@ -910,6 +933,7 @@ class _Runner:
     def abort(self) -> None:
         """Stop now: workers end, nothing uncommitted is reported, their temporary files are removed."""
         self.stopping = True
+        self.lost_workers = True
         self.held.clear()
         for slot in self.slots:
             if slot.future is not None:
@@ -927,15 +951,16 @@ class _Runner:
         self.slots.clear()
 
     def finish_input(self, had_items: bool) -> None:
-        if self.stopping:
-            return
-        self._flush(final=True)
-        if self.on_total is not None:
-            self.on_total(len(self.summary.results) + sum(len(s.results or s.items) for s in self.slots))
+        """The input ended (or a stop was asked for): submit what is held, then emit every chunk still in flight
+        (cancelled ones are skipped), so what finished is committed and reported."""
+        if not self.stopping:
+            self._flush(final=True)
+            if self.on_total is not None:
+                self.on_total(len(self.summary.results) + sum(len(s.results or s.items) for s in self.slots))
         while self.slots:
             self._drain(block=True)
-            if self.stopping:
-                break
+        if self.stopping:
+            return
         if not had_items and self.accepted == 0 and not any(r.status == "failed" for r in self.summary.results):
             self.summary.no_input = True
 
@@ -990,6 +1015,8 @@ def run_batch(
                 runner.shutdown()
     finally:
         runner.summary.interrupted = runner.summary.interrupted or bool(runner.stop_signal)
+        if runner.lost_workers and out is not None and not opts.dry_run:
+            fsio.remove_temps_of(out, [fsio.RUN_TOKEN])  # staged outputs whose results never reached this process
         if runner.manifest is not None:
             runner.manifest.close()
         runner.summary.seconds = time.perf_counter() - start

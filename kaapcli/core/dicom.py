@@ -73,7 +73,6 @@ def read(path: Path | IO[bytes], *, stop_before_pixels: bool = False, specific_t
     return ds
 
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFLATED = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})  # positions are in the inflated stream
 
 
@@ -83,7 +82,8 @@ def check_parsed_to_end(ds: Any, fp: IO[bytes], *, subset: bool = False) -> None
     Cheap on the common paths: after a full read, the last element's offset and length (pydicom keeps both
     for elements not yet decoded) must meet the file size; after a read stopped before Pixel Data, only
     the element headers from there to the end are walked (usually one: Pixel Data).  A read of a few tags
-    (``subset``) that went to the end of the file walks every element header.
+    (``subset``) that went to the end of the file walks every element header.  A file cut exactly between two
+    elements cannot be told from a shorter whole one (by DCMTK neither).
     """
     parsed = fp.tell()
     pos = parsed
@@ -98,8 +98,6 @@ def check_parsed_to_end(ds: Any, fp: IO[bytes], *, subset: bool = False) -> None
         if parsed < size:  # stopped before Pixel Data: the elements before it were whole
             _walk_elements(fp, parsed, size, bool(implicit), bool(little))
             return
-        if not subset and "Rows" in ds and not any(k in ds for k in _PIXEL_KEYWORDS):
-            raise DataError("truncated file: an image header without Pixel Data (the file ends after the header)")
         end = None if subset else _last_element_end(ds)
         if end is None:
             _walk_elements(fp, 0, size, bool(implicit), bool(little), from_start=True)

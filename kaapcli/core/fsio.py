@@ -27,12 +27,10 @@ import errno
 import hashlib
 import json
 import os
-import queue
 import re
 import secrets
 import stat
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import IO, Any, NamedTuple
 from kaapcli.exitcodes import CantCreateError, ExitCode, NoInputError, UsageError
 
 TMP_SUFFIX = ".kaapcli-part"
+RUN_TOKEN = secrets.token_hex(4)  # in every temporary name of this run (workers fork from it): finds a crash's
 STATE_SUFFIX = ".kaapcli"  # the run-state directory beside an output directory: .<OUT name>.kaapcli
 SNIFF_BYTES = 132  # the preamble and "DICM" (PS3.10 7.1)
 
@@ -184,11 +183,15 @@ def walk_files(root: Path) -> Iterator[Path]:
 
 
 def _stdin_lines(stdin: IO[bytes] | IO[str] | None, poll: float) -> Iterator[str | _Idle]:
-    """Lines of stdin as they arrive (IDLE while none is ready), decoded as file names are (surrogateescape)."""
+    """Lines of stdin as they arrive (IDLE while none is ready), decoded as file names are (surrogateescape).
+
+    A pipe, socket or terminal is read with ``select`` and ``os.read`` in this thread: no reader thread, whose
+    buffer lock a forked worker would inherit held (multiprocessing closes ``sys.stdin`` in each child)."""
     stream: Any = stdin if stdin is not None else sys.stdin
     raw = getattr(stream, "buffer", stream)
     try:
-        mode = os.fstat(raw.fileno()).st_mode
+        fd = raw.fileno()
+        mode = os.fstat(fd).st_mode
         live = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
     except (AttributeError, OSError, ValueError):
         live = False
@@ -196,27 +199,22 @@ def _stdin_lines(stdin: IO[bytes] | IO[str] | None, poll: float) -> Iterator[str
         for line in raw:
             yield os.fsdecode(line) if isinstance(line, bytes) else line
         return
-    lines: queue.Queue[bytes | str | None] = queue.Queue()
+    import select
 
-    def read() -> None:
-        try:
-            for line in raw:
-                lines.put(line)
-        except (OSError, ValueError):
-            pass
-        finally:
-            lines.put(None)
-
-    threading.Thread(target=read, name="kaapcli-stdin", daemon=True).start()
+    pending = b""
     while True:
-        try:
-            item = lines.get(timeout=poll)
-        except queue.Empty:
+        ready, _, _ = select.select([fd], [], [], poll)
+        if not ready:
             yield IDLE
             continue
-        if item is None:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            if pending:
+                yield os.fsdecode(pending)
             return
-        yield os.fsdecode(item) if isinstance(item, bytes) else item
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield os.fsdecode(line)
 
 
 def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *,
@@ -398,7 +396,7 @@ def temp_beside(dest: Path, suffix: str = "") -> Path:
     need a path (SimpleITK, zipfile); finish with :func:`commit`, or :func:`discard` on failure."""
     ensure_dir(dest.parent)
     for _ in range(8):
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}{TMP_SUFFIX}{suffix}"
+        tmp = dest.parent / f".{dest.name}.{RUN_TOKEN}-{secrets.token_hex(3)}{TMP_SUFFIX}{suffix}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
@@ -521,6 +519,21 @@ def write_json(dest: Path, obj: Any, *, indent: int | None = 2) -> int:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def remove_temps_of(root: Path, tokens: Iterable[str]) -> int:
+    """Remove the temporary files that runs with these tokens left below ``root`` (they were SIGKILLed)."""
+    marks = tuple(f".{token}-" for token in tokens)
+    removed = 0
+    if not marks:
+        return 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if TMP_SUFFIX in name and any(mark in name for mark in marks):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 # --------------------------------------------------------------------------- run state

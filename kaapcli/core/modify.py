@@ -368,7 +368,8 @@ def _charset_for(ds: Any, texts: Iterable[str]) -> list[str]:
     extended = [t for t in texts if not t.isascii()]
     if not extended:
         return []
-    encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
+    # pydicom writes the default repertoire (ISO-IR 6, ASCII) as Latin-1: check against what the set declares
+    encodings = ["ascii" if e == "iso8859" else e for e in convert_encodings(ds.get("SpecificCharacterSet") or "")]
     mode = config.settings.writing_validation_mode
     config.settings.writing_validation_mode = config.RAISE  # encode_string then raises instead of writing "?"
     try:

@@ -8,14 +8,13 @@ DICOM files are grouped by SeriesInstanceUID and turned into documents with
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaapcli.core import dicom, fsio
+from kaapcli.core.batch import process_pool
 from kaapcli.core.index.base import Stored, loads
 from kaapcli.exitcodes import KaapcliError
 
@@ -89,7 +88,7 @@ def _series_source(uid: str, paths: tuple[Path, ...]) -> Source:
     try:
         doc, notes = series_document(list(paths))
         source.docs.append(Stored.of(doc))
-        source.warnings.extend(notes)
+        source.warnings.extend(notes if len(paths) > 1 else [f"{paths[0]}: {n}" for n in notes])  # name the file
     except KaapcliError as exc:
         source.errors.append(f"series {uid}: {exc.message}")
     except Exception as exc:  # noqa: BLE001
@@ -103,7 +102,7 @@ def read_sources(files: list[Path], workers: int = 1) -> Iterator[Source]:
     documents arrive ready to write (:class:`Stored`), so the writing process only writes."""
     json_files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in JSON_SUFFIXES + JSONL_SUFFIXES]
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
         yield from pool.map(read_json, json_files, chunksize=64) if pool and len(json_files) > 64 \
             else map(read_json, json_files)
