@@ -294,6 +294,7 @@ def test_up_to_date_survives_a_crash_through_the_journal(tmp_path: Path) -> None
         manifest.record(str(f), batch.options_fingerprint(CopyOp()), [str(out / f.name)])
     stray = out / f".f3.dcm.{fsio.RUN_TOKEN}-abcdef{fsio.TMP_SUFFIX}"
     stray.write_bytes(b"half")  # a temporary file of the dead run
+    manifest._flush_journal(time.monotonic())  # as it is every JOURNAL_SECONDS
     os.close(manifest._journal)  # type: ignore[arg-type]  # the process died: no close()
     summary = run_batch(CopyOp(), files, out, BatchOptions(workers=1))
     assert summary.count("skipped", "up-to-date") == 2 and summary.count("ok") == 2

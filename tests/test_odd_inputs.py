@@ -351,7 +351,7 @@ def test_interrupt_stops_and_reports_exactly_what_is_on_disk(many: Path, tmp_pat
 def test_sigkill_rerun_is_incremental_and_cleans_up(many: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = start_run(many, out)
-    wait_for_outputs(out, 60)
+    wait_for_outputs(out, 120)  # more than JOURNAL_SECONDS of work: some of it journalled
     os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers must die with it
     proc.communicate(timeout=30)
     assert not wait_gone(proc.pid)

@@ -54,6 +54,7 @@ from kaapcli.exitcodes import ExitCode, KaapcliError, UsageError
 
 Status = Literal["ok", "skipped", "failed"]
 LEGACY_MANIFEST_DIR = ".kaapcli"  # manifests lived inside OUT before 0.2; read once, then removed
+JOURNAL_SECONDS, JOURNAL_LINES = 0.5, 256  # how much finished work a crash may cost the next run
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ class Manifest:
 
     def __init__(self, out: Path, op_name: str, shard: tuple[int, int] | None, *, read_only: bool = False):
         self.out = out
+        self._prefix = str(out).rstrip("/") + "/"
         self.read_only = read_only  # a dry run: read, never written
         self.dir = fsio.state_dir(out)
         tag = f"{shard[0] + 1}of{shard[1]}" if shard else "all"
@@ -280,6 +282,8 @@ class Manifest:
         self._legacy: list[Path] = []
         self._crashed: list[str] = []  # run tokens of this shard's earlier runs that never closed their journal
         self._changed = False
+        self._lines: list[str] = []  # journal records not yet written
+        self._flushed = time.monotonic()
         self._load(op_name)
         if not read_only:
             self._start()
@@ -361,6 +365,8 @@ class Manifest:
             own[digest] = value
 
     def _relative(self, output: str) -> str:
+        if output.startswith(self._prefix):  # the usual case: OUT / rel as the operator built it
+            return output[len(self._prefix):]
         rel = os.path.relpath(output, self.out)
         return output if rel.startswith("..") else rel
 
@@ -395,14 +401,25 @@ class Manifest:
             self._append({"k": digest, "o": None})
 
     def _append(self, record: dict[str, Any]) -> None:
+        """Journal a record; written out every JOURNAL_SECONDS or JOURNAL_LINES (a crash loses at most that much
+        finished work, which the next run redoes)."""
         self._changed = True
-        if self._journal is not None:
-            os.write(self._journal, (fsio.dumps(record) + "\n").encode())
+        self._lines.append(fsio.dumps(record) + "\n")
+        now = time.monotonic()
+        if len(self._lines) >= JOURNAL_LINES or now - self._flushed >= JOURNAL_SECONDS:
+            self._flush_journal(now)
+
+    def _flush_journal(self, now: float) -> None:
+        if self._journal is not None and self._lines:
+            os.write(self._journal, "".join(self._lines).encode())
+        self._lines.clear()
+        self._flushed = now
 
     def close(self) -> None:
         """Fold the journal into the snapshot (atomically), then drop the journal and any legacy manifest."""
         if self.read_only or self._journal is None:
             return
+        self._flush_journal(time.monotonic())  # what the snapshot then holds is also in the journal, should it fail
         if self._changed or self._legacy or self._crashed:
             items = {d: {"o": o, "out": list(out)} for d, (o, out) in self.own.items()}
             fsio.write_bytes(self.snapshot, (fsio.dumps({"version": 2, "items": items}) + "\n").encode())
@@ -421,13 +438,26 @@ class Manifest:
 
 # --------------------------------------------------------------------------- workers
 
+_libc: Any = None  # loaded in the parent before it forks workers, so each worker does not load it again
+
+
+def _load_libc() -> None:
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:  # pragma: no cover - no C library to ask
+            _libc = False
+
+
 def _set_parent_death_signal(sig: int) -> None:
     """Linux prctl(PR_SET_PDEATHSIG): the kernel signals this process when its parent dies."""
+    _load_libc()
     try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        _libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except AttributeError:  # pragma: no cover - not Linux
         pass
 
 
@@ -449,6 +479,7 @@ def process_pool(workers: int) -> cf.ProcessPoolExecutor:
     """A forked process pool whose workers die with the parent and leave interrupts to it."""
     import multiprocessing  # ~10 ms: only runs with worker processes need it
 
+    _load_libc()
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                   initializer=worker_init, initargs=(os.getpid(),))
 
@@ -538,7 +569,7 @@ def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemRe
         result = _process_one(op, item, ctx)
         result.key = item.key
         results.append(result)
-    fsio.forget_temps(Path(tmp) for r in results for tmp, _ in r.pending)  # the parent commits or removes them
+    fsio.forget_temps(tmp for r in results for tmp, _ in r.pending)  # the parent commits or removes them
     return results
 
 
@@ -966,7 +997,7 @@ class _Runner:
 
 
 def _claim_key(output: str) -> int:
-    return int.from_bytes(hashlib.blake2b(os.fsencode(os.path.normpath(output)), digest_size=8).digest(), "big")
+    return hash(os.path.normpath(output))  # claims live in this process only: its string hash is stable here
 
 
 def _same_bytes(a: str, b: str) -> bool:

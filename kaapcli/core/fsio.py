@@ -391,9 +391,8 @@ _live_temps: set[str] = set()  # temporary files of this process not yet renamed
 _deferred: list[tuple[Path, Path]] | None = None  # (temporary, destination) of the batch item being processed
 
 
-def temp_beside(dest: Path, suffix: str = "") -> Path:
-    """A fresh hidden temporary name in ``dest``'s directory (created, so the name is ours), for writers that
-    need a path (SimpleITK, zipfile); finish with :func:`commit`, or :func:`discard` on failure."""
+def _create_temp(dest: Path, suffix: str = "") -> tuple[Path, int]:
+    """A fresh hidden temporary file in ``dest``'s directory, created (so the name is ours) and open for writing."""
     ensure_dir(dest.parent)
     for _ in range(8):
         tmp = dest.parent / f".{dest.name}.{RUN_TOKEN}-{secrets.token_hex(3)}{TMP_SUFFIX}{suffix}"
@@ -403,10 +402,17 @@ def temp_beside(dest: Path, suffix: str = "") -> Path:
             continue
         except OSError as exc:
             raise CantCreateError(f"{dest}: cannot write: {exc.strerror}") from exc
-        os.close(fd)
         _live_temps.add(str(tmp))
-        return tmp
+        return tmp, fd
     raise CantCreateError(f"{dest}: cannot create a temporary file beside it")  # pragma: no cover
+
+
+def temp_beside(dest: Path, suffix: str = "") -> Path:
+    """A fresh hidden temporary name in ``dest``'s directory (created, so the name is ours), for writers that
+    need a path (SimpleITK, zipfile); finish with :func:`commit`, or :func:`discard` on failure."""
+    tmp, fd = _create_temp(dest, suffix)
+    os.close(fd)
+    return tmp
 
 
 def commit(tmp: Path, dest: Path) -> None:
@@ -453,10 +459,9 @@ def staged(path: Path) -> Path:
     return path
 
 
-def forget_temps(paths: Iterable[Path]) -> None:
+def forget_temps(paths: Iterable[str]) -> None:
     """Temporary files handed to another process (the engine's parent), no longer this process's to remove."""
-    for p in paths:
-        _live_temps.discard(str(p))
+    _live_temps.difference_update(paths)
 
 
 def remove_live_temps() -> None:
@@ -475,12 +480,8 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     left as it was.  Errors about ``dest`` itself are CantCreateError naming it; errors reading
     other files inside the block are the caller's (they propagate unchanged).
     """
-    tmp = temp_beside(dest)
-    try:
-        fh = open(tmp, mode)
-    except OSError as exc:
-        discard(tmp)
-        raise CantCreateError(f"{dest}: cannot write: {exc.strerror}") from exc
+    tmp, fd = _create_temp(dest)
+    fh = os.fdopen(fd, mode)
     try:
         with fh:
             yield fh
