@@ -284,7 +284,7 @@ def execute(op: Operator, files: Iterable[Any], out: Path | None, run: RunOption
                                   on_total=reporter.total, on_result=on_result)
     if summary.interrupted:
         done = summary.count("ok") + summary.count("failed")
-        rolled = f"; {summary.rolled_back} in progress rolled back" if summary.rolled_back else ""
+        rolled = f"; {summary.rolled_back} in flight were not written" if summary.rolled_back else ""
         reporter.error(f"interrupted after {done} items{rolled}: everything reported is on disk and recorded, "
                        "a re-run continues from there")
     if summary.no_input:

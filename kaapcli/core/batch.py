@@ -21,8 +21,10 @@ planned and processed as they arrive, so memory does not grow with what is alrea
 7. report each result in input order through a callback and return a :class:`BatchSummary` that
    knows its exit code.
 
-Interrupts: the first SIGINT/SIGTERM stops reading input and cancels queued chunks; chunks in
-progress finish and are committed, so the summary and the manifest say exactly what is on disk.
+Interrupts: the first SIGINT/SIGTERM stops reading input and tells the workers (a flag in shared
+memory) to start no further item; items in progress finish and are committed, so the summary and
+the manifest say exactly what is on disk (futures are never cancelled: CPython before 3.12 then
+breaks a pool whose workers die, gh-107219).
 A second signal stops at once: workers remove their temporary files and nothing uncommitted is
 reported.  Workers ignore SIGINT (the parent decides), die with the parent (PR_SET_PDEATHSIG) and
 exit quietly on SIGTERM.  A worker that crashes (a segfault in a library, the OOM killer) fails
@@ -169,7 +171,7 @@ class BatchSummary:
     results: list[ItemResult] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
-    rolled_back: int = 0  # items in progress at a hard stop (or a crash during a stop): not written
+    rolled_back: int = 0  # items in flight when workers ended early (a hard stop, signalled workers): not written
     other_shard: int = 0
     no_input: bool = False  # no input of the operator at all (nothing accepted, nothing failed)
 
@@ -409,6 +411,12 @@ class Manifest:
         if len(self._lines) >= JOURNAL_LINES or now - self._flushed >= JOURNAL_SECONDS:
             self._flush_journal(now)
 
+    def tick(self) -> None:
+        """Write out journal records that have waited JOURNAL_SECONDS (called while the run waits)."""
+        now = time.monotonic()
+        if self._lines and now - self._flushed >= JOURNAL_SECONDS:
+            self._flush_journal(now)
+
     def _flush_journal(self, now: float) -> None:
         if self._journal is not None and self._lines:
             os.write(self._journal, "".join(self._lines).encode())
@@ -466,6 +474,24 @@ def _worker_sigterm(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+_stop: Any = None  # a flag in shared memory (set by the parent on an interrupt): start no further item
+
+
+def _stopped() -> bool:
+    return bool(_stop is not None and _stop.value)
+
+
+def _stop_flag() -> Any:
+    """The shared stop flag, made before any worker forks (they inherit it), cleared for a new run."""
+    global _stop
+    if _stop is None:
+        import multiprocessing
+
+        _stop = multiprocessing.get_context("fork").RawValue("b", 0)
+    _stop.value = 0
+    return _stop
+
+
 def worker_init(parent: int) -> None:
     """Initializer of every kaapcli worker process: the parent handles interrupts; the worker dies with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -504,6 +530,8 @@ def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None,
     """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error, code)."""
     out: list[tuple[Path, str | None, str, int]] = []
     for path in paths:
+        if _stopped():
+            break
         accepted, error, code = _accept(op, path)
         if error or not accepted:
             out.append((path, None, error, code))
@@ -566,6 +594,9 @@ def _process_one(op: Operator, item: Item, ctx: Context) -> ItemResult:
 def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemResult]:
     results = []
     for item in items:
+        if _stopped():  # interrupted: the rest of the chunk is not started
+            results.append(ItemResult(item.label, "skipped", reason="not-started", key=item.key))
+            continue
         result = _process_one(op, item, ctx)
         result.key = item.key
         results.append(result)
@@ -596,12 +627,6 @@ class _Done:
 
     def done(self) -> bool:
         return True
-
-    def cancel(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
 
     def result(self) -> Any:
         return self.value
@@ -635,6 +660,7 @@ class _Runner:
         self.accepted = 0  # items that were inputs of the operator (before sharding)
         self.stop_signal = 0
         self.stopping = False
+        self.stop = _stop_flag()  # shared with the workers, which fork after this
         self.lost_workers = False  # workers ended early: results they sent may never have arrived
 
     # ----------------------------------------------------------------- signals
@@ -664,6 +690,8 @@ class _Runner:
             if entry is fsio.IDLE:
                 self._flush(force=True)
                 self._drain(block=False)
+                if self.manifest is not None:
+                    self.manifest.tick()
                 continue
             if isinstance(entry, fsio.Unusable):
                 self._ready([self._unusable(entry)])
@@ -689,14 +717,13 @@ class _Runner:
             while scans and (block or scans[0][0].done()):
                 fut, paths = scans.popleft()
                 self._wait(fut)
-                if fut.cancelled():
-                    continue
                 try:
                     found = fut.result()
-                except cf.process.BrokenProcessPool:
+                except cf.process.BrokenProcessPool:  # every scan of the dead pool is lost with it
                     self.shutdown(kill=True)
+                    paths += [p for _, lost in scans for p in lost]
                     scans.clear()
-                    found = [(p, None, "the worker process died while reading it", int(ExitCode.SOFTWARE))
+                    found = [(p, None, "a worker process died while reading group keys", int(ExitCode.SOFTWARE))
                              for p in paths]
                 for path, key, error, code in found:
                     if error:
@@ -732,8 +759,6 @@ class _Runner:
         submit(final=True)
         while scans and not self._check_stop():
             collect(block=True)
-        for fut, _ in scans:
-            fut.cancel()
         if self.stopping:
             return
         self.accepted += len(groups)
@@ -829,14 +854,14 @@ class _Runner:
             self._emit_chunk(slot)
 
     def _emit_chunk(self, slot: _Slot) -> None:
-        if slot.future.cancelled():
-            return
         try:
             results = slot.future.result()
         except cf.process.BrokenProcessPool:
             self._broken(slot)
             return
         for result in results:
+            if result.reason == "not-started":
+                continue  # never begun (a stop): neither reported nor recorded
             self.per_item = result.seconds if self.per_item <= 0 else 0.8 * self.per_item + 0.2 * result.seconds
             self._finish(result)
 
@@ -845,14 +870,14 @@ class _Runner:
         while not fut.done():
             cf.wait([fut], timeout=0.2)
             self._check_stop()
+            if self.manifest is not None:
+                self.manifest.tick()
 
     def _check_stop(self) -> bool:
         if self.stop_signal and not self.stopping:
             self.stopping = True
             self.held.clear()  # planned, never started
-            for slot in self.slots:
-                if slot.future is not None and slot.future.cancel():
-                    self.in_flight -= 1
+            self.stop.value = 1  # workers finish the item they are on and start no other
         return self.stopping
 
     # ----------------------------------------------------------------- committing
@@ -949,7 +974,7 @@ class _Runner:
                                message=f"{item.label}: the worker process died while processing it (a crash in a "
                                        "library, or killed: out of memory?)")]
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)
 
     def shutdown(self, kill: bool = False) -> None:
         if self.executor is None:
@@ -958,7 +983,7 @@ class _Runner:
             for proc in list(getattr(self.executor, "_processes", {}).values()):
                 with contextlib.suppress(OSError, AttributeError):
                     proc.terminate()  # SIGTERM: the worker removes its temporary files and exits
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=True)  # never cancel_futures: see gh-107219 above
         self.executor = None
 
     def abort(self) -> None:
@@ -966,15 +991,13 @@ class _Runner:
         self.stopping = True
         self.lost_workers = True
         self.held.clear()
-        for slot in self.slots:
-            if slot.future is not None:
-                slot.future.cancel()
+        self.stop.value = 1
         self.shutdown(kill=True)
         for slot in self.slots:
             if slot.future is None:
                 continue
             self.summary.rolled_back += len(slot.items)
-            if slot.future.done() and not slot.future.cancelled():
+            if slot.future.done():
                 with contextlib.suppress(Exception):
                     for result in slot.future.result():
                         for tmp, _ in result.pending:
@@ -982,8 +1005,8 @@ class _Runner:
         self.slots.clear()
 
     def finish_input(self, had_items: bool) -> None:
-        """The input ended (or a stop was asked for): submit what is held, then emit every chunk still in flight
-        (cancelled ones are skipped), so what finished is committed and reported."""
+        """The input ended (or a stop was asked for): submit what is held, then emit every chunk still in flight,
+        so what finished is committed and reported."""
         if not self.stopping:
             self._flush(final=True)
             if self.on_total is not None:

@@ -228,7 +228,7 @@ def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *
     """
     pruned = frozenset(d for d in map(_dev_ino, prune) if d is not None)
     walked: list[str] = []  # absolute roots already walked
-    named: set[str] = set()  # absolute names of files given one by one (few: arguments and stdin lines)
+    named: set[int] = set()  # hashes of the absolute names of files given one by one (arguments, stdin lines)
 
     def inside_walked(absolute: str) -> bool:
         return any(absolute == r or absolute.startswith(r.rstrip("/") + "/") for r in walked)
@@ -240,9 +240,9 @@ def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *
             return
         absolute = os.path.abspath(path)
         if isinstance(found, InputFile):
-            if absolute in named or inside_walked(absolute):
+            if hash(absolute) in named or inside_walked(absolute):
                 return
-            named.add(absolute)
+            named.add(hash(absolute))
             yield found
             return
         if inside_walked(absolute):
@@ -252,7 +252,7 @@ def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *
         walked.append(absolute)
         for entry in _walk(path, pruned | earlier):
             if isinstance(entry, InputFile):
-                if named and os.path.abspath(entry.path) in named:
+                if named and hash(os.path.abspath(entry.path)) in named:
                     continue
                 yield InputFile(entry.path, path)
             else:
