@@ -332,3 +332,13 @@ def test_names_that_are_not_utf8_survive_the_manifest(tmp_path: Path) -> None:
     again = run_batch(CopyOp(), [src], out, BatchOptions())
     assert again.count("skipped", "up-to-date") == 1
     assert os.fsencode(again.results[0].outputs[0]).endswith(b"caf\xe9.dcm")
+
+
+def test_an_output_directory_inside_the_input_is_never_walked(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    files = [dicomish(root / "a" / f"f{i}.dcm", bytes([i])) for i in range(3)]
+    out = root / "zz-out"  # made when the run starts, walked after a/ whose outputs it then holds
+    summary = run_batch(CopyOp(), fsio.iter_inputs([str(root)], prune=[out]), out, BatchOptions(workers=1))
+    assert sorted(Path(r.input).name for r in summary.results) == [f.name for f in files]
+    again = list(fsio.iter_inputs(["-"], stdin=io.StringIO(f"{out / files[0].name}\n"), prune=[out]))
+    assert len(again) == 1 and isinstance(again[0], fsio.Unusable) and again[0].kind == "not-input"

@@ -801,7 +801,7 @@ class _Runner:
     def _unusable(self, entry: fsio.Unusable) -> ItemResult:
         if entry.failed:
             return ItemResult(str(entry.path), "failed", message=f"{entry.path}: {entry.reason}", code=entry.code)
-        return ItemResult(str(entry.path), "skipped", message=entry.reason, reason="not-regular")
+        return ItemResult(str(entry.path), "skipped", message=entry.reason, reason=entry.kind)
 
     def _chunk_size(self) -> int:
         if self.per_item <= 0:

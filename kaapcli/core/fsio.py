@@ -61,6 +61,7 @@ class Unusable:
     reason: str
     failed: bool = False
     code: int = int(ExitCode.NOINPUT)
+    kind: str = "not-regular"  # how a skipped one is counted: "not-regular", or "not-input"
 
 
 class _Idle:
@@ -123,16 +124,44 @@ def check_named(args: Iterable[str]) -> None:
             raise NoInputError(f"{arg}: {found.reason}", hint=hint)
 
 
-def _walk(root: Path, prune: frozenset[tuple[int, int]]) -> Iterator[InputFile | Unusable]:
+class _Pruned:
+    """Directories a walk never enters, by (device, inode).  A directory that does not exist yet (the output
+    directory, made when the run starts) is looked up again as the walk goes, until it exists."""
+
+    def __init__(self, paths: Iterable[Path] = ()):
+        self.ids: set[tuple[int, int]] = set()
+        self.inodes: set[int] = set()
+        self.waiting = list(paths)
+        self.resolve()
+
+    def add(self, found: tuple[int, int]) -> None:
+        self.ids.add(found)
+        self.inodes.add(found[1])
+
+    def resolve(self) -> None:
+        if self.waiting:
+            for path in list(self.waiting):
+                if (found := _dev_ino(path)) is not None:
+                    self.add(found)
+                    self.waiting.remove(path)
+
+    def __contains__(self, entry: os.DirEntry[str]) -> bool:
+        if entry.inode() not in self.inodes:
+            return False
+        st = entry.stat(follow_symlinks=False)
+        return (st.st_dev, st.st_ino) in self.ids
+
+
+def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
     """Regular files below ``root``, files of a directory before its subdirectories, each level sorted by name;
-    hidden names skipped; symlinks to files followed, to directories not; pruned directories (dev, inode) left out."""
-    prune_inodes = {ino for _, ino in prune}
+    hidden names skipped; symlinks to files followed, to directories not; pruned directories left out."""
     stack: list[Iterator[str]] = [iter([str(root)])]
     while stack:
         directory = next(stack[-1], None)
         if directory is None:
             stack.pop()
             continue
+        prune.resolve()
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -142,21 +171,17 @@ def _walk(root: Path, prune: frozenset[tuple[int, int]]) -> Iterator[InputFile |
         subdirs: list[str] = []
         for entry in entries:
             if not entry.name.startswith("."):
-                found = _entry(entry, prune, prune_inodes, subdirs)
+                found = _entry(entry, prune, subdirs)
                 if found is not None:
                     yield found
         stack.append(iter(subdirs))
 
 
-def _entry(entry: os.DirEntry[str], prune: frozenset[tuple[int, int]], prune_inodes: set[int],
-           subdirs: list[str]) -> InputFile | Unusable | None:
+def _entry(entry: os.DirEntry[str], prune: _Pruned, subdirs: list[str]) -> InputFile | Unusable | None:
     try:
         if entry.is_dir(follow_symlinks=False):
-            if entry.inode() in prune_inodes:
-                st = entry.stat(follow_symlinks=False)
-                if (st.st_dev, st.st_ino) in prune:
-                    return None
-            subdirs.append(entry.path)
+            if entry not in prune:
+                subdirs.append(entry.path)
             return None
         if entry.is_file(follow_symlinks=False):
             return InputFile(Path(entry.path))
@@ -177,7 +202,7 @@ def _entry(entry: os.DirEntry[str], prune: frozenset[tuple[int, int]], prune_ino
 
 def walk_files(root: Path) -> Iterator[Path]:
     """Regular files below ``root`` in sorted order, hidden names and non-regular files skipped."""
-    for found in _walk(root, frozenset()):
+    for found in _walk(root, _Pruned()):
         if isinstance(found, InputFile):
             yield found.path
 
@@ -226,7 +251,9 @@ def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *
     that is missing or not a regular file is a failed :class:`Unusable`; named arguments are expected to be
     checked first (:func:`check_named`), but are classified the same way.
     """
-    pruned = frozenset(d for d in map(_dev_ino, prune) if d is not None)
+    pruned = _Pruned(prune)
+    pruned_real = [os.path.realpath(p).rstrip("/") + "/" for p in prune]
+    parents: dict[str, bool] = {}  # directory of a file named one by one -> inside a pruned directory
     walked: list[str] = []  # absolute roots already walked
     named: set[int] = set()  # hashes of the absolute names of files given one by one (arguments, stdin lines)
 
@@ -242,15 +269,22 @@ def iter_inputs(args: Iterable[str], stdin: IO[bytes] | IO[str] | None = None, *
         if isinstance(found, InputFile):
             if hash(absolute) in named or inside_walked(absolute):
                 return
+            parent = os.path.dirname(absolute)
+            if pruned_real and parent not in parents:
+                parents[parent] = (os.path.realpath(parent) + "/").startswith(tuple(pruned_real))
+            if parents.get(parent):  # e.g. `find OUT | kaapcli ... - -o OUT`: never its own outputs as inputs
+                yield Unusable(path, "inside the output directory", kind="not-input")
+                return
             named.add(hash(absolute))
             yield found
             return
         if inside_walked(absolute):
             return
-        earlier = frozenset(d for d in (_dev_ino(Path(r)) for r in walked if r.startswith(absolute.rstrip("/") + "/"))
-                            if d is not None)
+        for earlier in walked:  # a directory given after one of its subdirectories: that one is not walked twice
+            if earlier.startswith(absolute.rstrip("/") + "/") and (found_id := _dev_ino(Path(earlier))) is not None:
+                pruned.add(found_id)
         walked.append(absolute)
-        for entry in _walk(path, pruned | earlier):
+        for entry in _walk(path, pruned):
             if isinstance(entry, InputFile):
                 if named and hash(os.path.abspath(entry.path)) in named:
                     continue
@@ -312,22 +346,6 @@ def check_not_inside(args: Iterable[str], out: Path) -> None:
         if real == out_dir or real.startswith(out_dir.rstrip("/") + "/"):
             raise UsageError(f"{arg}: input is inside the output directory {out}",
                              hint="write to another directory (or, for modify, use --in-place)")
-
-
-def outside_output(args: Iterable[str], files: list[Path], out: Path) -> list[Path]:
-    """``files`` minus those inside ``out``, so a re-run never takes its own outputs as inputs
-    (``OUT`` may sit inside an INPUT directory); an INPUT that is ``out`` or lies inside it is a UsageError."""
-    check_not_inside(args, out)
-    out_dir = os.path.realpath(out).rstrip("/") + "/"
-    parents: dict[str, bool] = {}
-
-    def inside(f: Path) -> bool:
-        parent = os.path.dirname(os.path.abspath(f))
-        if parent not in parents:
-            parents[parent] = (os.path.realpath(parent) + "/").startswith(out_dir)
-        return parents[parent]
-
-    return [f for f in files if not inside(f)]
 
 
 # --------------------------------------------------------------------------- sniffing
