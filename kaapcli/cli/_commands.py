@@ -183,6 +183,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--older-than'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Age of the newest file, e.g. 90s, 30m, 12h, 60d, 2w.'},
             {'names': ['--dry-run', '-n'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Print what would be removed; remove nothing.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -207,6 +208,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for association (ACSE), DIMSE and HTTP answers.'},
             {'names': ['--connect-timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for the TCP connection.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -219,6 +221,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
         'options': [
             {'names': ['--out', '-o'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'FILE.json (one array) or FILE.jsonl (one record per line).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -229,6 +232,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     'config': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -237,6 +241,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     'config show': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -276,6 +281,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -284,6 +290,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     'dataset': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -299,6 +306,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -311,6 +319,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
         'options': [
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -325,6 +334,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -339,6 +349,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--fields', '-f'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': True, 'hidden': False, 'help': 'Only these fields (keywords or full keys; comma-separated or repeated); csv: its columns.'},
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -413,6 +424,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for association (ACSE), DIMSE and HTTP answers.'},
             {'names': ['--connect-timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for the TCP connection.'},
             {'names': ['--token'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "DICOMweb: bearer token sent as 'Authorization: Bearer' (never printed; prefer the environment variable or a profile's token_env to the command line, where other users can read it)."},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -432,6 +444,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--tls-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).'},
             {'names': ['--tls-ca'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'CA certificates to verify the peer with; a receiver given them requires client certificates signed by them (mutual authentication).'},
             {'names': ['--tls-verify'], 'secondary': [], 'nargs': 1, 'values': ['host', 'chain'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "host: the peer's certificate must be trusted and name the host connected to; chain: trusted only (what DCMTK and Orthanc check)."},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -451,6 +464,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -467,6 +481,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--source'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The [pacs.NAME] profile these series came from (recorded, so retrieve can pull them again).'},
             {'names': ['--format'], 'secondary': [], 'nargs': 1, 'values': ['paths', 'jsonl'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'stdout: indexed SeriesInstanceUIDs, or one JSON record per input.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -667,6 +682,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--tls-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).'},
             {'names': ['--tls-ca'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'CA certificates to verify the peer with; a receiver given them requires client certificates signed by them (mutual authentication).'},
             {'names': ['--tls-verify'], 'secondary': [], 'nargs': 1, 'values': ['host', 'chain'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "host: the peer's certificate must be trusted and name the host connected to; chain: trusted only (what DCMTK and Orthanc check)."},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -723,6 +739,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--tls-cert'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Our certificate (chain): required to receive; sent to a peer that asks for one.'},
             {'names': ['--tls-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).'},
             {'names': ['--tls-ca'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'CA certificates to verify the peer with; a receiver given them requires client certificates signed by them (mutual authentication).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -782,6 +799,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--tls-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).'},
             {'names': ['--tls-ca'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'CA certificates to verify the peer with; a receiver given them requires client certificates signed by them (mutual authentication).'},
             {'names': ['--tls-verify'], 'secondary': [], 'nargs': 1, 'values': ['host', 'chain'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "host: the peer's certificate must be trusted and name the host connected to; chain: trusted only (what DCMTK and Orthanc check)."},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -792,6 +810,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     'rules': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -801,6 +820,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     'rules check': {
         'options': [
             {'names': ['--dags'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Kaapana: the DAG table of a trigger_rule.json (JSON/TOML: dag id -> command argv or rule fields).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -813,6 +833,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
             {'names': ['--failed'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Only runs that failed, timed out or were cancelled.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -822,6 +843,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     'runs cancel': {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -833,6 +855,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     'runs retry': {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -843,6 +866,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     's3': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -860,6 +884,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--force'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Transfer even when the other side is unchanged.'},
             {'names': ['--format'], 'secondary': [], 'nargs': 1, 'values': ['paths', 'jsonl'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'stdout: paths/URLs written, or one JSON record per object.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress or summary on stderr.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -875,6 +900,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--access-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Access key.'},
             {'names': ['--secret-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Secret key (prefer the environment variable: command lines are visible to other users).'},
             {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'An [s3.NAME] config profile (endpoint, access_key, secret_key or secret_key_env).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -894,6 +920,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--force'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Transfer even when the other side is unchanged.'},
             {'names': ['--format'], 'secondary': [], 'nargs': 1, 'values': ['paths', 'jsonl'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'stdout: paths/URLs written, or one JSON record per object.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress or summary on stderr.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -911,6 +938,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--secret-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Secret key (prefer the environment variable: command lines are visible to other users).'},
             {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'An [s3.NAME] config profile (endpoint, access_key, secret_key or secret_key_env).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress or summary on stderr.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -928,6 +956,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--format'], 'secondary': [], 'nargs': 1, 'values': ['jsonl', 'paths', 'dirs', 'uids', 'csv'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'stdout: documents (jsonl), every file of every series (paths, as recorded when indexed from DICOM; gone or changed files are reported, not printed), their directories (dirs), SeriesInstanceUIDs (uids), or a table (csv, of --fields).'},
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -980,6 +1009,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--tls-key'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).'},
             {'names': ['--tls-ca'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'CA certificates to verify the peer with; a receiver given them requires client certificates signed by them (mutual authentication).'},
             {'names': ['--tls-verify'], 'secondary': [], 'nargs': 1, 'values': ['host', 'chain'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "host: the peer's certificate must be trusted and name the host connected to; chain: trusted only (what DCMTK and Orthanc check)."},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1019,6 +1049,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "Also tag the series 'train' / 'test' in this index (path, URL or profile)."},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Index project (default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1034,6 +1065,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--format'], 'secondary': [], 'nargs': 1, 'values': ['chart', 'jsonl', 'csv'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A bar chart, JSON Lines {"value", "count"}, or CSV value,count.'},
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1044,6 +1076,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
     },
     'tag': {
         'options': [
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -1059,6 +1092,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1076,6 +1110,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1133,6 +1168,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A path (embedded SQLite index; default $XDG_DATA_HOME/kaapcli/index.db), an http(s):// OpenSearch URL, or the NAME of an [index.NAME] config profile.'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Project (OpenSearch index project_NAME; default admin).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
@@ -1174,6 +1210,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--interval'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds between polls.'},
             {'names': ['--once'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Take what is there (or the whole change feed), complete every series, then exit.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress lines on stderr.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
@@ -1188,6 +1225,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--include'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': True, 'hidden': False, 'help': "Only entries matching these globs (comma-separated, repeatable), e.g. '*.dcm,*.json'."},
             {'names': ['--exclude'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': True, 'hidden': False, 'help': 'Leave out entries matching these globs (comma-separated, repeatable).'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No summary on stderr (errors still shown).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [

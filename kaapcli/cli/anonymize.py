@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kaapcli.cli.common import Inputs, RunOptions, batch_command, execute, fail
+from kaapcli.cli.common import Inputs, RunOptions, batch_command, fail, run_batch
 
 
 class ProfileChoice(str, Enum):
@@ -130,7 +130,7 @@ def anonymize(
     byte for byte. Files go to OUT/<new StudyInstanceUID>/<new SeriesInstanceUID>/<new SOPInstanceUID>.dcm,
     or over the inputs with --in-place. Check the result with kaapcli phi-scan OUT --originals INPUT.
     """
-    from kaapcli.core import dicom, fsio
+    from kaapcli.core import dicom
     from kaapcli.core.anonymize import DEFAULT_NAME, AnonymizeOperator, Options, check_destinations, parse_replace
 
     if in_place == (out is not None):
@@ -150,12 +150,8 @@ def anonymize(
         keep=tuple(dicom.parse_tag(t) for t in keep or ()), replace=tuple(parse_replace(r) for r in replace or ()),
         id_prefix=id_prefix, pseudonyms=pseudonyms.value, burned_in=burned_in.value, name=name)
     check_destinations(out, map_file, [Path(a) for a in inputs if a != "-"])
-    files = fsio.collect_inputs(inputs)
-    if out is not None:
-        files = fsio.outside_output(inputs, files, out)  # a re-run never takes its own outputs as inputs
     op = AnonymizeOperator(secret, options, map_file, in_place=in_place, single_slice=mode is ModeChoice.single_slice)
-    summary = execute(op, files, out, run, "anonymize")
-    raise typer.Exit(int(summary.exit_code))
+    run_batch(op, inputs, out, run, "anonymize")
 
 
 def register(app: typer.Typer) -> None:

@@ -63,6 +63,7 @@ class RootGroup(click.Group):
             return
         for name, command in typer.main.get_group(probe).commands.items():
             _one_suggestion(command)
+            _add_debug(command)
             self.add_command(command, name)
             self.modules[name] = module
 
@@ -191,6 +192,21 @@ def click_command(args: Sequence[str] | None = None) -> RootGroup:
     only the module of the command it names); without (docs, tests), every command is loaded."""
     group = root_group()
     return group if args is not None else group.load_all()
+
+
+def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        os.environ["KAAPCLI_DEBUG"] = "1"  # main() saw --debug already; commands that look at the variable see it
+
+
+def _add_debug(command: click.Command) -> None:
+    """Every command takes --debug (the batch commands declare their own): main() reads it from the arguments."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_debug(sub)
+    if not any("--debug" in getattr(p, "opts", ()) for p in command.params):
+        command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_enable_debug,
+                                           help="Show tracebacks and library warnings."))
 
 
 def main(argv: list[str] | None = None) -> int:

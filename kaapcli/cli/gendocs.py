@@ -20,10 +20,12 @@ COMPLETIONS = {"bash": "bash/kaapcli", "zsh": "zsh/_kaapcli", "fish": "fish/kaap
 EXTRA_ENVIRONMENT = {
     "KAAPCLI_CONFIG": "Path of the config file (instead of ./kaapcli.toml, then ~/.config/kaapcli/config.toml).",
     "KAAPCLI_DEBUG": "Set to 1 to show Python tracebacks (same as --debug).",
+    "KAAPCLI_STATE_DIR": "Where batch commands keep their manifests (default: a hidden .OUT.kaapcli beside OUT).",
     "NO_COLOR": "Disable colours on stderr.",
     "TERM": "TERM=dumb disables the progress bar.",
     "XDG_CONFIG_HOME": "Base directory of the user config file.",
     "XDG_DATA_HOME": "Base directory of the default embedded index (kaapcli/index.db).",
+    "XDG_STATE_HOME": "Base of the manifests of output directories whose parent cannot be written.",
 }
 
 

@@ -103,7 +103,13 @@ def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: Path | None = None) -> Config:
     candidates = [path] if path else config_paths()
     for candidate in candidates:
-        if candidate.is_file():
+        try:
+            found = candidate.is_file()
+        except OSError as exc:  # e.g. another user's home: a default location we may not look into is no config
+            if path is not None:
+                raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+            continue
+        if found:
             return _parse(candidate)
     if path is not None:
         raise ConfigError(f"{path}: config file not found")
