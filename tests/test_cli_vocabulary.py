@@ -213,3 +213,15 @@ def test_help_of_the_root_imports_no_command_module() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "COLUMNS": "100"})
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_make_check_runs_ruff_mypy_the_drift_check_and_the_tests() -> None:
+    """What CI runs (`.ci/run` = `make test` = system packages, venv, `make check`) keeps the habits."""
+    makefile = (ROOT / "Makefile").read_text()
+    check = re.search(r"^check: (.*)\n((?:\t.*\n)*)", makefile, re.M)
+    assert check is not None
+    assert set(check.group(1).split()) >= {"lint", "typecheck", "docs-check"}
+    assert "pytest" in check.group(2)
+    assert re.search(r"^typecheck: .*\n\t\$\(BIN\)/mypy kaapcli$", makefile, re.M)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'"mypy>=[\d.]+,<[\d.]+"', pyproject), "mypy: a pinned range in the test extras"

@@ -47,14 +47,14 @@ def _environment(root: click.Command) -> dict[str, str]:
     env = dict(EXTRA_ENVIRONMENT)
     for _path, cmd in _walk(root, []):
         for param in cmd.params:
-            names = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
-            for name in names:
+            envvar = param.envvar
+            for name in [envvar] if isinstance(envvar, str) else list(envvar or ()):
                 if name and name not in env:
                     env[name] = getattr(param, "help", None) or f"Default of {param.opts[-1]}."
     return dict(sorted(env.items()))
 
 
-def man_page(root: click.Command) -> str:
+def man_page(root: click.Group) -> str:
     lines = [
         f'.TH KAAPCLI 1 "" "kaapcli {kaapcli.__version__}" "User Commands"',
         ".SH NAME",

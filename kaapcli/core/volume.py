@@ -383,7 +383,7 @@ def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame
 
 # --------------------------------------------------------------------------- stacks
 
-def _orientation_label(orientation: Sequence[float]) -> str:
+def _orientation_label(orientation: Sequence[float] | np.ndarray) -> str:
     normal = np.abs(np.cross(orientation[:3], orientation[3:]))
     axis = int(np.argmax(normal))
     if normal[axis] < 0.999:
@@ -591,6 +591,7 @@ def _rescale(stored: list[np.ndarray], frames: list[Frame]) -> np.ndarray:
                  + int(f.intercept) for a, f in zip(stored, frames, strict=True))
         hi = max(int(a.max()) * int(f.slope) + int(f.intercept) if f.slope >= 0 else int(a.min()) * int(f.slope)
                  + int(f.intercept) for a, f in zip(stored, frames, strict=True))
+        dtype: type[np.number[Any]]
         for dtype in (np.int16, np.uint16, np.int32):
             info = np.iinfo(dtype)
             if info.min <= lo and hi <= info.max:
