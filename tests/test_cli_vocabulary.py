@@ -225,3 +225,51 @@ def test_make_check_runs_ruff_mypy_the_drift_check_and_the_tests() -> None:
     assert re.search(r"^typecheck: .*\n\t\$\(BIN\)/mypy kaapcli$", makefile, re.M)
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"mypy>=[\d.]+,<[\d.]+"', pyproject), "mypy: a pinned range in the test extras"
+
+
+# The examples that need nothing but the layout, in an order where each finds what the earlier ones wrote.
+# Not run: mock's (hundreds of full-size slices), itk2dcm (an nnU-Net tree), and those that need a PACS, S3,
+# OpenSearch, a rules file or a run journal (their options are parsed above all the same).
+RUN_IN_ORDER = ["dcm2json", "sort", "convert", "itk2seg", "seg2itk", "merge-masks", "resample", "radiomics",
+                "json2sr", "thumbnail", "modify", "anonymize", "phi-scan", "split", "concat-json", "zip", "unzip",
+                "index", "tag add", "dataset add", "stats", "search", "dataset show", "dataset list", "tag remove",
+                "unindex", "gallery", "dashboard", "dataset remove", "clean", "config show", "bin2dcm", "dcm2bin",
+                "pdf2dcm", "dcm2pdf"]
+NOT_OFFLINE = ("--index https://", "--mode fuse --labels liver,spleen", "kaapcli mock")
+
+
+@pytest.mark.slow
+def test_the_offline_examples_run_as_written_on_the_layout(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "XDG_DATA_HOME": str(tmp_path / "xdg"), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "NO_COLOR": "1"}
+    env.pop("KAAPCLI_DEBUG", None)
+    assert kaapcli("mock", "-o", tmp_path / "ct", "--slices", "6", "--rows", "48", "--columns", "48", "--seed", "1",
+                   "-q").returncode == 0
+    (tmp_path / "key").write_text("not-a-secret\n")
+    (tmp_path / "node.toml").write_text("")
+    (tmp_path / "runs" / "old-run").mkdir(parents=True)
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
+    (tmp_path / "model.zip").write_bytes(b"weights" * 100)
+    (tmp_path / "reports").mkdir()
+    shutil.copy(tmp_path / "report.pdf", tmp_path / "reports" / "summary.pdf")
+    before = {"itk2seg": [sys.executable, str(ROOT / "examples" / "threshold.py"), "nifti/ct.nii.gz", "-o", "masks"]}
+    ran = 0
+    for path in RUN_IN_ORDER:
+        if path in before:
+            subprocess.run(before[path], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+        if path == "unzip":
+            (tmp_path / "uploads").mkdir()
+            shutil.copy(tmp_path / "meta.zip", tmp_path / "upload.zip")
+            shutil.copy(tmp_path / "ct.zip", tmp_path / "uploads" / "ct.zip")
+        for line, _what in EXAMPLES[path]:
+            if any(marker in line for marker in NOT_OFFLINE):
+                continue
+            proc = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=tmp_path, env=env, text=True,
+                                  capture_output=True, timeout=300)
+            assert proc.returncode == 0, f"{line}\n{proc.stderr}"
+            ran += 1
+    assert ran >= 60

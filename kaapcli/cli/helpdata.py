@@ -15,11 +15,15 @@ from __future__ import annotations
 LAYOUT: list[tuple[str, str]] = [
     ("ct/", "a DICOM CT study (kaapcli mock -o ct)"),
     ("nifti/", "its volume nifti/ct.nii.gz (kaapcli convert ct -o nifti --layout ct)"),
-    ("masks/", "NIfTI masks on that grid (kaapcli seg2itk seg -r ct -o masks)"),
+    ("masks/", "NIfTI masks <stem>--<label>--<name>.nii.gz on that grid, a segmentation's output (examples/threshold.py "
+               "nifti/ct.nii.gz -o masks writes one)"),
     ("seg/", "DICOM SEG objects of ct/ (kaapcli itk2seg masks -r ct -o seg)"),
     ("meta/", "Kaapana meta JSON of ct/ (kaapcli dcm2json ct -o meta)"),
     ("ORTHANC@pacs:4242, http://pacs:8042", "a PACS: DIMSE, and DICOMweb under /dicom-web"),
-    ("the index", "the default embedded one, unless --index names another"),
+    ("the index", "the default embedded one (unless --index names another), holding ct/ (kaapcli index ct)"),
+    ("runs/", "run folders (kaapcli trigger ct --rules rules.json -o runs)"),
+    ("key, rules.json, node.toml, report.pdf, reports/, model.zip",
+     "your own files: a secret key on one line, a rules file, a config file, PDFs, any file to carry"),
 ]
 
 # panel title -> commands, in the order of the README's command table
@@ -78,7 +82,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
     "bin2dcm": [
         ("kaapcli bin2dcm model.zip -o bindcm --chunk-mb 100", "any file as Raw Data Storage, 100 MB per instance"),
-        ("kaapcli bin2dcm model.zip -o bindcm --study-from ct -k PatientID=P1", "in the study of ct/, PatientID P1"),
+        ("kaapcli bin2dcm model.zip -o bindcm-p1 --study-from ct -k PatientID=P1", "in the study of ct/, PatientID P1"),
     ],
     "dcm2bin": [
         ("kaapcli dcm2bin bindcm -o restored", "the carried files back under their original names"),
@@ -96,7 +100,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
     "zip": [
         ("kaapcli zip meta -o meta.zip", "one archive of a folder"),
-        ("kaapcli zip run -o run.zip --include '*.dcm,*.json' --exclude 'tmp/*'", "only some files of it"),
+        ("kaapcli zip ct -o ct.zip --include '*.dcm,*.json' --exclude 'tmp/*'", "only some files of it"),
     ],
     "unzip": [
         ("kaapcli unzip upload.zip -o upload", "extract (names that would escape OUT are refused)"),
@@ -126,12 +130,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "no empty segments, the algorithm recorded"),
     ],
     "seg2itk": [
-        ("kaapcli seg2itk seg -r ct -o masks", "one NIfTI mask per segment on the grid of ct/"),
-        ("kaapcli seg2itk seg -o masks --labelmap -t nrrd", "one NRRD label map per SEG, on its own frames"),
+        ("kaapcli seg2itk seg -r ct -o seg-masks", "one NIfTI mask per segment on the grid of ct/"),
+        ("kaapcli seg2itk seg -o labelmaps --labelmap -t nrrd", "one NRRD label map per SEG, on its own frames"),
     ],
     "merge-masks": [
         ("kaapcli merge-masks masks -o merged", "one label map per case"),
-        ("kaapcli merge-masks masks -o merged --mode fuse --group-by folder", "fuse overlapping labels, per folder"),
+        ("kaapcli merge-masks masks -o merged-all --group-by all", "every mask of masks/ into one label map"),
+        ("kaapcli merge-masks masks -o fused --mode fuse --labels liver,spleen --into abdomen",
+         "two labels merged into one"),
     ],
     "resample": [
         ("kaapcli resample masks -r nifti/ct.nii.gz -o resampled --kind labels", "masks onto the image grid (nearest)"),
@@ -175,8 +181,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kaapcli delete http://arc:8080 --server-type dcm4chee --study 1.2.3 -y", "a study of dcm4chee-arc"),
     ],
     "index": [
-        ("kaapcli index meta", "dcm2json output into the default embedded index"),
-        ("kaapcli index ct --index index.db", "DICOM files read directly; the index remembers where they are"),
+        ("kaapcli index ct", "DICOM files read directly; the index remembers where they are"),
+        ("kaapcli index meta --index index.db", "dcm2json output, into another index file"),
     ],
     "unindex": [
         ("kaapcli unindex --query 'Modality:SR'", "remove the matching series documents"),
@@ -185,7 +191,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "search": [
         ("kaapcli search 'Modality:CT AND StudyDate:[2020-01-01 TO 2020-12-31]' --limit 10", "documents as JSON Lines"),
         ("kaapcli search 'Dataset:train' --format csv -f PatientID,StudyDate,Modality", "a CSV of three columns"),
-        ("kaapcli search 'Modality:MR AND -Tags:excluded' --format paths | kaapcli convert - -o nifti",
+        ("kaapcli search 'Modality:CT AND -Tags:excluded' --format paths | kaapcli convert - -o volumes",
          "from a search to volumes"),
     ],
     "tag add": [
@@ -197,7 +203,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kaapcli tag remove --from-field Modality --query '*'", "remove tags named after a field's values"),
     ],
     "dataset add": [
-        ("kaapcli dataset add train --query 'Tags:lung AND Rows:>=512'", "a named list of series"),
+        ("kaapcli dataset add train --query 'Modality:CT AND -Tags:excluded'", "a named list of series"),
         ("kaapcli dataset add 'site-{}' --from-field InstitutionName --query '*'", "one dataset per institution"),
     ],
     "dataset remove": [
