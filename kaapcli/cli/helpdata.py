@@ -15,8 +15,8 @@ from __future__ import annotations
 LAYOUT: list[tuple[str, str]] = [
     ("ct/", "a DICOM CT study (kaapcli mock -o ct)"),
     ("nifti/", "its volume nifti/ct.nii.gz (kaapcli convert ct -o nifti --layout ct)"),
-    ("masks/", "NIfTI masks <stem>--<label>--<name>.nii.gz on that grid, a segmentation's output (examples/threshold.py "
-               "nifti/ct.nii.gz -o masks writes one)"),
+    ("masks/", "NIfTI masks <stem>--<label>--<name>.nii.gz on that grid, a segmentation's output "
+               "(examples/threshold.py nifti/ct.nii.gz -o masks writes one)"),
     ("seg/", "DICOM SEG objects of ct/ (kaapcli itk2seg masks -r ct -o seg)"),
     ("meta/", "Kaapana meta JSON of ct/ (kaapcli dcm2json ct -o meta)"),
     ("ORTHANC@pacs:4242, http://pacs:8042", "a PACS: DIMSE, and DICOMweb under /dicom-web"),
