@@ -97,7 +97,7 @@ def test_mask_on_another_grid_fails_cleanly(tmp_path: Path) -> None:
     write(np.ones((8, 8, 9), np.uint8), tmp_path / "small.nii.gz")
     (tmp_path / "notes.nii.gz").write_text("not an image")
     for mask in ("small.nii.gz", "notes.nii.gz"):
-        proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", "-m", tmp_path / mask, "-o", tmp_path / "out")
+        proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", "--masks", tmp_path / mask, "-o", tmp_path / "out")
         assert proc.returncode == 65, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and mask in errors[0] and "Traceback" not in proc.stderr

@@ -293,7 +293,7 @@ def test_cancel_stops_a_running_and_a_queued_run(one_series: Path, tmp_path: Pat
         {"name": "slow", "run": ["sleep", "60"]},
         {"name": "queued", "depends_on": [], "sortPosition": 1000, "run": ["touch", str(tmp_path / "ran")]}])
     env = {**os.environ, "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "trigger", "-r", str(rules), str(one_series),
+    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "trigger", "--rules", str(rules), str(one_series),
                              "--journal", str(journal)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
     try:
