@@ -256,12 +256,12 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "Kaapana trigger rules, your own journal"),
     ],
     "runs cancel": [
-        ("kaapcli runs cancel 3f2a9c", "stop a run (a queued one never starts)"),
-        ("kaapcli runs cancel 3f2a9c --journal runs.jsonl", "of another journal"),
+        ("kaapcli runs cancel 3f2a9c01d7e4", "stop a run (a queued one never starts)"),
+        ("kaapcli runs cancel 3f2a9c01d7e4 --journal runs.jsonl", "of another journal"),
     ],
     "runs retry": [
-        ("kaapcli runs retry 3f2a9c", "run a failed run again"),
-        ("kaapcli runs retry 3f2a9c --journal runs.jsonl", "of another journal"),
+        ("kaapcli runs retry 3f2a9c01d7e4", "run a failed run again"),
+        ("kaapcli runs retry 3f2a9c01d7e4 --journal runs.jsonl", "of another journal"),
     ],
     "watch": [
         ("kaapcli watch dropbox -o store --rules rules.json", "a folder watcher: complete series run their rules"),
