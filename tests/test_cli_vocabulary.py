@@ -26,6 +26,12 @@ def leaf_commands(root: click.Group) -> dict[str, click.Command]:
     return {" ".join(path): cmd for path, cmd in _walk(root, [])[1:] if not isinstance(cmd, click.Group)}
 
 
+def runnable_commands(root: click.Group) -> dict[str, click.Command]:
+    """The commands that run: the leaves, and the groups that run without a subcommand (`kaapcli runs`)."""
+    return {" ".join(path): cmd for path, cmd in _walk(root, [])[1:]
+            if not isinstance(cmd, click.Group) or cmd.invoke_without_command}
+
+
 def options(cmd: click.Command) -> list[click.Option]:
     return [p for p in cmd.params if isinstance(p, click.Option)]
 
@@ -126,6 +132,9 @@ def parse_example(root: click.Group, argv: list[str]) -> str:
     cmd: click.Command = root
     path: list[str] = []
     while isinstance(cmd, click.Group):
+        if cmd.invoke_without_command and not (ctx._protected_args if hasattr(ctx, "_protected_args") else
+                                               ctx.protected_args) and not ctx.args:
+            break  # the group runs by itself
         protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
         args = [*protected, *ctx.args]
         name, sub, rest = cmd.resolve_command(ctx, args)
@@ -138,7 +147,7 @@ def parse_example(root: click.Group, argv: list[str]) -> str:
 
 def test_every_command_has_two_or_three_examples_that_parse(root: click.Group, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    commands = leaf_commands(root)
+    commands = runnable_commands(root)
     assert set(EXAMPLES) == set(commands), (set(commands) - set(EXAMPLES), set(EXAMPLES) - set(commands))
     for directory in LAYOUT_DIRS:
         (tmp_path / directory).mkdir()
@@ -234,8 +243,8 @@ def test_make_check_runs_ruff_mypy_the_drift_check_and_the_tests() -> None:
 RUN_IN_ORDER = ["dcm2json", "sort", "convert", "itk2seg", "seg2itk", "merge-masks", "resample", "radiomics",
                 "json2sr", "thumbnail", "modify", "anonymize", "phi-scan", "split", "concat-json", "zip", "unzip",
                 "index", "tag add", "dataset add", "stats", "search", "dataset show", "dataset list", "tag remove",
-                "unindex", "gallery", "dashboard", "dataset remove", "clean", "config show", "bin2dcm", "dcm2bin",
-                "pdf2dcm", "dcm2pdf"]
+                "unindex", "gallery", "dashboard", "dataset remove", "clean", "config show", "runs", "bin2dcm",
+                "dcm2bin", "pdf2dcm", "dcm2pdf"]
 NOT_OFFLINE = ("--index https://", "--mode fuse --labels liver,spleen", "kaapcli mock")
 
 
@@ -252,6 +261,7 @@ def test_the_offline_examples_run_as_written_on_the_layout(tmp_path: Path) -> No
                    "-q").returncode == 0
     (tmp_path / "key").write_text("not-a-secret\n")
     (tmp_path / "node.toml").write_text("")
+    (tmp_path / "runs.jsonl").write_text("")
     (tmp_path / "runs" / "old-run").mkdir(parents=True)
     (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
     (tmp_path / "model.zip").write_bytes(b"weights" * 100)

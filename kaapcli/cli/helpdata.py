@@ -37,7 +37,8 @@ PANELS: dict[str, list[str]] = {
     "Setup": ["config"],
 }
 
-# command path -> [(command line, what it does)]: two or three per command that runs
+# command path -> [(command line, what it does)]: two or three per command that runs (a group that runs
+# without a subcommand, as `runs` lists the journal, is one)
 EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "mock": [
         ("kaapcli mock -o ct --slices 300 --seed 1", "a synthetic 300-slice CT study, the same for the same seed"),
@@ -254,6 +255,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kaapcli trigger ct --rules rules.json -o runs", "run the matching rules of every series of ct/"),
         ("kaapcli trigger ct --rules trigger_rule.json --dags dags.json --journal runs.jsonl",
          "Kaapana trigger rules, your own journal"),
+    ],
+    "runs": [
+        ("kaapcli runs", "the runs of the journal, one JSON line each"),
+        ("kaapcli runs --failed --journal runs.jsonl", "those that failed, timed out or were cancelled"),
     ],
     "runs cancel": [
         ("kaapcli runs cancel 3f2a9c01d7e4", "stop a run (a queued one never starts)"),
