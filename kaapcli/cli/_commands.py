@@ -43,5 +43,6 @@ COMMANDS = {
     "unindex": "index",
     "unzip": "utils",
     "watch": "watch",
+    "worker": "worker",
     "zip": "utils",
 }
