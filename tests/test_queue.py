@@ -314,3 +314,114 @@ def test_stage_ships_series_through_s3_to_a_worker_without_the_files(
         assert not (out / f"{series.name}.count").exists()  # ...not to the enqueuing node's disk
     assert sum(n.endswith(".dcm") for n in names) == 16  # each series uploaded once
     assert not list((tmp_path / "w1" / "work").glob("*.stage"))  # the worker's copy is gone
+
+
+def test_cancel_stops_a_run_on_its_worker_and_a_backoff_retry_runs_later(
+        redis_server: RedisServer, workers: Any, mock_ct: Path, tmp_path: Path) -> None:
+    from kaapcli.core.queue import Dispatcher, QueueSettings
+
+    marks, flag, journal = tmp_path / "marks.txt", tmp_path / "failed-once", tmp_path / "j.jsonl"
+    rules = write_rules(tmp_path / "rules.json", [
+        {"name": "slow", "run": ["sh", "-c", 'echo start >> "$1"; exec sleep 60', "sh", str(marks)]},
+        {"name": "after-slow", "depends_on": "slow", "run": ["touch", str(tmp_path / "after")]},
+        {"name": "flaky", "retries": {"max": 1, "interval": 1},
+         "run": ["sh", "-c", 'test -f "$1" || { touch "$1"; exit 5; }', "sh", str(flag)]}])
+    proc = kaapcli("trigger", "--rules", rules, series_dirs(mock_ct)[0], "--journal", journal, "--queue",
+                   redis_server.url)
+    assert proc.returncode == 0, proc.stderr
+    workers("w1", "--jobs", "2")
+    assert wait_for(lambda: marks_of(marks), 30)
+    slow = next(r.id for r in latest(journal) if r.rule == "slow")
+    cancelled = kaapcli("runs", "cancel", slow, "--journal", journal, "--queue", redis_server.url)
+    assert cancelled.returncode == 0, cancelled.stderr
+    follower = Dispatcher(QueueSettings(redis_server.url), Journal(journal))
+    assert wait_for(lambda: not follower.sync() and not follower.open, 30), follower.open
+    runs = {r.rule: r for r in latest(journal)}
+    assert runs["slow"].status == "cancelled" and "stopped on request" in runs["slow"].message
+    assert runs["after-slow"].status == "skipped" and not (tmp_path / "after").exists()
+    assert (runs["flaky"].status, runs["flaky"].attempt) == ("ok", 2)  # retried after its 1 s back-off
+
+
+def test_without_redis_a_trigger_keeps_its_runs_pending_until_sync(mock_ct: Path, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    rules = write_rules(tmp_path / "rules.json", [{"name": "a", "run": ["true"]},
+                                                  {"name": "b", "depends_on": "a", "run": ["true"]}])
+    journal = tmp_path / "j.jsonl"
+    proc = kaapcli("trigger", "--rules", rules, series_dirs(mock_ct)[0], "--journal", journal, "--queue", server.url)
+    assert proc.returncode == 75, proc.stderr  # temporary failure: nothing lost, nothing ran
+    assert "2 runs pending" in proc.stderr and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    assert [r.status for r in latest(journal)] == ["pending", "pending"]
+    worker = kaapcli("worker", "--queue", server.url, "--burst")
+    assert worker.returncode == 69 and "unreachable" in worker.stderr and "Traceback" not in worker.stderr
+    server.start()
+    try:
+        synced = kaapcli("runs", "sync", "--journal", journal, "--queue", server.url)
+        assert synced.returncode == 0, synced.stderr
+        assert [r.status for r in latest(journal)] == ["queued", "queued"]
+        assert server.client().llen("rq:queue:default") == 1  # b waits for a (deferred)
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- the pieces, without servers
+
+def test_retries_key_forms_and_errors(tmp_path: Path) -> None:
+    from kaapcli.core.rules import load_rules, queue_of
+
+    ok = load_rules(write_rules(tmp_path / "ok.json", [
+        {"name": "a", "run": ["true"], "retries": 2},
+        {"name": "b", "run": ["true"], "retries": {"max": 3, "interval": ["5s", "1m"]}, "priority": 2},
+        {"name": "c", "run": ["true"], "priority": -1},
+        {"name": "d", "run": ["true"], "priority": "gpu"}]))
+    assert [(r.retries, r.retry_intervals) for r in ok] == [(2, ()), (3, (5.0, 60.0)), (0, ()), (0, ())]
+    assert [queue_of(r) for r in ok] == ["default", "high", "low", "gpu"]
+    for bad in (-1, "x", True, {"max": 1, "backoff": 2}, {"max": 1, "interval": "soon"}):
+        proc = kaapcli("rules", "check", write_rules(tmp_path / "bad.json", [{"name": "r", "run": ["true"],
+                                                                                  "retries": bad}]))
+        assert proc.returncode == 78 and "rule 1 ('r')" in proc.stderr and "retries" in proc.stderr, (bad, proc.stderr)
+
+
+def test_local_runs_retry_after_a_failure_too(mock_ct: Path, tmp_path: Path) -> None:
+    flag, journal = tmp_path / "failed-once", tmp_path / "j.jsonl"
+    rules = write_rules(tmp_path / "rules.json", [{"name": "flaky", "retries": {"max": 1, "interval": 0}, "run": [
+        "sh", "-c", 'test -f "$1" || { touch "$1"; echo first; exit 5; }; echo second', "sh", str(flag)]}])
+    proc = kaapcli("trigger", "--rules", rules, series_dirs(mock_ct)[0], "--journal", journal)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = latest(journal)
+    assert (run.status, run.attempt, run.host) == ("ok", 2, socket.gethostname())
+    assert Path(run.log).read_text() == "first\n\n--- attempt 2 ---\nsecond\n"  # both attempts' output kept
+
+
+def test_remap_moves_directories_only_where_a_path_starts() -> None:
+    from kaapcli.core.queue import remap
+    from kaapcli.core.runs import Job
+
+    job = Job(id="x", rule="r", series_uid="1", argv=["/data/in/s/1.dcm", "--out=/data/in", "/data/inx", "/o/data/in",
+                                                       "/data/in"],
+              env={"KAAPCLI_SERIES_DIR": "/data/in/s"}, kwargs={"headers": {"dcmpath": "/data/in/s"}, "n": 3},
+              layout={"run_dir": "/j/work/x", "batch": {"1": ["/data/in/s/1.dcm"]}})
+    moved = remap(job, {"/data/in": "/w/stage", "/j/work/x": "/w/work/x"})
+    assert moved.argv == ["/w/stage/s/1.dcm", "--out=/w/stage", "/data/inx", "/o/data/in", "/w/stage"]
+    assert moved.env == {"KAAPCLI_SERIES_DIR": "/w/stage/s"} and moved.kwargs["headers"]["dcmpath"] == "/w/stage/s"
+    assert moved.layout == {"run_dir": "/w/work/x", "batch": {"1": ["/w/stage/s/1.dcm"]}} and moved.kwargs["n"] == 3
+
+
+def test_queue_settings_from_a_url_or_a_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaapcli.core.config import load_config
+    from kaapcli.core.queue import resolve_queue
+    from kaapcli.core.rules import Context, describe
+    from kaapcli.exitcodes import ConfigError
+
+    (tmp_path / "k.toml").write_text('[queue.cluster]\nurl = "redis://redis.example.org:6380/2"\n'
+                                     'password_env = "TEST_REDIS_PASSWORD"\n')
+    monkeypatch.setenv("TEST_REDIS_PASSWORD", "s3cret")
+    settings = resolve_queue("cluster", load_config(tmp_path / "k.toml"))
+    assert settings is not None and settings.password == "s3cret" and "s3cret" not in repr(settings)
+    assert settings.label == "redis://redis.example.org:6380/2"
+    assert resolve_queue("redis://:pw@h:1/0").label == "redis://h:1/0"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="no \\[queue.other\\] profile"):
+        resolve_queue("other", load_config(tmp_path / "k.toml"))
+    ctx = Context(Journal(tmp_path / "j.jsonl"), aet="KAAPCLI", host="rx01")
+    text = describe("seg", '<img src=x onerror="alert(1)">', ctx)  # a header value, shown by a web dashboard
+    assert text.startswith("rule seg, series ") and text.endswith(", node KAAPCLI@rx01")
+    assert not set("<>\"'=") & set(text.split(", ")[1])

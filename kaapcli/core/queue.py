@@ -52,7 +52,7 @@ QUEUES = ("high", "default", "low")  # what workers listen to, in this order
 RESULT_TTL = 7 * 86400  # seconds Redis keeps a finished run's record: a dispatcher down that long re-runs it
 TIMEOUT_GRACE = 30  # RQ's own timeout comes this long after the rule's, which run_job enforces (killing the group)
 DEFAULT_HEARTBEAT = 30.0  # seconds without a heartbeat before a started job counts as abandoned
-RUN_KEY = "kaapcli:run:{}"  # the latest record a worker published for a run
+RUN_KEY = "kaapcli:run:{}"  # a list: every state a worker published for a run (running, finished), in order
 CLAIM_KEY = "kaapcli:claim:{}"  # set when a run is put on the queue: two dispatchers never enqueue it twice
 STATE = ("status", "exit_code", "start", "end", "pid", "host", "worker", "attempt", "log", "message", "result",
          "added_params")  # what a worker publishes about a run
@@ -74,7 +74,7 @@ class QueueSettings:
         netloc = f"{host}:{parts.port}" if parts.port else host
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
-    def connect(self, timeout: float = 5.0) -> Any:
+    def connect(self, timeout: float = 3.0) -> Any:
         from redis import Redis
 
         try:
@@ -200,6 +200,8 @@ class Dispatcher:
         self._down = ""  # why Redis is unreachable, while it is
         self._retry_at = 0.0
         self.open: dict[str, RunRecord] = {}
+        self.done: dict[str, RunRecord] = {}  # recently finished runs (their dependents look them up)
+        self.seen: dict[str, int] = {}  # how many published states of a run are journalled
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         if follow:
@@ -257,7 +259,7 @@ class Dispatcher:
     def _enqueue(self, job: Job, known: dict[str, RunRecord], message: str = "") -> RunRecord:
         """Put one job on its queue (or journal it pending).  Dependencies that are over are settled here, as
         run_batch does; only those still open become RQ dependencies."""
-        deps = {d: known.get(d) or self.open.get(d) or self.journal.find(d) for d in job.depends_on}
+        deps = {d: known.get(d) or self._record(d) for d in job.depends_on}
         over: list[RunRecord | None] = [r for r in deps.values() if r is None or r.status in FINAL]
         waiting = [d for d, r in deps.items() if r is not None and r.status not in FINAL]
         if over:
@@ -265,7 +267,7 @@ class Dispatcher:
             if skipped is not None:
                 skipped.via = self.settings.label
                 self.journal.append(skipped)
-                self.open.pop(job.id, None)
+                self._close(skipped)
                 return skipped
         record = RunRecord.of(job, start=now(), status="queued", via=self.settings.label, message=message)
         try:
@@ -335,62 +337,88 @@ class Dispatcher:
         ids = [i for i, r in self.open.items() if r.status != "pending"]
         if not ids:
             return appended
-        with conn.pipeline(transaction=False) as pipe:
+        with conn.pipeline(transaction=True) as pipe:  # one snapshot: a state is published before RQ's status moves
             for run_id in ids:
-                pipe.get(RUN_KEY.format(run_id))
+                pipe.lrange(RUN_KEY.format(run_id), self.seen.get(run_id, 0), -1)
                 pipe.hget(RQJob.key_for(run_id), "status")
                 pipe.exists(CLAIM_KEY.format(run_id))
             answers = pipe.execute()
         for n, run_id in enumerate(ids):
             published, rq_status, claimed = answers[3 * n:3 * n + 3]
-            current = self.open[run_id]
-            state = json.loads(published) if published else None
             status = rq_status.decode() if isinstance(rq_status, bytes) else rq_status
-            if status is None and not claimed and not (state and state.get("status") in FINAL):
-                appended.append(self._enqueue(  # Redis lost it (restarted without its data)
+            self.seen[run_id] = self.seen.get(run_id, 0) + len(published)
+            for state in map(json.loads, published):
+                if run_id in self.open:
+                    self._journal(self._published_state(self.open[run_id], state), appended)
+            current = self.open.get(run_id)
+            if current is None:
+                continue
+            if status is None and not claimed:  # Redis lost it (restarted without its data): at least once
+                self.seen.pop(run_id, None)
+                appended.append(self._enqueue(
                     _job_of(current), {}, "enqueued again: the queue had lost it (Redis restarted without its data?)"))
-                continue
-            record = self._next(conn, current, state, status)
-            if record is None:
-                continue
-            self.journal.append(record)
-            appended.append(record)
-            if record.status in FINAL:
-                self.open.pop(run_id, None)
+            elif status == "deferred":
+                self._settle_deferred(conn, current, appended)
             else:
-                self.open[run_id] = record
+                self._journal(self._settled(conn, current, status), appended)
         return appended
 
-    def _next(self, conn: Any, current: RunRecord, state: dict[str, Any] | None, status: str | None
-              ) -> RunRecord | None:
-        """What to journal for one open run, from what its worker published (``state``) and RQ's status of the
-        job (None: gone); None when nothing changed.  A run is final only when RQ is done with it: a failed
-        attempt that RQ retries stays open."""
-        seen = replace(current, **{k: v for k, v in state.items() if k in STATE}) if state else current
-        changed = state is not None and (seen.attempt, seen.status) != (current.attempt, current.status)
-        if status in ("finished", None):  # None: over, and RQ's job expired before this dispatcher saw it
-            if seen.status in FINAL:
-                return seen if changed else None
-            if status is None:
-                return replace(current, status="failed", end=now(), message="the job was deleted from the queue")
-            return replace(seen, status="failed", end=now(), message="finished without publishing its result")
-        if status == "failed":
-            if seen.status in FAILED:
-                return seen
-            return replace(seen, status="failed", end=now(), pid=None, message=self._failure(conn, seen))
-        if status in ("stopped", "canceled"):
-            return replace(seen, status="cancelled", end=now(), message=f"{status} on the queue"
-                           if seen.status not in FAILED else seen.message)
-        if status == "started":
-            return seen if changed and seen.status == "running" else None
-        # queued, deferred, scheduled: waiting (again)
-        if seen.status == "running" or seen.status in FAILED:
-            why = seen.message if seen.status in FAILED else self._failure(conn, seen)
-            if current.status == "queued" and current.message.startswith("retrying"):
-                return None
+    def _journal(self, record: RunRecord | None, appended: list[RunRecord]) -> None:
+        if record is None:
+            return
+        self.journal.append(record)
+        appended.append(record)
+        if record.status in FINAL:
+            self._close(record)
+        else:
+            self.open[record.id] = record
+
+    def _published_state(self, current: RunRecord, state: dict[str, Any]) -> RunRecord | None:
+        """The record to journal for a state a worker published: a failed attempt that RQ retries is ``queued``
+        (the run is not over), and a new attempt after one that never finished says so first."""
+        seen = replace(current, **{k: v for k, v in state.items() if k in STATE})
+        if seen.attempt < current.attempt or (seen.attempt, seen.status) == (current.attempt, current.status):
+            return None  # journalled already (a dispatcher that restarted reads the states from the start)
+        if seen.status in ("failed", "timeout") and seen.attempt <= current.retries:
             return replace(seen, status="queued", pid=None, end="",
-                           message=f"retrying after attempt {seen.attempt}: {why}")
+                           message=f"retrying after attempt {seen.attempt}: {seen.status}: {seen.message}")
+        if seen.attempt > current.attempt and current.status == "running":
+            self._journal(replace(current, status="queued", pid=None, message=f"retrying after attempt "
+                                  f"{current.attempt}: {self._lost(current)}"), [])
+        return seen
+
+    def _settled(self, conn: Any, current: RunRecord, status: str | None) -> RunRecord | None:
+        """What RQ's status of the job says that its worker could not publish (the worker was killed, the job was
+        stopped or deleted); None when it says nothing new."""
+        if status is None:
+            return replace(current, status="failed", end=now(), message="the job was deleted from the queue")
+        if status == "finished":  # the worker could not publish its last state: RQ's result has it
+            result = self._result(conn, current)
+            if result.get("status") in FINAL:
+                return replace(current, **{k: v for k, v in result.items() if k in STATE})
+            return replace(current, status="failed", end=now(), message="finished without a result")
+        if status == "failed":
+            return replace(current, status="failed", end=now(), pid=None, message=self._failure(conn, current))
+        if status in ("stopped", "canceled"):
+            return replace(current, status="cancelled", end=now(), message=f"{status} on the queue")
+        if status in ("queued", "scheduled") and current.status == "running":
+            return replace(current, status="queued", pid=None,
+                           message=f"retrying after attempt {current.attempt}: {self._lost(current)}")
         return None
+
+    def _result(self, conn: Any, record: RunRecord) -> dict[str, Any]:
+        from rq.job import Job as RQJob
+
+        with contextlib.suppress(Exception):
+            result = RQJob.fetch(record.id, connection=conn, serializer=_serializer()).latest_result()
+            if result is not None and isinstance(result.return_value, dict):
+                return result.return_value
+        return {}
+
+    def _lost(self, record: RunRecord) -> str:
+        where = " ".join(x for x in (record.worker and f"worker {record.worker}", record.host and
+                                     f"on {record.host}") if x)
+        return f"lost: no heartbeat from {where or 'its worker'} (the worker was killed or its machine is gone)"
 
     def _failure(self, conn: Any, record: RunRecord) -> str:
         """Why RQ failed a run its worker could not report on (abandoned, killed)."""
@@ -401,10 +429,34 @@ class Dispatcher:
             result = RQJob.fetch(record.id, connection=conn, serializer=_serializer()).latest_result()
             text = (result.exc_string or "") if result is not None else ""
         if "AbandonedJobError" in text or not text:
-            where = " ".join(x for x in (record.worker and f"worker {record.worker}",
-                                         record.host and f"on {record.host}") if x)
-            return f"lost: no heartbeat from {where or 'its worker'} (the worker was killed or its machine is gone)"
+            return self._lost(record)
         return f"failed on the worker: {text.strip().splitlines()[-1][:300]}"
+
+    def _record(self, run_id: str) -> RunRecord | None:
+        return self.open.get(run_id) or self.done.get(run_id) or self.journal.find(run_id)
+
+    def _close(self, record: RunRecord) -> None:
+        self.open.pop(record.id, None)
+        self.done[record.id] = record
+        if len(self.done) > 50000:
+            del self.done[next(iter(self.done))]
+
+    def _settle_deferred(self, conn: Any, record: RunRecord, appended: list[RunRecord]) -> None:
+        """RQ releases a dependent when its dependencies finished or failed, never when one was cancelled or
+        skipped: such a dependent is skipped here (and taken off the queue), as run_batch would."""
+        from rq.job import Job as RQJob
+
+        over = [d for d in map(self._record, record.depends_on) if d is not None and d.status in ("cancelled",
+                                                                                                 "skipped")]
+        if not over:
+            return
+        skipped = replace(record, status="skipped", start=now(), end=now(),
+                          message=f"dependency did not succeed: {', '.join(d.rule for d in over)}")
+        with contextlib.suppress(Exception):
+            RQJob.fetch(record.id, connection=conn, serializer=_serializer()).cancel()
+        self.journal.append(skipped)
+        appended.append(skipped)
+        self._close(skipped)
 
     def wait(self, ids: Iterable[str], timeout: float | None = None, interval: float = 0.5) -> list[RunRecord]:
         """Sync until the runs are over (or ``timeout``); their latest records."""
@@ -453,8 +505,9 @@ class Dispatcher:
         elif job is not None and job.get_status() not in ("finished", "failed", "stopped", "canceled"):
             job.cancel(enqueue_dependents=True)
         if record.status == "pending" or job is None:
-            self.journal.append(replace(record, status="cancelled", end=now(), message="cancelled"))
-            self.open.pop(record.id, None)
+            cancelled = replace(record, status="cancelled", end=now(), message="cancelled")
+            self.journal.append(cancelled)
+            self._close(cancelled)
 
 
 def _job_of(record: RunRecord) -> Job:
@@ -553,8 +606,10 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
             return  # final only once its outputs are uploaded
         if conn is not None:
             with contextlib.suppress(Exception):  # Redis down: the dispatcher re-runs what it cannot see finish
-                conn.set(RUN_KEY.format(job.id), json.dumps({"rule": record.rule, **{k: getattr(record, k)
-                                                                        for k in STATE}}), ex=RESULT_TTL)
+                with conn.pipeline() as pipe:
+                    pipe.rpush(RUN_KEY.format(job.id), json.dumps({"rule": record.rule, **state_of(record)}))
+                    pipe.expire(RUN_KEY.format(job.id), RESULT_TTL)
+                    pipe.execute()
 
     _RUNNING.clear()
     deps = [_published(conn, d) for d in job.depends_on]
@@ -563,7 +618,7 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
         skipped.host, skipped.attempt = socket.gethostname(), attempt
         journal.append(skipped)
         publish(skipped)
-        return {"status": skipped.status, "message": skipped.message}
+        return state_of(skipped)
     work_dir = journal.path.parent / "work"
     moves = {str(job.kwargs["run_dir"]): str(work_dir / job.id)} if job.kwargs.get("run_dir") else {}
     stage_dir = work_dir / f"{job.id}.stage"
@@ -589,7 +644,11 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
     if record.status in FAILED:
         raise RunFailed(f"{job.rule} (series {job.series_uid}): {record.status}: {record.message}\n"
                         f"{_tail(Path(record.log))}")
-    return {"status": record.status, "exit_code": record.exit_code, "host": record.host, "log": record.log}
+    return state_of(record)  # RQ's result (the dashboard shows it; and the dispatcher, should a publish have failed)
+
+
+def state_of(record: RunRecord) -> dict[str, Any]:
+    return {k: getattr(record, k) for k in STATE}
 
 
 def _stop_running() -> None:
@@ -605,7 +664,7 @@ def _published(conn: Any, run_id: str) -> RunRecord | None:
     """A dependency's outcome as its worker published it."""
     if conn is None:
         return None
-    data = conn.get(RUN_KEY.format(run_id))
+    data = conn.lindex(RUN_KEY.format(run_id), -1)
     if not data:
         return None
     state = json.loads(data)

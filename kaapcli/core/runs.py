@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -336,7 +336,10 @@ def run_batch(jobs: list[Job], journal: Journal, skipped: Iterable[RunRecord] = 
         else:
             record = run_job(job, journal)
             while record.status in ("failed", "timeout") and record.attempt <= job.retries:
-                time.sleep(retry_interval(job, record.attempt + 1))
+                delay = retry_interval(job, record.attempt + 1)
+                journal.append(replace(record, status="queued", pid=None, end="", message=f"retrying in {delay:g} s "
+                                       f"after attempt {record.attempt}: {record.status}: {record.message}"))
+                time.sleep(delay)
                 record = run_job(job, journal, attempt=record.attempt + 1)
         results[job.id] = record
     return list(results.values())
