@@ -600,6 +600,9 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
         record.worker, record.via = worker, ""
         if record.status == "running":
             _RUNNING.update(id=job.id, pid=record.pid)
+            _guard(f"+{record.pid}")
+        elif record.pid and record.status in FINAL:
+            _guard(f"-{record.pid}")
         if _RUNNING.get("stopped") and record.status in FINAL:
             record.status, record.message = "cancelled", "stopped on request (kaapcli runs cancel)"
         if job.stage and record.status == "ok" and not _RUNNING.get("staged"):
@@ -629,7 +632,7 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
             store, snapshot = _stage_in(job, options, stage_dir)
             moves[job.stage["root"]] = str(stage_dir)
         job = remap(job, moves)
-        record = run_job(job, journal, attempt=attempt, report=publish, die_with_parent=True)
+        record = run_job(job, journal, attempt=attempt, report=publish)
         if store is not None and record.status == "ok":
             try:
                 record.message += _stage_out(job, store, stage_dir, snapshot)
@@ -649,6 +652,37 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
 
 def state_of(record: RunRecord) -> dict[str, Any]:
     return {k: getattr(record, k) for k in STATE}
+
+
+_GUARD: list[int] = []  # the write end of the pipe to this worker process's guard
+
+
+def _start_guard() -> None:
+    """A worker that is killed leaves no command behind: a small process in its own session reads the process
+    groups of running commands from a pipe, and kills those still registered once the pipe closes (its worker
+    died, however)."""
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        os.close(write)
+        groups: set[int] = set()
+        buffer = b""
+        while chunk := os.read(read, 4096):
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+        for group in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+        os._exit(0)
+    os.close(read)
+    _GUARD[:] = [write]
+
+
+def _guard(line: str) -> None:
+    if _GUARD:
+        with contextlib.suppress(OSError):
+            os.write(_GUARD[0], f"{line}\n".encode())
 
 
 def _stop_running() -> None:
@@ -830,6 +864,7 @@ def _work(options: WorkerOptions) -> int:
     _OPTIONS = options
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # RQ installs its own handlers once it works
+    _start_guard()
     conn = options.settings.connect()
     worker = _worker_class()(list(options.queues), name=f"{options.name or socket.gethostname()}.{os.getpid()}",
                              connection=conn, serializer=_serializer(),

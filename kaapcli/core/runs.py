@@ -166,12 +166,10 @@ class Journal:
 Report = Callable[["RunRecord"], None]
 
 
-def run_job(job: Job, journal: Journal, *, attempt: int = 1, report: Report | None = None,
-            die_with_parent: bool = False) -> RunRecord:
+def run_job(job: Job, journal: Journal, *, attempt: int = 1, report: Report | None = None) -> RunRecord:
     """Run one job and journal it; never raises for a failing command or worker.
 
-    ``report`` sees each record as it is journalled (a queue worker publishes them); ``die_with_parent``
-    makes the command die with this process (a queue worker that is killed leaves no command behind).
+    ``report`` sees each record as it is journalled (a queue worker publishes them, and guards the pid).
     """
     log = journal.log_path(job.id)
     record = RunRecord.of(job, start=now(), log=str(log), status="running", host=socket.gethostname(),
@@ -214,8 +212,7 @@ def run_job(job: Job, journal: Journal, *, attempt: int = 1, report: Report | No
             out.flush()
         try:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True,  # its own process group: timeout/cancel kill it all
-                                    preexec_fn=_die_with_parent if die_with_parent else None)
+                                    start_new_session=True)  # its own process group: timeout/cancel kill it all
         except OSError as exc:
             record.status, record.end = "failed", now()
             record.message = f"cannot run {argv[0]}: {exc.strerror}"
@@ -266,24 +263,6 @@ def prepare_layout(job: Job) -> None:
                 shutil.copy2(source, dest)
             elif not dest.is_symlink() and not dest.exists():
                 dest.symlink_to(source.absolute())
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the parent (a queue worker) dies (Linux prctl PR_SET_PDEATHSIG)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)
-
-
-def _load_prctl() -> Any:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return None
-
-
-_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
