@@ -9,8 +9,9 @@ the dispatcher ``receive --queue`` uses, run by one idle ``kaapcli worker``; tim
 the end of the last run, as the journal records it).  Prints both times, the ratio, and the queue's extra
 milliseconds per job.
 (b) Scale-out: M CPU-bound runs (a shell loop of about --cpu-seconds each) through one worker, then through
-two workers (two ``kaapcli worker`` processes); prints the throughput ratio.  The machine's cores and load
-average are printed too: on a shared 2-core machine two workers cannot get two free cores.
+two workers (two ``kaapcli worker`` processes); prints the throughput ratio, and as the ceiling the same
+runs through the local runner one and two at a time.  The machine's cores and load average are printed
+too: on a shared 2-core machine two workers cannot get two free cores.
 
 Starts its own redis-server (Debian's, no persistence) on 127.0.0.1 and a free port.
 """
@@ -88,11 +89,16 @@ def jobs(n: int, argv: list[str]) -> list[Job]:
             for i in range(n)]
 
 
-def local(root: Path, n: int, argv: list[str]) -> float:
+def local(root: Path, n: int, argv: list[str], at_once: int = 1) -> float:
+    """The local runner: run_batch, or ``at_once`` of them side by side (receive --jobs N)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     journal = Journal(root / f"local-{new_id()}" / "runs.jsonl")
     batch = jobs(n, argv)
     start = time.perf_counter()
-    records = run_batch(batch, journal)
+    with ThreadPoolExecutor(at_once) as pool:
+        records = [r for part in pool.map(lambda i: run_batch(batch[i::at_once], journal), range(at_once))
+                   for r in part]
     seconds = time.perf_counter() - start
     assert all(r.status == "ok" for r in records), [r.message for r in records if r.status != "ok"][:3]
     return seconds
@@ -142,6 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kaapcli-bench-queue-") as tmp:
         root = Path(tmp)
         redis, url = start_redis(root)
+        one = None
         try:
             one = start_worker(url, root, "w1")
             trivial = ["true"]
@@ -160,9 +167,11 @@ def main() -> None:
                   f"(target < 20 ms)")
 
             cpu = calibrate(args.cpu_seconds)
-            one_t, two_t = [], []
+            one_t, two_t, local1, local2 = [], [], [], []
             for _ in range(args.repeat):
                 one_t.append(queued(url, root, args.cpu_jobs, cpu)[0])
+                local1.append(local(root, args.cpu_jobs, cpu))
+                local2.append(local(root, args.cpu_jobs, cpu, at_once=2))
             two = start_worker(url, root, "w2")
             try:
                 for _ in range(args.repeat):
@@ -175,8 +184,12 @@ def main() -> None:
             print(f"    2 workers         {t2:7.2f} s  {args.cpu_jobs / t2:5.2f} runs/s")
             print(f"    throughput 2 vs 1 {t1 / t2:7.2f}x   (target >= 1.8x; load average now "
                   f"{os.getloadavg()[0]:.1f} on {cores} cores)")
-            stop(one)
+            l1, l2 = statistics.median(local1), statistics.median(local2)
+            print(f"    the machine's own ceiling, local runner 2 at once vs 1: {l1 / l2:.2f}x "
+                  f"({l1:.2f} s vs {l2:.2f} s)")
         finally:
+            if one is not None:
+                stop(one)
             stop(redis)
 
 

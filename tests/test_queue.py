@@ -229,6 +229,24 @@ def test_redis_restarted_while_series_arrive_loses_no_run(redis_server: RedisSer
     assert all(r["attempt"] == 1 for r in lines)
 
 
+def test_watch_hands_the_series_it_takes_to_the_queue(redis_server: RedisServer, workers: Any, mock_ct: Path,
+                                                     tmp_path: Path) -> None:
+    import shutil
+
+    marks, journal, inbox = tmp_path / "marks.txt", tmp_path / "j.jsonl", tmp_path / "inbox"
+    shutil.copytree(mock_ct, inbox)
+    rules = write_rules(tmp_path / "rules.json", [{"name": "seen", "run": mark("seen", marks)}])
+    proc = kaapcli("watch", inbox, "-o", tmp_path / "store", "--rules", rules, "--journal", journal, "--queue",
+                   redis_server.url, "--once", "--stable", "0", "--series-timeout", "0", "--interval", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert Counter(r.status for r in latest(journal)) == {"queued": 2}
+    worker = workers("w1", "--burst", wait=False)
+    assert worker.proc.wait(60) == 0, worker.log.read_text()
+    assert sorted(marks_of(marks)) == sorted(f"seen {d.name}" for d in series_dirs(mock_ct))
+    series = {r.kwargs["series_dir"] for r in latest(journal)}
+    assert all(Path(d).is_relative_to(tmp_path / "store") for d in series)  # the runs read the store
+
+
 def test_the_rq_dashboard_shows_kaapcli_jobs_readably(redis_server: RedisServer, mock_ct: Path,
                                                       tmp_path: Path) -> None:
     import requests

@@ -121,8 +121,8 @@ def trigger(ctx: typer.Context, inputs: Inputs, rules_file: RulesFile, journal: 
     series in parallel (--workers). Group rules (with "inputs") run once per complete group, and
     Kaapana DAGs with single_execution false once over all their series, after the series. A rule
     skipped because its dependency did not fire is no failure. Every run is appended to the journal;
-    stdout lists the log file of each run. With --queue the series rules go to queue workers instead
-    (stdout: the run ids; group and batch rules still run here).
+    stdout lists the log file of each run. With --queue the runs go to queue workers instead (stdout:
+    the run ids; with --wait, each run's host:log once it is over).
     """
     import os
 
@@ -145,7 +145,7 @@ def trigger(ctx: typer.Context, inputs: Inputs, rules_file: RulesFile, journal: 
     code = int(summary.exit_code)
     later = [r for r in loaded if r.is_group_rule or r.is_batch_rule]
     if later and not summary.interrupted:
-        code = max(code, _run_group_rules(later, files, journal_path, out, run))
+        code = max(code, _run_group_rules(later, files, journal_path, out, run, dispatcher))
     if dispatcher is not None and not run.dry_run:
         code = max(code, _follow_queue(dispatcher, since, wait, run.quiet))
     raise typer.Exit(code)
@@ -182,8 +182,9 @@ def _follow_queue(dispatcher: Any, since: str, wait: bool, quiet: bool) -> int:
     return 1 if bad else 0
 
 
-def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: Path | None, run: RunOptions) -> int:
-    """Group rules and Kaapana batch DAGs, over every series of the inputs."""
+def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: Path | None, run: RunOptions,
+                     dispatcher: Any = None) -> int:
+    """Group rules and Kaapana batch DAGs, over every series of the inputs (here, or on the queue)."""
     from kaapcli.core import dicom, fsio, rules
     from kaapcli.core.runs import FAILED, run_batch
     from kaapcli.exitcodes import KaapcliError
@@ -200,7 +201,7 @@ def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: P
         reporter.info(f"{len(group_rules)} group rules over {len(by_series)} series: not run (dry run)")
         return 0
     groups = [r for r in group_rules if r.is_group_rule]
-    runner = rules.RuleRunner(groups, journal, out, jobs=run.workers or 2)
+    runner = rules.RuleRunner(groups, journal, out, jobs=run.workers or 2, dispatcher=dispatcher)
     for paths in by_series.values():
         runner.series_complete(paths)
     records = runner.close()
@@ -210,7 +211,8 @@ def _run_group_rules(group_rules: list, files: list[Path], journal: Path, out: P
         series = [rules.series_from_files(sorted(paths), tags) for paths in by_series.values()]
         for firing in rules.batch_firings(batch_rules, series, out):
             jobs, decided = rules.plan([firing], runner.ctx)
-            records += run_batch(jobs, runner.ctx.journal, decided)
+            records += (dispatcher.submit(jobs, decided) if dispatcher is not None
+                        else run_batch(jobs, runner.ctx.journal, decided))
     failed = False
     for record in records:
         if record.log:

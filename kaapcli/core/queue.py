@@ -36,13 +36,14 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kaapcli.core.runs import FAILED, FINAL, Job, Journal, RunRecord, now, resolve_dependencies, run_job
 from kaapcli.exitcodes import ConfigError, UnavailableError
@@ -70,9 +71,8 @@ class QueueSettings:
     def label(self) -> str:
         """The URL without credentials: what the journal and messages show."""
         parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        query = "&".join(q for q in parts.query.split("&") if q and not q.lower().startswith("password="))
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
 
     def connect(self, timeout: float = 3.0) -> Any:
         from redis import Redis
@@ -91,14 +91,19 @@ def resolve_queue(value: str | None, config: Any = None) -> QueueSettings | None
     if not value:
         return None
     if re.match(r"(rediss?|unix)://", value):
-        return QueueSettings(value)
+        return _checked(QueueSettings(value))
     profile = config.profile("queue", value) if config is not None else None
     if profile is None:
         raise ConfigError(f"--queue {value}: not a redis:// URL and no [queue.{value}] profile in the config file",
                           hint="give redis://HOST:6379/0, or add [queue.NAME] with url = \"redis://...\"")
     if not str(profile.get("url", "")).startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"[queue.{value}]: 'url' must be a redis://HOST:PORT/DB address")
-    return QueueSettings(str(profile["url"]), profile.get("password"))
+    return _checked(QueueSettings(str(profile["url"]), profile.get("password")))
+
+
+def _checked(settings: QueueSettings) -> QueueSettings:
+    settings.connect()  # parses the URL (a bad one is a ConfigError now, not at the first series); no I/O
+    return settings
 
 
 def describe_redis_error(exc: BaseException, settings: QueueSettings) -> str:
@@ -812,10 +817,17 @@ def serve(options: WorkerOptions, log: Callable[[str], None]) -> int:
             code = 1
             try:
                 code = _work(options)
-            except BaseException:  # noqa: BLE001 - say why and leave: the supervisor starts another
-                import traceback
+            except BaseException as exc:  # noqa: BLE001 - say why and leave: the supervisor starts another
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    code = 0
+                elif os.environ.get("KAAPCLI_DEBUG", "") not in ("", "0", "false", "no"):
+                    import traceback
 
-                traceback.print_exc()
+                    traceback.print_exc()
+                else:
+                    text = describe_redis_error(exc, options.settings) if _is_redis_error(exc) else (
+                        f"{type(exc).__name__}: {exc}")
+                    sys.stderr.write(f"kaapcli worker: worker process {os.getpid()} ended: {text}\n")
             finally:
                 os._exit(code)
         children[pid] = (slot, time.monotonic())
