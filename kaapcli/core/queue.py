@@ -638,6 +638,8 @@ def perform(run: dict[str, Any]) -> dict[str, Any]:
             moves[job.stage["root"]] = str(stage_dir)
         job = remap(job, moves)
         record = run_job(job, journal, attempt=attempt, report=publish)
+        if _RUNNING.get("stopped"):
+            journal.append(record)  # (publish made it "cancelled": this worker's journal says so too)
         if store is not None and record.status == "ok":
             try:
                 record.message += _stage_out(job, store, stage_dir, snapshot)
