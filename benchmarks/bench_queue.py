@@ -8,9 +8,10 @@ rule run) through the local runner (``run_batch``, one after another) and throug
 the dispatcher ``receive --queue`` uses, run by one idle ``kaapcli worker``; timed from the first submit to
 the end of the last run, as the journal records it).  Prints both times, the ratio, and the queue's extra
 milliseconds per job.
-(b) Scale-out: M CPU-bound runs (a shell loop of about --cpu-seconds each) through one worker, then through
-two workers (two ``kaapcli worker`` processes); prints the throughput ratio, and as the ceiling the same
-runs through the local runner one and two at a time.  The machine's cores and load average are printed
+(b) Scale-out: M CPU-bound runs (a shell loop of about --cpu-seconds of CPU each) through one worker and
+through two workers (two ``kaapcli worker`` processes; a queue only the first one listens to, and one both
+do), interleaved; prints the throughput ratio, and as the ceiling the same runs through the local runner
+one and two at a time.  The machine's cores and load average are printed
 too: on a shared 2-core machine two workers cannot get two free cores.
 
 Starts its own redis-server (Debian's, no persistence) on 127.0.0.1 and a free port.
@@ -61,9 +62,11 @@ def start_redis(root: Path) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
 
 
-def start_worker(url: str, root: Path, name: str) -> subprocess.Popen[bytes]:
+def start_worker(url: str, root: Path, name: str, *queues: str) -> subprocess.Popen[bytes]:
+    listen = [arg for q in queues for arg in ("--listen", q)]
     proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "worker", "--queue", url, "--journal",
-                             str(root / name / "runs.jsonl"), "--name", name, "-q"], stdout=subprocess.DEVNULL)
+                             str(root / name / "runs.jsonl"), "--name", name, "-q", *listen],
+                            stdout=subprocess.DEVNULL)
     from redis import Redis
 
     redis = Redis.from_url(url)
@@ -84,9 +87,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def jobs(n: int, argv: list[str]) -> list[Job]:
-    return [Job(id=new_id(), rule="bench", series_uid=f"series-{i}", argv=argv, description=f"rule bench, job {i}")
-            for i in range(n)]
+def jobs(n: int, argv: list[str], queue: str = "default") -> list[Job]:
+    return [Job(id=new_id(), rule="bench", series_uid=f"series-{i}", argv=argv, description=f"rule bench, job {i}",
+                queue=queue) for i in range(n)]
 
 
 def local(root: Path, n: int, argv: list[str], at_once: int = 1) -> float:
@@ -104,11 +107,11 @@ def local(root: Path, n: int, argv: list[str], at_once: int = 1) -> float:
     return seconds
 
 
-def queued(url: str, root: Path, n: int, argv: list[str]) -> tuple[float, float]:
+def queued(url: str, root: Path, n: int, argv: list[str], queue: str = "one") -> tuple[float, float]:
     """Submit n jobs, follow them (as receive does, every 0.5 s) until the journal has them all finished:
     (seconds from the first submit to the end of the last run, seconds submitting)."""
     dispatcher = Dispatcher(QueueSettings(url), Journal(root / f"queue-{new_id()}" / "runs.jsonl"))
-    batch = jobs(n, argv)
+    batch = jobs(n, argv, queue)
     start, started = time.perf_counter(), datetime.now(UTC)
     dispatcher.submit(batch)
     submitted = time.perf_counter() - start
@@ -121,16 +124,24 @@ def queued(url: str, root: Path, n: int, argv: list[str]) -> tuple[float, float]
 
 
 def calibrate(seconds: float) -> list[str]:
-    """A shell loop that keeps one core busy for about ``seconds`` on this machine (dash: no interpreter start)."""
+    """A shell loop that takes about ``seconds`` of CPU time (dash: no interpreter start), measured as the child's
+    CPU time, which other jobs on the machine do not change."""
+    import resource
+
     count = 20000
     while True:
         argv = ["sh", "-c", f"i=0; while [ $i -lt {count} ]; do i=$((i+1)); done"]
-        start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(argv, check=True)
-        took = time.perf_counter() - start
-        if took > 0.05:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        took = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        if took > 0.1:
             return ["sh", "-c", f"i=0; while [ $i -lt {int(count * seconds / took)} ]; do i=$((i+1)); done"]
         count *= 4
+
+
+def fmt(times: list[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in times)
 
 
 def main() -> None:
@@ -138,7 +149,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200, help="trivial runs for the overhead (a)")
     parser.add_argument("--cpu-jobs", type=int, default=16, help="CPU-bound runs for the scale-out (b)")
     parser.add_argument("--cpu-seconds", type=float, default=0.4, help="CPU seconds of one CPU-bound run")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("needs redis-server (apt-get install redis-server)")
@@ -150,7 +161,7 @@ def main() -> None:
         redis, url = start_redis(root)
         one = None
         try:
-            one = start_worker(url, root, "w1")
+            one = start_worker(url, root, "w1", "one", "two")  # queue "one": w1 alone; "two": w1 and w2
             trivial = ["true"]
             local_t, queue_t, submit_t = [], [], []
             for _ in range(args.repeat):
@@ -168,25 +179,26 @@ def main() -> None:
 
             cpu = calibrate(args.cpu_seconds)
             one_t, two_t, local1, local2 = [], [], [], []
-            for _ in range(args.repeat):
-                one_t.append(queued(url, root, args.cpu_jobs, cpu)[0])
-                local1.append(local(root, args.cpu_jobs, cpu))
-                local2.append(local(root, args.cpu_jobs, cpu, at_once=2))
-            two = start_worker(url, root, "w2")
+            two = start_worker(url, root, "w2", "two")
             try:
-                for _ in range(args.repeat):
-                    two_t.append(queued(url, root, args.cpu_jobs, cpu)[0])
+                for _ in range(args.repeat):  # interleaved: the machine's load changes from minute to minute
+                    one_t.append(queued(url, root, args.cpu_jobs, cpu, "one")[0])
+                    two_t.append(queued(url, root, args.cpu_jobs, cpu, "two")[0])
+                    local1.append(local(root, args.cpu_jobs, cpu))
+                    local2.append(local(root, args.cpu_jobs, cpu, at_once=2))
             finally:
                 stop(two)
             t1, t2 = statistics.median(one_t), statistics.median(two_t)
+            pairs = statistics.median(a / b for a, b in zip(one_t, two_t, strict=True))
+            ceiling = statistics.median(a / b for a, b in zip(local1, local2, strict=True))
             print(f"(b) {args.cpu_jobs} CPU-bound runs of ~{args.cpu_seconds:g} s, median of {args.repeat}:")
-            print(f"    1 worker          {t1:7.2f} s  {args.cpu_jobs / t1:5.2f} runs/s")
-            print(f"    2 workers         {t2:7.2f} s  {args.cpu_jobs / t2:5.2f} runs/s")
-            print(f"    throughput 2 vs 1 {t1 / t2:7.2f}x   (target >= 1.8x; load average now "
-                  f"{os.getloadavg()[0]:.1f} on {cores} cores)")
-            l1, l2 = statistics.median(local1), statistics.median(local2)
-            print(f"    the machine's own ceiling, local runner 2 at once vs 1: {l1 / l2:.2f}x "
-                  f"({l1:.2f} s vs {l2:.2f} s)")
+            print(f"    1 worker          {t1:7.2f} s  {args.cpu_jobs / t1:5.2f} runs/s   (runs: {fmt(one_t)})")
+            print(f"    2 workers         {t2:7.2f} s  {args.cpu_jobs / t2:5.2f} runs/s   (runs: {fmt(two_t)})")
+            print(f"    throughput 2 vs 1 {pairs:7.2f}x   (median of the {args.repeat} side-by-side pairs; of the "
+                  f"medians: {t1 / t2:.2f}x; target >= 1.8x; load average now {os.getloadavg()[0]:.1f} on "
+                  f"{cores} cores)")
+            print(f"    the machine's own ceiling, local runner 2 at once vs 1: {ceiling:.2f}x "
+                  f"(runs: {fmt(local1)} vs {fmt(local2)})")
         finally:
             if one is not None:
                 stop(one)
