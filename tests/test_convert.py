@@ -171,7 +171,7 @@ def test_stacks_split_by_echo(tmp_path: Path) -> None:
     e2 = np.asarray(nib.load(tmp_path / "out" / f"{uid}_e2.nii.gz").dataobj)
     assert e1.shape == e2.shape == (32, 32, 4)
     np.testing.assert_array_equal(e2, e1 // 2)
-    assert json.loads((tmp_path / "out" / f"{uid}_e2.json").read_text())["EchoTime"] == 90
+    assert json.loads((tmp_path / "out" / f"{uid}_e2.json").read_text())["EchoTime"] == 0.09  # BIDS: seconds
 
 
 def test_float_rescale_and_nrrd(series: Path, tmp_path: Path) -> None:
@@ -252,3 +252,30 @@ def test_wrong_option(tmp_path: Path) -> None:
     proc = kaapcli("convert", tmp_path, "-o", tmp_path / "out", "--to", "png")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
+
+
+def test_classic_time_series_is_one_4d_volume_as_dcm2niix(tmp_path: Path) -> None:
+    """Four acquisitions of one MR stack (fMRI-like): one 4-D file as dcm2niix, pixdim[4] = TR in seconds."""
+    proc = kaapcli("mock", "-o", tmp_path / "src", "--modality", "MR", "--slices", "6", "--rows", "32", "--columns",
+                   "32", "--seed", "9", "-q")
+    assert proc.returncode == 0, proc.stderr
+    src = dicom_files(tmp_path / "src")
+    fmri = tmp_path / "fmri"
+    fmri.mkdir()
+    for t in range(4):
+        for k, path in enumerate(src):
+            ds = pydicom.dcmread(path)
+            ds.AcquisitionNumber = t + 1
+            ds.InstanceNumber = t * len(src) + int(ds.InstanceNumber)  # scanners number slices in space order
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{777000 + t * 100 + k}"
+            ds.PixelData = (ds.pixel_array.astype(np.int32) + 10 * t).astype(ds.pixel_array.dtype).tobytes()
+            ds.RepetitionTime = 2000
+            ds.save_as(fmri / f"t{t}-{k}.dcm")
+    ours = convert_one(fmri, tmp_path / "ours")
+    assert_same_world(ours, dcm2niix(fmri, tmp_path / "ref"))
+    img = nib.load(ours)
+    assert img.shape == (32, 32, 6, 4) and img.header.get_zooms()[3] == pytest.approx(2.0)
+    data = np.asarray(img.dataobj)
+    np.testing.assert_array_equal(data[..., 3] - data[..., 0], 30)  # volumes in acquisition order
+    meta = json.loads(ours.with_name(ours.name.replace(".nii.gz", ".json")).read_text())
+    assert meta["Volumes"] == 4 and meta["RepetitionTime"] == 2.0 and len(meta["SOPInstanceUIDs"]) == 24

@@ -114,7 +114,7 @@ def test_dcm2pdf_skips_other_dicom_and_reports_broken_files(tmp_path: Path, mock
     truncated.write_bytes(dcm.read_bytes()[:-40])
     broken = kaapcli("dcm2pdf", truncated, "-o", tmp_path / "out2")
     assert broken.returncode == 65
-    assert f"{truncated}: the encapsulated PDF is truncated" in broken.stderr
+    assert f"{truncated}: truncated file: (0042,0011) EncapsulatedDocument" in broken.stderr
     assert "Traceback" not in broken.stderr
     assert not any((tmp_path / "out2").rglob("*.pdf"))
 
@@ -219,3 +219,24 @@ def test_interoperates_with_dcmtk_pdf2dcm_and_dcm2pdf(tmp_path: Path) -> None:
     proc = kaapcli("dcm2pdf", tmp_path / "theirs.dcm", "-o", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
     assert only_file(tmp_path / "back", "*.pdf").read_bytes() == pdf
+
+
+def test_user_keywords_win_over_built_in_defaults(tmp_path: Path) -> None:
+    """Kaapana's Pdf2Dcm/Bin2Dcm parameters as -k: Manufacturer, SeriesDescription, Modality, SeriesNumber."""
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 10)
+    wanted = {"Manufacturer": "ACME Radiology", "ManufacturerModelName": "Reporter 2", "SeriesDescription": "Report",
+              "SeriesNumber": "42", "Modality": "OT"}
+    for command, src in (("pdf2dcm", pdf), ("bin2dcm", blob)):
+        proc = kaapcli(command, src, "-o", tmp_path / command, "-q", *[a for k, v in wanted.items()
+                                                                          for a in ("-k", f"{k}={v}")])
+        assert proc.returncode == 0, proc.stderr
+        (out,) = [Path(p) for p in proc.stdout.split()]
+        ds = pydicom.dcmread(out)
+        assert {k: str(ds.get(k)) for k in wanted} == wanted, command
+        assert dciodvfy_errors(out) == []
+    for bad, reason in (("SOPClassUID=1.2.3", "cannot be changed"), ("SeriesNumber=abc", "not a valid IS value")):
+        proc = kaapcli("pdf2dcm", pdf, "-o", tmp_path / "bad", "-k", bad)
+        assert proc.returncode == 2 and reason in proc.stderr and "Traceback" not in proc.stderr

@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from kaapcli.core.index.opensearch import INDEX_BODY, OpenSearchIndex, to_dsl
+from kaapcli.core.index.opensearch import FILES_BODY, INDEX_BODY, OpenSearchIndex, to_dsl
 from kaapcli.core.index.query import SERIES_KEY, TAGS_KEY, Ids, parse
-from tests.conftest import free_port, kaapcli
+from tests.conftest import dicom_files, free_port, kaapcli
 
 MOD, ROWS = "00080060 Modality_keyword", "00280010 Rows_integer"
 
@@ -34,6 +34,7 @@ class Double:
         self.aggregations: dict[str, Any] = {}
         self.fail_ids: set[str] = set()
         self.datasets: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, dict[str, Any]] = {}  # kaapcli-files documents by id
 
     def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         parts = [p for p in path.split("/") if p]
@@ -44,8 +45,12 @@ class Double:
             return 200, {"acknowledged": True, "index": parts[0]}
         if parts == ["_bulk"]:
             items = []
-            for action in body[::2]:
+            for action, doc in zip(body[::2], body[1::2], strict=True):
                 (kind, meta), = action.items()
+                if meta["_index"] == "kaapcli-files":
+                    self.files[meta["_id"]] = doc
+                    items.append({kind: {"_id": meta["_id"], "result": "created", "status": 201}})
+                    continue
                 if meta["_id"] in self.fail_ids:
                     items.append({kind: {"_id": meta["_id"], "status": 400, "error": {
                         "type": "mapper_parsing_exception", "reason": "failed to parse field"}}})
@@ -60,6 +65,12 @@ class Double:
             return 200, {"count": 7}
         if parts[-1] == "_delete_by_query":
             return 200, {"deleted": 2}
+        if parts == ["kaapcli-files", "_mget"]:
+            return 200, {"docs": [{"_id": i, "found": True, "_source": self.files[i]} if i in self.files else
+                                  {"_id": i, "found": False} for i in body["ids"]]}
+        if parts == ["kaapcli-datasets", "_search"] and self.datasets:
+            return 200, {"hits": {"hits": [{"_id": k, "_source": v} for k, v in sorted(self.datasets.items())
+                                           if v["index"] == body["query"]["term"]["index"]]}}
         if parts[-1] == "_search":
             if parts[0] not in self.indices:
                 return 404, {"error": {"type": "index_not_found_exception", "reason": "no such index"},
@@ -251,7 +262,13 @@ def test_tags_unindex_stats_datasets(double: tuple[Double, str]) -> None:
     proc = kaapcli("dataset", "add", "train", "--query", "Modality:CT", "--index", url)
     assert proc.returncode == 0, proc.stderr
     assert state.datasets == {"project_admin:train": {"index": "project_admin", "name": "train", "series": ["1.1"]}}
-    assert kaapcli("dataset", "show", "train", "--index", url).stdout == "1.1\n"
+    assert kaapcli("dataset", "show", "train", "--index", url, "--format", "uids").stdout == "1.1\n"
+    state.requests.clear()
+    state.search_pages = [[{"_source": {SERIES_KEY: "1.1", MOD: "CT"}, "sort": ["1.1"]}]]
+    shown = kaapcli("dataset", "show", "train", "--index", url)  # the members' documents, by a terms lookup
+    assert shown.returncode == 0, shown.stderr
+    assert [json.loads(line) for line in shown.stdout.splitlines()] == [{SERIES_KEY: "1.1", MOD: "CT"}]
+    assert state.of("POST", "/project_admin/_search")[0][2]["query"] == lookup("train")
 
 
 @pytest.mark.network
@@ -274,6 +291,109 @@ def test_index_profile_from_config(double: tuple[Double, str], tmp_path: Path) -
     proc = kaapcli("search", "*", "--index", "remote", "--count", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert state.of("POST", "/project_p1/_count")
+
+
+def lookup(name: str, index: str = "project_admin") -> dict[str, Any]:
+    return {"terms": {"_id": {"index": "kaapcli-datasets", "id": f"{index}:{name}", "path": "series"}}}
+
+
+def test_dataset_queries_translate_to_terms_lookups() -> None:
+    from kaapcli.core.index.query import InDataset
+
+    assert to_dsl(InDataset("train"), "project_lung") == lookup("train", "project_lung")
+    assert to_dsl(parse("Modality:MR AND -Dataset:train")) == {"bool": {"filter": [
+        {"term": {MOD: "MR"}}, {"bool": {"must_not": [lookup("train")]}}]}}
+
+
+@pytest.mark.network
+def test_dataset_query_stats_by_month_and_dataset(double: tuple[Double, str]) -> None:
+    """Dataset:NAME is checked against the datasets index, then sent as a terms lookup (the members are read
+    server-side); Dataset:pattern names the matching datasets; dates are counted by a date_histogram."""
+    state, url = double
+    state.indices.update({"project_admin", "kaapcli-datasets"})
+    state.datasets = {"project_admin:train": {"index": "project_admin", "name": "train", "series": ["1.1", "1.2"]},
+                      "project_admin:test": {"index": "project_admin", "name": "test", "series": ["1.3"]},
+                      "project_other:train": {"index": "project_other", "name": "train", "series": ["9"]}}
+    state.search_pages = [[{"_source": {SERIES_KEY: "1.1"}, "sort": ["1.1"]}]]
+    proc = kaapcli("search", "Dataset:train -Tags:x", "--format", "uids", "--index", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "1.1\n"
+    (_, _, listing), (_, _, body) = state.of("POST", "/_search")
+    assert listing == {"query": {"term": {"index": "project_admin"}}, "size": 10000, "sort": [{"name": "asc"}]}
+    assert body["query"] == {"bool": {"filter": [lookup("train"), {"bool": {"must_not": [
+        {"term": {TAGS_KEY: "x"}}]}}]}}
+    assert body["_source"] == [SERIES_KEY]
+    state.requests.clear()
+    assert kaapcli("search", "Dataset:t*", "--count", "--index", url).returncode == 0
+    assert state.of("POST", "/project_admin/_count")[0][2] == {"query": {"bool": {
+        "should": [lookup("test"), lookup("train")], "minimum_should_match": 1}}}
+    missing = kaapcli("search", "Dataset:nope", "--index", url)
+    assert missing.returncode == 66 and "dataset 'nope' does not exist" in missing.stderr
+
+    state.requests.clear()
+    state.aggregations = {"k0": {"buckets": [{"key_as_string": "2020-01", "key": 1577836800000, "doc_count": 3},
+                                             {"key_as_string": "2020-03", "key": 1583020800000, "doc_count": 1}]}}
+    proc = kaapcli("stats", "StudyDate:month", "--query", "Modality:CT", "--index", url)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [
+        {"value": "2020-01", "count": 3}, {"value": "2020-03", "count": 1}, {"value": None, "count": 7}]
+    assert state.of("POST", "/project_admin/_search")[0][2] == {"query": {"term": {MOD: "CT"}}, "size": 0, "aggs": {
+        "k0": {"date_histogram": {"field": "00080020 StudyDate_date", "calendar_interval": "month",
+                                  "format": "yyyy-MM", "min_doc_count": 1}}}}
+    assert state.of("POST", "/project_admin/_count")[0][2] == {"query": {"bool": {"filter": [
+        {"term": {MOD: "CT"}}, {"bool": {"must_not": [{"exists": {"field": "00080020 StudyDate_date"}}]}}]}}}
+
+    state.requests.clear()
+    proc = kaapcli("stats", "Dataset", "--index", url)  # the double counts 7 for every _count
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [
+        {"value": "test", "count": 7}, {"value": "train", "count": 7}, {"value": None, "count": 7}]
+    counts = [b["query"] for _, _, b in state.of("POST", "/project_admin/_count")]
+    assert counts == [{"bool": {"filter": [{"match_all": {}}, lookup("test")]}},
+                      {"bool": {"filter": [{"match_all": {}}, lookup("train")]}},
+                      {"bool": {"filter": [{"match_all": {}}, {"bool": {"must_not": [{"bool": {
+                          "should": [lookup("test"), lookup("train")], "minimum_should_match": 1}}]}}]}}]
+
+
+@pytest.mark.network
+def test_file_lists_are_stored_looked_up_and_removed(double: tuple[Double, str], mock_ct: Path) -> None:
+    """kaapcli index TREE stores each series' files in kaapcli-files (bulk, refreshed); search --format paths
+    looks them up with _mget; unindex removes them with the documents."""
+    import pydicom
+
+    state, url = double
+    proc = kaapcli("index", mock_ct, "--index", url, "-w", "1")
+    assert proc.returncode == 0, proc.stderr
+    uids = proc.stdout.split()
+    files = {u: sorted(str(p.absolute()) for p in dicom_files(mock_ct)
+                       if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == u) for u in uids}
+    assert [(m, p) for m, p, _, _ in state.requests] == [
+        ("HEAD", "/project_admin"), ("PUT", "/project_admin"), ("POST", "/_bulk"), ("HEAD", "/kaapcli-files"),
+        ("PUT", "/kaapcli-files"), ("POST", "/_bulk"), ("POST", "/project_admin/_refresh")]
+    assert state.requests[4][3] == FILES_BODY
+    _, query, bulk = state.of("POST", "/_bulk")[1]
+    assert query == {"refresh": ["true"]}
+    assert [a for a in bulk[::2]] == [{"index": {"_index": "kaapcli-files", "_id": f"project_admin:{u}"}} for u in uids]
+    for uid, doc in zip(uids, bulk[1::2], strict=True):
+        assert doc["index"] == "project_admin" and doc["series"] == uid
+        assert [f["path"] for f in doc["files"]] == files[uid]
+        assert all(f["size"] == os.stat(f["path"]).st_size and f["mtime"] == os.stat(f["path"]).st_mtime_ns
+                   for f in doc["files"])
+
+    state.requests.clear()
+    state.search_pages = [[{"_source": {SERIES_KEY: u}, "sort": [u]} for u in uids]]
+    proc = kaapcli("search", "Modality:CT", "--format", "paths", "--index", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [p for u in uids for p in files[u]]
+    assert state.of("POST", "/kaapcli-files/_mget")[0][2] == {"ids": [f"project_admin:{u}" for u in uids]}
+
+    state.requests.clear()
+    state.search_pages = [[{"_source": {SERIES_KEY: uids[0]}, "sort": [uids[0]]}]]
+    proc = kaapcli("unindex", "--series", uids[0], "--index", url)
+    assert proc.returncode == 0, proc.stderr
+    (path1, _, body1), (path2, query2, body2) = state.of("POST", "/_delete_by_query")
+    assert path1 == "/project_admin/_delete_by_query" and body1 == {"query": {"ids": {"values": [uids[0]]}}}
+    assert path2 == "/kaapcli-files/_delete_by_query" and query2["refresh"] == ["true"]
+    assert body2 == {"query": {"ids": {"values": [f"project_admin:{uids[0]}"]}}}
 
 
 @pytest.mark.network
@@ -300,9 +420,30 @@ def test_against_a_real_opensearch(tmp_path: Path) -> None:
         assert found("SeriesDescription:LUNG1-00?") == [d[SERIES_KEY] for d in docs]
         assert kaapcli("tag", "add", "t1", "--query", "Modality:MR", *common).returncode == 0
         assert found("Tags:t1") == [d[SERIES_KEY] for d in docs if d[MOD] == "MR"]
+        assert kaapcli("dataset", "add", "d1", "--query", "Rows:>=512", *common).returncode == 0
+        assert found("Dataset:d1 AND -Modality:MR") == [d[SERIES_KEY] for d in docs if d[ROWS] >= 512 and
+                                                        d[MOD] == "CT"]
+        assert found("Dataset:d* OR Modality:MR") == [d[SERIES_KEY] for d in docs if d[ROWS] >= 512 or
+                                                      d[MOD] == "MR"]
+        months = kaapcli("stats", "StudyDate:month", "--query", "Modality:CT", *common, "--format", "csv")
+        assert months.stdout.splitlines() == ["value,count", "2020-01,1", "2020-03,1", "2020-05,1"]
+        per_dataset = kaapcli("stats", "Dataset", *common, "--format", "csv").stdout.splitlines()
+        assert per_dataset == ["value,count", f"d1,{sum(d[ROWS] >= 512 for d in docs)}",
+                               f",{sum(d[ROWS] < 512 for d in docs)}"]
         assert kaapcli("unindex", "--query", "Tags:t1", *common).returncode == 0
         assert found("*") == [d[SERIES_KEY] for d in docs if d[MOD] == "CT"]
+        # DICOM indexed directly: file lists stored beside the documents, printed by --format paths
+        tree = tmp_path / "tree"
+        assert kaapcli("mock", "-o", tree, "--slices", "2", "--rows", "16", "--columns", "16", "-q").returncode == 0
+        assert kaapcli("index", tree, *common).returncode == 0
+        paths = kaapcli("search", "NumberOfInstances:2", "--format", "paths", *common)
+        assert paths.returncode == 0, paths.stderr
+        assert sorted(paths.stdout.splitlines()) == sorted(str(p.absolute()) for p in dicom_files(tree))
     finally:
         from opensearchpy import OpenSearch
 
-        OpenSearch(hosts=[url], verify_certs=False).indices.delete(index=f"project_{project}", ignore_unavailable=True)
+        client = OpenSearch(hosts=[url], verify_certs=False)
+        client.indices.delete(index=f"project_{project}", ignore_unavailable=True)
+        for index in ("kaapcli-datasets", "kaapcli-files"):  # this project's entries only
+            client.delete_by_query(index=index, body={"query": {"term": {"index": f"project_{project}"}}},
+                                   params={"ignore_unavailable": "true", "refresh": "true"})

@@ -277,12 +277,16 @@ def test_datasets(tmp_path: Path) -> None:
     assert kaapcli("dataset", "add", "train", "--series", DOCS[0][SERIES_KEY], "--index", db).returncode == 0
     proc = kaapcli("dataset", "add", "test", "--series", "9.9", "--index", db)
     assert proc.returncode == 1 and "9.9: not in the index" in proc.stderr
-    show = kaapcli("dataset", "show", "train", "--index", db)
+    show = kaapcli("dataset", "show", "train", "--index", db, "--format", "uids")
     assert show.stdout.split() == sorted([*mr, DOCS[0][SERIES_KEY]])
+    documents = [json.loads(line) for line in kaapcli("dataset", "show", "train", "--index", db).stdout.splitlines()]
+    assert documents == sorted((d for d in DOCS if d[SERIES_KEY] in {*mr, DOCS[0][SERIES_KEY]}),
+                               key=lambda d: d[SERIES_KEY])  # jsonl by default: the stored documents
     listed = [json.loads(line) for line in kaapcli("dataset", "list", "--index", db).stdout.splitlines()]
     assert listed == [{"name": "train", "count": len(mr) + 1}]
     assert kaapcli("dataset", "remove", "train", "--series", mr[0], "--index", db).returncode == 0
-    assert kaapcli("dataset", "show", "train", "--index", db).stdout.split() == sorted([*mr[1:], DOCS[0][SERIES_KEY]])
+    assert kaapcli("dataset", "show", "train", "--index", db, "--format", "uids").stdout.split() == \
+        sorted([*mr[1:], DOCS[0][SERIES_KEY]])
     assert kaapcli("dataset", "remove", "train", "--index", db).returncode == 0  # no selection: delete it
     assert kaapcli("dataset", "show", "train", "--index", db).returncode == 66
     # projects are separate indexes in one file
@@ -397,7 +401,7 @@ def test_schema_1_index_is_upgraded(tmp_path: Path) -> None:
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
     assert _kv_and_fts(db, "chest") == (0, 0)
     with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
@@ -405,19 +409,15 @@ def test_schema_2_index_gets_its_fts_text_remade(tmp_path: Path) -> None:
     that a later change or delete removes exactly the words that were added."""
     import sqlite3
 
-    db = tmp_path / "v2.db"
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[:4]))
-    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
-    with sqlite3.connect(db) as con:
-        con.execute("INSERT INTO fts(fts) VALUES ('delete-all')")
-        con.execute("INSERT INTO fts(rowid, body) SELECT id, 'written by schema 2' FROM docs")
-        con.execute("PRAGMA user_version = 2")
+    db = _older_index(tmp_path, DOCS[:4], "INSERT INTO fts(fts) VALUES ('delete-all')",
+                      "INSERT INTO fts(rowid, body) SELECT id, 'written by schema 2' FROM docs",
+                      "PRAGMA user_version = 2")
     assert search(db, "schema", "--count") == [0]
     assert search(db, "chest", "--count") == [sum("chest" in words(d) for d in DOCS[:4])]
     assert kaapcli("unindex", "--query", "*", "--index", db).returncode == 0
     assert _kv_and_fts(db, "chest") == (0, 0)
     with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_nan_is_refused_per_document(tmp_path: Path) -> None:
@@ -453,3 +453,28 @@ def test_values_round_trip_exactly(tmp_path: Path) -> None:
     assert kaapcli("index", tmp_path / "a.json", tmp_path / "b.jsonl", "--index", db).returncode == 0
     assert search(db, "*") == [{**doc, SERIES_KEY: "1.10"}, doc]
     assert uids(search(db, "Müller*")) == ["1.10", "1.9"]
+
+
+def test_schema_3_index_gets_a_files_table(tmp_path: Path) -> None:
+    """Schema 3 had no files table: opening it adds one, and documents indexed before have no files known."""
+    import sqlite3
+
+    db = _older_index(tmp_path, DOCS[:2], "DROP TABLE files", "PRAGMA user_version = 3")
+    proc = kaapcli("search", "*", "--format", "paths", "--index", db)
+    assert proc.returncode == 1 and proc.stderr.count("no files known") == 2
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert con.execute("SELECT count(*) FROM files").fetchone()[0] == 0
+
+
+def _older_index(tmp_path: Path, docs: list[dict[str, Any]], *statements: str) -> Path:
+    """An index of ``docs`` turned back into an older schema by ``statements``."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert kaapcli("index", tmp_path / "d.jsonl", "--index", db).returncode == 0
+    with sqlite3.connect(db) as con:
+        for statement in statements:
+            con.execute(statement)
+    return db

@@ -50,5 +50,13 @@ def test_receiver_runs_rules_in_order_skips_dependents_and_indexes(receiver, moc
     # indexed into project "lung" (called AE kp-lung), dataset "cohort1" (calling AE kp-cohort1)
     found = kaapcli("search", "Modality:CT", "--index", index, "--project", "lung", "--count")
     assert found.stdout.strip() == "2", found.stderr
-    members = kaapcli("dataset", "show", "cohort1", "--index", index, "--project", "lung")
+    members = kaapcli("dataset", "show", "cohort1", "--index", index, "--project", "lung", "--format", "uids")
     assert sorted(members.stdout.split()) == sorted(m.name for m in marks.iterdir())
+    # the index knows where the received files are, and which AE sent them
+    paths = kaapcli("search", "*", "--format", "paths", "--index", index, "--project", "lung")
+    assert paths.returncode == 0, paths.stderr
+    received = sorted(str(p.absolute()) for p in rx.out.rglob("*.dcm"))
+    assert sorted(paths.stdout.splitlines()) == received and len(received) == 16
+    listed = kaapcli("search", "*", "--index", index, "--project", "lung").stdout
+    docs = [json.loads(line) for line in listed.splitlines()]
+    assert {d["00020016 SourceApplicationEntityTitle_keyword"] for d in docs} == {"kp-cohort1"}

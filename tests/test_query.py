@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kaapcli.core.index.query import (
+    DATASET_FIELD,
     And,
     Exists,
+    Facet,
     Field,
+    InDataset,
     MatchAll,
     Not,
     Or,
@@ -18,6 +21,7 @@ from kaapcli.core.index.query import (
     glob_to_regex,
     key_type,
     parse,
+    parse_facet,
 )
 from kaapcli.exitcodes import ExitCode, UsageError
 
@@ -116,3 +120,32 @@ def test_syntax_errors_name_the_position(query: str, message: str) -> None:
 def test_field_errors(query: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse(query)
+
+
+def test_dataset_field_combines_with_any_query() -> None:
+    assert parse("Dataset:train") == InDataset("train")
+    assert parse("dataset:train") == InDataset("train")  # field names are case-insensitive
+    assert parse('Dataset:"my set"') == InDataset("my set")
+    assert parse("Dataset:train-*") == InDataset("train-*", wildcard=True)
+    assert parse("Dataset:*") == InDataset("*", wildcard=True)  # in any dataset
+    assert parse("Modality:MR AND -Dataset:test -Tags:excluded") == And((
+        Term(MODALITY, "MR"), Not(InDataset("test")), Not(Term(Field("Tags", ("00000000 Tags_keyword",)), "excluded"))))
+    assert parse("Dataset:(a OR b)") == Or((InDataset("a"), InDataset("b")))
+    with pytest.raises(UsageError, match="Dataset: takes a dataset name"):
+        parse("Dataset:[a TO b]")
+    with pytest.raises(UsageError, match="Dataset: takes a dataset name"):
+        parse("Dataset:>a")
+
+
+def test_facets() -> None:
+    assert parse_facet("Modality") == Facet(Field("Modality", MODALITY.keys))
+    assert parse_facet("StudyDate:month") == Facet(Field("StudyDate", DATE.keys), "month")
+    assert parse_facet("StudyDate:month").label == "StudyDate by month"
+    assert parse_facet("AcquisitionDateTime:YEAR").unit == "year"
+    assert parse_facet("Dataset") == Facet(DATASET_FIELD)
+    with pytest.raises(UsageError, match="only date and datetime fields"):
+        parse_facet("Modality:month")
+    with pytest.raises(UsageError, match="is a sequence"):
+        parse_facet("ProcedureCodeSequence")
+    with pytest.raises(UsageError, match="unknown field"):
+        parse_facet("NoSuchKeyword")

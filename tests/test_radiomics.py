@@ -102,3 +102,22 @@ def test_mask_on_another_grid_fails_cleanly(tmp_path: Path) -> None:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and mask in errors[0] and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_masks_option_takes_several_values(tmp_path: Path) -> None:
+    """``--masks a b`` (as documented) names two masks, as ``-m a -m b`` does."""
+    n = 12
+    write(np.full((n, n, n), 5, np.int16), tmp_path / "ct.nii.gz")
+    for name, lo in (("ct--1--a.nii.gz", 2), ("ct--2--b.nii.gz", 6)):
+        labels = np.zeros((n, n, n), np.uint8)
+        labels[lo:lo + 3, lo:lo + 3, lo:lo + 3] = 1
+        write(labels, tmp_path / name)
+    for args in (["--masks", tmp_path / "ct--1--a.nii.gz", tmp_path / "ct--2--b.nii.gz"],
+                 ["-m", tmp_path / "ct--1--a.nii.gz", "-m", tmp_path / "ct--2--b.nii.gz"]):
+        proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", *args, "-o", tmp_path / "out", "--force")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads((tmp_path / "out" / "ct-radiomics.json").read_text())
+        assert set(result) == {"ct--1--a.nii.gz", "ct--2--b.nii.gz"}
+        assert result["ct--2--b.nii.gz"]["b"]["Approximate volume"] == 27
+    proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", "-o", tmp_path / "out")
+    assert proc.returncode == 2 and "--masks" in proc.stderr

@@ -83,3 +83,61 @@ def test_bad_inputs_fail_cleanly(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ["good.nii.gz"]
     missing = kaapcli("resample", good, "-r", tmp_path / "nope.nii.gz", "-o", tmp_path / "out")
     assert missing.returncode == 66 and "nope.nii.gz" in missing.stderr
+
+
+def oblique_series(src: Path, dest: Path) -> Path:
+    """A copy of a mock series with an oblique orientation and positions no float32 holds exactly."""
+    import math
+
+    import pydicom
+
+    dest.mkdir(parents=True)
+    a = math.radians(13)
+    row, col = np.array([1.0, 0, 0]), np.array([0, math.cos(a), math.sin(a)])
+    normal = np.cross(row, col)
+    files = sorted(dicom_files(src), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True)
+                                                          .ImagePositionPatient[2]))
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+        ds.ImagePositionPatient = [f"{v:.7f}" for v in np.array([-38.1234567, -37.9876543, -36.2]) + k * 2.5 * normal]
+        ds.PixelSpacing = ["0.7031249", "0.7031249"]
+        ds.save_as(dest / path.name)
+    return dest
+
+
+def test_dicom_series_and_its_nifti_resample_alike(tmp_path: Path, mock_ct: Path) -> None:
+    """One code path: the series read directly and its converted NIfTI give the same voxels, for every
+    interpolator (integer results are rounded, not truncated)."""
+    series = oblique_series(sorted({p.parent for p in dicom_files(mock_ct)})[0], tmp_path / "series")
+    proc = kaapcli("convert", series, "-o", tmp_path / "nii", "-q")
+    assert proc.returncode == 0, proc.stderr
+    nifti = Path(proc.stdout.split()[0])
+    source = sitk.ReadImage(str(nifti))
+    ref = sitk.Image([40, 40, 9], sitk.sitkInt16)  # a 2 mm grid from the same corner: many exact half-way points
+    ref.SetOrigin(source.GetOrigin())
+    ref.SetDirection(source.GetDirection())
+    ref.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(ref, str(tmp_path / "ref.nii.gz"))
+    for interpolator in ("linear", "bspline", "sinc"):
+        outs = []
+        for name, src in (("dicom", series), ("nifti", nifti)):
+            proc = kaapcli("resample", src, "-r", tmp_path / "ref.nii.gz", "-o", tmp_path / f"{name}-{interpolator}",
+                           "--interpolator", interpolator, "-q")
+            assert proc.returncode == 0, proc.stderr
+            outs.append(sitk.GetArrayFromImage(sitk.ReadImage(proc.stdout.split()[0])))
+        assert outs[0].dtype == np.int16
+        np.testing.assert_array_equal(outs[0], outs[1], err_msg=interpolator)
+
+
+def test_rounding_not_truncation() -> None:
+    from kaapcli.core.resample import resample_onto
+
+    img = sitk.GetImageFromArray(np.array([[[0, 3]]], np.int16))  # halfway: 1.5 -> 2 (rint), not 1
+    ref = sitk.Image([3, 1, 1], sitk.sitkInt16)
+    ref.SetSpacing((0.5, 1, 1))
+    out = sitk.GetArrayFromImage(resample_onto(img, ref, "linear", 0))
+    assert out.tolist() == [[[0, 2, 3]]]
+    big = sitk.GetImageFromArray(np.array([[[0, 0, 32767, 32767, 0, 0]]], np.int16))
+    ringing = sitk.GetArrayFromImage(resample_onto(big, big, "sinc", 0))
+    assert ringing.max() == 32767  # overshoot clipped to the type's range, never wrapped to negative

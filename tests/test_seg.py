@@ -144,14 +144,21 @@ def test_seg_without_reference(ct: Path, image: Path, tmp_path: Path) -> None:
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(proc.stdout.strip(), lonely / "seg.dcm")
-    proc = kaapcli("seg2itk", lonely, "-o", tmp_path / "out")
-    assert proc.returncode == 65
+    proc = kaapcli("seg2itk", lonely, "-o", tmp_path / "own")
+    assert proc.returncode == 0, proc.stderr  # as dcmqi and highdicom: the SEG's own frames give the grid
     uid = pydicom.dcmread(dicom_files(ct)[0]).SeriesInstanceUID
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and uid in errors[0] and "not found" in errors[0]
-    # found among the inputs when the series is given with it
+    assert f"referenced series {uid} not found: masks on the SEG's own grid" in proc.stderr
+    # found among the inputs when the series is given with it: the full grid of the series
     proc = kaapcli("seg2itk", lonely, ct, "-o", tmp_path / "out", "-q")
     assert proc.returncode == 0, proc.stderr
+    own, full = (nib.load(next((tmp_path / d).glob("*--1--*.nii.gz"))) for d in ("own", "out"))
+    data = np.asarray(full.dataobj)
+    k = np.flatnonzero(data.any(axis=(0, 1)))
+    assert own.shape[2] == k[-1] - k[0] + 1  # the frames written: the slices holding the liver
+    np.testing.assert_array_equal(np.asarray(own.dataobj), data[:, :, k[0]:k[-1] + 1])
+    np.testing.assert_allclose(own.affine[:3, :3], full.affine[:3, :3], atol=1e-4)
+    np.testing.assert_allclose(own.affine[:3, 3], (full.affine @ [0, 0, k[0], 1])[:3], atol=1e-4)
+    assert json.loads(next((tmp_path / "own").glob("*-meta.json")).read_text())["geometry"] == "SEG frames"
 
 
 def reference_for_rtstruct(tmp_path: Path) -> Path:
@@ -234,5 +241,5 @@ def test_non_segmentation_inputs(tmp_path: Path) -> None:
         shutil.copy(get_testdata_file(name), src / name)
     (src / "notes.txt").write_text("hello")
     proc = kaapcli("seg2itk", src, "-o", tmp_path / "out")
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
-    assert proc.stdout == "" and "4 not DICOM/not an input" in proc.stderr
+    assert proc.returncode == 66 and "Traceback" not in proc.stderr  # no input at all (as dcm2niix): 66
+    assert proc.stdout == "" and f"no DICOM SEG or RTSTRUCT found in {src}" in proc.stderr

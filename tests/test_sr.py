@@ -15,7 +15,8 @@ from pydicom.sr.codedict import codes
 from kaapcli.core import sr as srcore
 
 RADIOMICS = {"ct_seg": {
-    "liver": {"Volume (mesh)": 1234.5678, "Surface area (mesh)": 456.75, "Mean": 63.125, "Energy": 1.5e9,
+    "liver": {"Volume (mesh)": 1234.5678, "Approximate volume": 1240.0, "Surface area (mesh)": 456.75,
+              "Mean": 63.125, "Energy": 1.5e9,
               "Maximum 3D diameter": 20.5, "diagnostics_Versions": "v3.1"},
     "kidney": {"Volume (mesh)": 99.0, "Skewness": -0.123456789012345},
 }}
@@ -91,14 +92,17 @@ def test_radiomics_json_to_conformant_sr(tmp_path: Path, seg_case: tuple[Path, P
     liver = groups["liver"]
     assert liver.finding_type.value == codes.SCT.Liver.value
 
-    volume = measurement(liver, "Volume")
-    assert (volume.name.value, volume.name.scheme_designator) == ("118565006", "SCT")
+    volume = measurement(liver, "Volume of Mesh")
+    assert (volume.name.value, volume.name.scheme_designator) == ("RNU0", "IBSI")  # CID 7469
     assert volume.value == pytest.approx(1234.5678) and volume.unit.value == "mm3"
-    assert measurement(liver, "Area").unit.value == "mm2"
+    voxels = measurement(liver, "Volume from Voxel Summation")  # told apart from the mesh volume
+    assert (voxels.name.value, voxels.name.scheme_designator) == ("YEKZ", "IBSI")
+    assert voxels.value == pytest.approx(1240.0)
+    assert measurement(liver, "Surface Area of Mesh").unit.value == "mm2"
     mean = measurement(liver, "Attenuation Coefficient", "Mean")
     assert (mean.name.value, mean.derivation.value, mean.unit.value) == ("112031", "373098007", "[hnsf'U]")
     assert mean.value == pytest.approx(63.125)
-    diameter = measurement(liver, "Diameter", "Maximum")
+    diameter = measurement(liver, "Maximum 3D Diameter of a Mesh")
     assert diameter.value == pytest.approx(20.5) and diameter.unit.value == "mm"
     energy = measurement(liver, "Energy")
     assert energy.name.scheme_designator == "99KAAPCLI" and energy.value == pytest.approx(1.5e9)
@@ -147,7 +151,13 @@ def test_unknown_label_and_bad_json_fail_clearly(tmp_path: Path, seg_case: tuple
 
 
 def test_feature_codes() -> None:
-    assert srcore.feature_concept("original_shape_MeshVolume", "CT")[0] == srcore.VOLUME
+    assert srcore.feature_concept("original_shape_MeshVolume", "CT")[0] == srcore.MESH_VOLUME
+    assert srcore.feature_concept("original_shape_VoxelVolume", "CT")[0] == srcore.VOXEL_VOLUME
+    assert srcore.feature_concept("Approximate volume", "CT")[0] == srcore.VOXEL_VOLUME
+    assert srcore.feature_concept("Volume", "CT")[0] == srcore.VOLUME
+    assert len({srcore.feature_concept(f, "CT")[0] for f in (
+        "Volume (mesh)", "Approximate volume", "Surface area (mesh)", "Sphericity", "Maximum 3D diameter",
+        "Major axis length", "Minor axis length", "Least axis length", "Elongation", "Flatness")}) == 10
     assert srcore.feature_concept("Mean", "MR")[0] == srcore.INTENSITY
     assert srcore.feature_concept("Mean", "MR")[2] == srcore.DERIVATIONS["mean"]
     code = srcore.private_code("Grey level non-uniformity normalised")

@@ -116,3 +116,34 @@ def test_seg_overlay_is_coloured(tmp_path: Path, mock_ct: Path) -> None:
     colours = {tuple(c) for c in img[colour].reshape(-1, 3)}
     assert (230, 159, 0) in colours and (86, 180, 233) in colours
     assert len(colours) > 3
+    # a legend in the lower left corner: a colour swatch per segment, white text on a dark box
+    corner = img[-30:, :70]
+    assert (np.all(corner == (230, 159, 0), axis=-1).sum() >= 16 and np.all(corner == (86, 180, 233), axis=-1).sum()
+            >= 16)
+    assert (np.all(corner > 150, axis=-1) & (np.ptp(corner, axis=-1) < 20)).sum() > 10  # white-ish text
+
+
+def test_enhanced_ct_uses_the_window_of_its_functional_groups(tmp_path: Path, mock_ct: Path) -> None:
+    """A legacy-converted enhanced CT keeps rescale and window only in its functional groups: its thumbnail
+    equals the thumbnail of the classic slice it shows."""
+    import highdicom as hd
+
+    sources = [pydicom.dcmread(p) for p in dicom_files(series_dir(mock_ct))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=sources, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(),
+        instance_number=1)
+    assert "WindowCenter" not in enhanced and "RescaleIntercept" not in enhanced
+    (tmp_path / "enh").mkdir()
+    enhanced.save_as(tmp_path / "enh" / "enh.dcm")
+    middle = enhanced.PerFrameFunctionalGroupsSequence[int(enhanced.NumberOfFrames) // 2]
+    source_uid = middle.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID
+    (tmp_path / "one").mkdir()
+    shutil.copy(next(p for p, ds in zip(dicom_files(series_dir(mock_ct)), sources, strict=True)
+                     if ds.SOPInstanceUID == source_uid), tmp_path / "one" / "slice.dcm")
+    for name in ("enh", "one"):
+        proc = kaapcli("thumbnail", tmp_path / name, "-o", tmp_path / f"{name}-out", "--size", "64", "-q")
+        assert proc.returncode == 0, proc.stderr
+    ours = png(tmp_path / "enh-out", enhanced.SeriesInstanceUID)
+    classic = png(tmp_path / "one-out", sources[0].SeriesInstanceUID)
+    np.testing.assert_array_equal(ours, classic)
+    assert 0 < ours.mean() < 200  # windowed (40/400 HU), not stretched to the percentiles

@@ -14,7 +14,8 @@ from kaapcli.cli.net import CallingAet, ConnectTimeout, Method, Timeout, _aet, _
 
 def collect(
     ctx: typer.Context,
-    worklist: Annotated[Path, typer.Argument(help="CSV with a header: AccessionNumber, or PatientID and StudyDate.",
+    worklist: Annotated[Path, typer.Argument(help="CSV with a header: AccessionNumber, or PatientID and StudyDate; "
+                                             "or the JSON lines of `kaapcli query --worklist`.",
                                              show_default=False)],
     source: Annotated[str, typer.Option("--from", metavar="PEER", show_default=False,
                                         help="Where the studies are: AET@host:port, a DICOMweb root or a profile.")],

@@ -30,19 +30,25 @@ def convert(
                            "instead of refusing the series.")] = False,
     level: Annotated[int, typer.Option(
         "--level", min=1, max=9, help="gzip level of .nii.gz (1: fast; 9: ~1-2% smaller on CT).")] = 1,
+    split: Annotated[bool, typer.Option(
+        "--split", help="One 3-D file per volume of a 4-D series (fMRI, diffusion) instead of one 4-D file.")]
+        = False,
     *,
     run: RunOptions,
 ) -> None:
     """Convert each DICOM image series to one volume per stack, plus a JSON sidecar of acquisition tags.
 
     Files: OUT/<name>.<to> and OUT/<name>.json.  A series holding several stacks (orientations,
-    echoes, acquisitions, image types) gives one volume per stack, named <name>_<stack>.
-    Values are rescaled (int16 when integral, float32 otherwise).  Voxel order is ITK's
-    (columns, rows, slices along the normal); world geometry equals dcm2niix's.
+    echoes, image types) gives one volume per stack, named <name>_<stack>.  Volumes repeating one
+    grid (fMRI, diffusion) are one 4-D file, plus <name>.bval/.bvec (FSL) for diffusion.  Siemens
+    mosaics are unpacked into slices.  SEG, RTSTRUCT, SR, PDF and other non-image objects are
+    skipped with the reason.  Values are rescaled (int16 when integral, float32 otherwise).  Voxel
+    order is ITK's (columns, rows, slices along the normal); world geometry equals dcm2niix's.
     """
     from kaapcli.core.convert import ConvertOperator
 
-    run_batch(ConvertOperator(fmt=to.value, name_template=name, resample=resample, level=level), inputs, out, run)
+    run_batch(ConvertOperator(fmt=to.value, name_template=name, resample=resample, level=level, split=split),
+              inputs, out, run)
 
 
 def register(app: typer.Typer) -> None:

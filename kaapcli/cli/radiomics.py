@@ -13,10 +13,14 @@ from kaapcli.cli.common import OutDir, RunOptions, batch_command, execute
 def radiomics(
     image: Annotated[str, typer.Argument(
         help="The image: NIfTI/NRRD/MetaImage file, or a DICOM file/directory of one series.", show_default=False)],
-    masks: Annotated[list[str], typer.Option(
-        "--masks", "-m", help="Mask files or directories (repeatable); label maps or <stem>--<int>--<name> masks.",
-        show_default=False)],
     out: OutDir,
+    more_masks: Annotated[list[str] | None, typer.Argument(
+        metavar="[MASK]...", help="More mask files or directories: --masks a b c names three.",
+        show_default=False)] = None,
+    masks: Annotated[list[str] | None, typer.Option(
+        "--masks", "-m", help="Mask files or directories (repeatable, and the arguments after it are masks too); "
+                              "label maps or <stem>--<int>--<name> masks.", show_default=False)] = None,
+
     bin_width: Annotated[float, typer.Option(
         min=1e-9, help="Bin width (image units) of the intensity histogram features.")] = 25.0,
     *,
@@ -42,7 +46,10 @@ def radiomics(
                                                              if fsio.is_dicom(p)]
     if not image_files:
         raise UsageError(f"{image_path}: no image file or DICOM series")
-    mask_files = [p for p in fsio.collect_inputs(masks) if is_image_file(p)]
+    given = [*(masks or []), *(more_masks or [])]
+    if not given:
+        raise UsageError("no masks: give them with --masks MASK...")
+    mask_files = list(dict.fromkeys(p for p in fsio.collect_inputs(given) if is_image_file(p)))
     if not mask_files:
         raise UsageError("--masks: no mask files (NIfTI/NRRD/MetaImage) found")
     op = RadiomicsOperator(image=tuple(image_files), masks=tuple(mask_files), bin_width=bin_width)

@@ -15,6 +15,7 @@ class Interpolator(str, Enum):
     linear = "linear"
     nearest = "nearest"
     bspline = "bspline"
+    sinc = "sinc"
 
 
 class Kind(str, Enum):
@@ -33,7 +34,8 @@ def resample(
         "--reference", "-r", help="Image file, or DICOM file/directory of one series, whose grid to resample onto.",
         show_default=False)],
     interpolator: Annotated[Interpolator | None, typer.Option(
-        help="Interpolator for intensity images [default: linear; label images always use nearest].",
+        help="Interpolator for intensity images (sinc: Hamming-windowed sinc) [default: linear; label images "
+             "always use nearest].",
         show_default=False)] = None,
     kind: Annotated[Kind, typer.Option(
         help="auto: integer images with <= 256 non-negative values are label maps; or force image/labels.")]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, run_batch
+from kaapcli.cli.convert import VolumeFormat
 
 
 @batch_command
@@ -21,17 +22,26 @@ def seg2itk(
         "--filter", metavar="NAMES", help="Comma-separated segment names (or numbers) to keep.")] = "",
     reference: Annotated[Path | None, typer.Option(
         "--reference", "-r", help="Directory holding the referenced image series [default: the inputs, then "
-                                  "each file's directory and its parent].", show_default=False)] = None,
+                                  "each file's directory and its parent; else the SEG's own frame grid].",
+        show_default=False)] = None,
+    to: Annotated[VolumeFormat, typer.Option("--to", "-t", help="Mask file format.")] = VolumeFormat.nii_gz,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", min=0.0, max=1.0, help="FRACTIONAL SEGs: voxels with probability >= this are in the segment "
+                                              "(uint8 0/1) [default: keep the probabilities as float32 0..1].",
+        show_default=False)] = None,
     *,
     run: RunOptions,
 ) -> None:
     """Convert DICOM SEG and RTSTRUCT objects to NIfTI in the full geometry of the referenced series.
 
-    Files: OUT/<stem>--<label_int>--<label_name>.nii.gz per segment (or OUT/<stem>.nii.gz with
-    --labelmap) and OUT/<stem>-meta.json (seg_info, usable by itk2seg --seg-info).  Every slice of
-    the referenced series is present, empty ones included.  RTSTRUCT contours are filled with the
-    even-odd rule per slice (holes stay holes); contours beyond the image are clipped, with a warning.
-    Other files among the inputs (the image series themselves) are skipped and searched for references.
+    Files: OUT/<stem>--<label_int>--<label_name>.<to> per segment (or OUT/<stem>.<to> with
+    --labelmap) and OUT/<stem>-meta.json (seg_info, usable by itk2seg --seg-info).  With the
+    referenced series (--reference, the inputs, or beside the file) every slice of it is present,
+    empty ones included; without it a SEG's masks lie on the grid its own frames span (RTSTRUCT
+    needs the series).  BINARY, FRACTIONAL and label-map SEGs are read.  RTSTRUCT contours are
+    filled with the even-odd rule per slice (holes stay holes); contours beyond the image are
+    clipped, with a warning.  Other files among the inputs (the image series themselves) are
+    skipped and searched for references.
     """
     from kaapcli.cli.common import fail
     from kaapcli.core.seg import Seg2ItkOperator
@@ -40,7 +50,7 @@ def seg2itk(
         fail(f"--reference {reference}: no such file or directory", code=66)
     roots = tuple(dict.fromkeys(Path(p) for p in inputs if p != "-"))
     op = Seg2ItkOperator(labelmap=labelmap, only=tuple(n.strip().lower() for n in only.split(",") if n.strip()),
-                         reference=reference, roots=roots)
+                         reference=reference, roots=roots, fmt=to.value, threshold=threshold)
     run_batch(op, inputs, out, run)
 
 

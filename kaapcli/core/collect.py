@@ -67,6 +67,8 @@ def read_worklist(path: Path) -> tuple[list[str], list[Row]]:
         raise NoInputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the worklist: {exc}") from exc
+    if text.lstrip().startswith("{"):
+        return _json_worklist(path, text)
     reader = csv.DictReader(io.StringIO(text))
     columns = list(reader.fieldnames or [])
     if not {"AccessionNumber"} & set(columns) and not {"PatientID", "StudyDate"} <= set(columns):
@@ -74,6 +76,29 @@ def read_worklist(path: Path) -> tuple[list[str], list[Row]]:
                         hint="a CSV with a header row, e.g. AccessionNumber\\nACC123")
     rows = [Row(n, {k: (v or "").strip() for k, v in raw.items() if k}) for n, raw in enumerate(reader, 1)]
     return columns, rows
+
+
+_JSON_COLUMNS = {"AccessionNumber": "00080050", "PatientID": "00100020", "StudyInstanceUID": "0020000D"}
+
+
+def _json_worklist(path: Path, text: str) -> tuple[list[str], list[Row]]:
+    """Rows from DICOM JSON lines, e.g. ``kaapcli query --worklist`` output: their AccessionNumber, PatientID and
+    StudyInstanceUID."""
+    import json
+
+    rows = []
+    for n, line in enumerate((line for line in text.splitlines() if line.strip()), 1):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path}: line {n}: not JSON ({exc})") from None
+        values = {}
+        for column, tag in _JSON_COLUMNS.items():
+            element = record.get(tag) if isinstance(record, dict) else None
+            found = (element or {}).get("Value") or [""]
+            values[column] = str(found[0] or "").strip()
+        rows.append(Row(n, values))
+    return list(_JSON_COLUMNS), rows
 
 
 def previous_results(path: Path) -> dict[str, dict[str, str]]:

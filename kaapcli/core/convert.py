@@ -1,8 +1,15 @@
 """DICOM image series → NIfTI / NRRD volumes with a JSON sidecar (Kaapana's DcmConverter).
 
 One item per series (key = SeriesInstanceUID).  A series holding several stacks gives one
-volume per stack, the stack suffix appended to the name.  Every stack is loaded and checked
-before anything is written, so a refused series leaves no partial output.
+volume per stack, the stack suffix appended to the name; volumes repeating one grid (fMRI,
+diffusion) are one 4-D volume, as dcm2niix writes them (``split``: one file per volume), with
+``.bval``/``.bvec`` (FSL convention) when the headers carry diffusion weighting.  Every stack is
+loaded and checked before anything is written, so a refused series leaves no partial output.
+
+Non-image objects met among the files (SEG, RTSTRUCT, SR, PDF, RT Plan, waveforms...) are
+skipped with their SOP class as the reason; they never fail the batch.
+
+Never: writes a tiled mosaic as an image, or a sidecar field the header does not say.
 """
 
 from __future__ import annotations
@@ -16,12 +23,12 @@ import numpy as np
 
 from kaapcli import __version__
 from kaapcli.core import dicom, fsio
-from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
+from kaapcli.core.batch import BaseOperator, Context, Item, Outcome, SkipItem
 from kaapcli.exitcodes import DataError
 
 FORMATS = ("nii.gz", "nii", "nrrd")
 DEFAULT_NAME = "{SeriesInstanceUID}"
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # Segmentation, Label Map SEG
 
 # Acquisition tags copied to the sidecar, under their DICOM keywords and in DICOM units.
 SIDECAR_TAGS = (
@@ -30,10 +37,29 @@ SIDECAR_TAGS = (
     "ProtocolName", "SeriesNumber", "AcquisitionNumber", "StudyDate", "SeriesDate", "SeriesTime",
     "AcquisitionDate", "AcquisitionTime", "BodyPartExamined", "PatientPosition", "ImageType", "SliceThickness",
     "SpacingBetweenSlices", "PixelSpacing", "KVP", "XRayTubeCurrent", "ExposureTime", "ConvolutionKernel",
-    "ScanningSequence", "SequenceVariant", "SequenceName", "MRAcquisitionType", "RepetitionTime", "EchoTime",
-    "EchoNumbers", "InversionTime", "FlipAngle", "MagneticFieldStrength", "ImagingFrequency", "EchoTrainLength",
+    "ScanningSequence", "SequenceVariant", "SequenceName", "MRAcquisitionType", "EchoNumbers", "FlipAngle",
+    "MagneticFieldStrength", "ImagingFrequency", "EchoTrainLength", "InPlanePhaseEncodingDirection",
     "Units", "DecayCorrection", "RescaleType",
 )
+# Written under their BIDS names in seconds (as dcm2niix), not in DICOM's milliseconds.
+SECONDS_TAGS = ("EchoTime", "RepetitionTime", "InversionTime")
+
+
+NON_IMAGE_HINTS = {  # what to run instead, by SOP class
+    "1.2.840.10008.5.1.4.1.1.66.4": "kaapcli seg2itk", "1.2.840.10008.5.1.4.1.1.66.7": "kaapcli seg2itk",
+    "1.2.840.10008.5.1.4.1.1.481.3": "kaapcli seg2itk", "1.2.840.10008.5.1.4.1.1.104.1": "kaapcli dcm2pdf",
+    "1.2.840.10008.5.1.4.1.1.66": "kaapcli dcm2bin",
+}
+
+
+def _not_an_image(ds: Any) -> str:
+    """The reason a non-image object is skipped: its SOP class, and the command that reads it."""
+    from pydicom.uid import UID
+
+    uid = str(ds.get("SOPClassUID", "") or "")
+    name = UID(uid).name if uid else "no SOPClassUID"
+    hint = NON_IMAGE_HINTS.get(uid)
+    return f"not an image series ({name})" + (f": use {hint}" if hint else "")
 
 
 def json_value(value: Any) -> Any:
@@ -49,6 +75,58 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
+def _seconds(value: Any) -> float | None:
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(ms / 1000, 9) if np.isfinite(ms) and ms >= 0 else None
+
+
+def bids_fields(vol: Any) -> dict[str, Any]:
+    """EchoTime, RepetitionTime, InversionTime (s), SliceTiming (s) and PhaseEncodingDirection where the header
+    says them, named and signed as dcm2niix does for the voxel axes kaapcli writes (rows not flipped)."""
+    from kaapcli.core import volume
+
+    header, first = vol.header, vol.frames[0]
+    doc: dict[str, Any] = {}
+    sources = {"EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+               "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+               "InversionTime": ("MRModifierSequence", "InversionTimes")}
+    for keyword in SECONDS_TAGS:
+        value = header.get(keyword)
+        if value in (None, ""):
+            value = volume.fg_attr(volume.functional_groups(header, first.index if not first.mosaic else 0),
+                                   *sources[keyword])
+            if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+                value = value[0] if len(value) else None
+        seconds = _seconds(value)
+        if seconds is not None:
+            doc[keyword] = seconds
+    times = [f.slice_time for f in vol.slices]
+    if times and all(t is not None for t in times) and not vol.resampled:
+        doc["SliceTiming"] = [round(float(t) / 1000, 6) for t in times]  # type: ignore[arg-type]
+    axis = str(header.get("InPlanePhaseEncodingDirection", "") or volume.fg_attr(
+        volume.functional_groups(header, first.index), "MRFOVGeometrySequence", "InPlanePhaseEncodingDirection") or "")
+    three_d = str(header.get("MRAcquisitionType", "")).upper() == "3D"
+    try:
+        train = int(header.get("EchoTrainLength") or 0)
+    except (TypeError, ValueError):
+        train = 0
+    if axis.upper() in ("ROW", "COL") and not (three_d and train <= 1):  # dcm2niix: 3-D with no echo train: none
+        letter = "i" if axis.upper() == "ROW" else "j"
+        positive = volume.csa_values(volume.siemens_csa(header), "PhaseEncodingDirectionPositive")
+        try:
+            polarity = int(positive[0]) if positive else -1
+        except (TypeError, ValueError):
+            polarity = -1
+        if polarity in (0, 1):  # kaapcli keeps DICOM's row order: j runs down the rows (dcm2niix flips, so j-)
+            doc["PhaseEncodingDirection"] = letter + ("" if polarity == 1 else "-")
+        else:
+            doc["PhaseEncodingAxis"] = letter
+    return doc
+
+
 def sidecar(volume: Any) -> dict[str, Any]:
     """The JSON sidecar of a converted volume: acquisition tags plus the grid actually written."""
     image = volume.image
@@ -58,19 +136,54 @@ def sidecar(volume: Any) -> dict[str, Any]:
         value = header.get(keyword)
         if value not in (None, ""):
             doc[keyword] = json_value(value)
+    doc.update(bids_fields(volume))
     doc.update({
         "ImageOrientationPatientDICOM": [float(v) for v in volume.frames[0].orientation],
         "Stack": volume.suffix.lstrip("_"),
         "Slices": image.GetSize()[2],
-        "VoxelSpacing": [round(float(v), 6) for v in image.GetSpacing()],
+        **({"Volumes": volume.volumes} if volume.volumes > 1 else {}),
+        **({"MosaicTiles": len(volume.slices)} if volume.frames[0].mosaic else {}),
+        "VoxelSpacing": [round(float(v), 6) for v in image.GetSpacing()[:3]],
         "DataType": str(np.dtype(_numpy_dtype(image))),
         "RescaleApplied": True,
         "Resampled": volume.resampled,
-        "SOPInstanceUIDs": [] if volume.resampled else [f.sop_uid for f in volume.frames],
+        "SOPInstanceUIDs": [] if volume.resampled else list(dict.fromkeys(f.sop_uid for f in volume.frames)),
         "ConversionSoftware": "kaapcli",
         "ConversionSoftwareVersion": __version__,
     })
     return doc
+
+
+def diffusion_tables(vol: Any) -> tuple[str, str] | None:
+    """``.bval`` and ``.bvec`` texts of a 4-D volume whose headers give diffusion weighting, else None.
+
+    FSL convention (as dcm2niix): one column per volume; bvec in the image's voxel axes, the first
+    component negated when the voxel-to-world matrix has a positive determinant (always, for the
+    row x column normal kaapcli sorts along).  A volume without a gradient is written 0 0 0.
+    """
+    from kaapcli.core import volume as vmod
+
+    if vol.volumes < 2:
+        return None
+    firsts = [vol.frames[v * len(vol.slices)] for v in range(vol.volumes)]
+    if all(f.bvalue is None and f.gradient is None for f in firsts):
+        return None
+    affine = vmod.nifti_affine(vol.image)
+    dim = vol.image.GetDimension()
+    axes = np.asarray(vol.image.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]  # LPS columns: i, j, k
+    flip = np.linalg.det(affine[:3, :3]) > 0
+    bvals, bvecs = [], []
+    for f in firsts:
+        bvals.append(f.bvalue if f.bvalue is not None else 0.0)
+        g = np.asarray(f.gradient if f.gradient is not None else (0.0, 0.0, 0.0), dtype=float)
+        v = axes.T @ g
+        if flip:
+            v[0] = -v[0]
+        bvecs.append(np.where(np.abs(v) < 1e-9, 0.0, v))
+    table = np.array(bvecs).T
+    bval = " ".join(f"{b:g}" for b in bvals) + "\n"
+    bvec = "".join(" ".join(f"{x:.6g}" for x in row) + "\n" for row in table)
+    return bval, bvec
 
 
 def _numpy_dtype(image: Any) -> Any:
@@ -87,22 +200,22 @@ class ConvertOperator(BaseOperator):
     name_template: str = DEFAULT_NAME
     resample: bool = False
     level: int = 1  # gzip level of .nii.gz (see volume.write_image)
+    split: bool = False  # one 3-D file per volume of a 4-D series (named by acquisition, as stacks are)
 
     name = "convert"
     grouped = True
     supports_dry_run = True
 
     def options(self) -> dict[str, Any]:
-        return {"fmt": self.fmt, "name": self.name_template, "resample": self.resample, "level": self.level}
+        return {"fmt": self.fmt, "name": self.name_template, "resample": self.resample, "level": self.level,
+                "split": self.split}
 
     def group_key(self, path: Path) -> str | None:
         with warnings.catch_warnings():  # pydicom's reading warnings are reported once, when the item is read
             warnings.simplefilter("ignore")
             ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Rows", "SOPClassUID"])
-        if "Rows" not in ds:  # SR, RTSTRUCT, RT Plan, waveforms...: not images, skipped like non-DICOM files
-            return None
-        if str(ds.get("SOPClassUID", "")) == SEG_STORAGE:
-            raise DataError("a DICOM SEG, not an image series", hint="use kaapcli seg2itk")
+        if "Rows" not in ds or str(ds.get("SOPClassUID", "")) in SEG_CLASSES:
+            raise SkipItem(_not_an_image(ds))
         return str(dicom.require(ds, "SeriesInstanceUID"))
 
     def destination(self, out: Path, header: Any, suffix: str) -> Path:
@@ -115,7 +228,7 @@ class ConvertOperator(BaseOperator):
         assert ctx.out is not None
         if ctx.dry_run:  # headers and geometry only: what would be written, or why it would be refused
             planned = []
-            for stack in volume.split_stacks(item.paths):
+            for stack in volume.split_stacks(item.paths, four_d=not self.split):
                 geometry = volume.stack_geometry(stack)
                 if geometry.problem and not self.resample:
                     raise DataError(f"series {stack.label}: {geometry.problem}",
@@ -124,7 +237,7 @@ class ConvertOperator(BaseOperator):
                 planned.append(str(self.destination(ctx.out, header, stack.suffix)))
             return Outcome(message="would write " + ", ".join(planned))
         try:
-            volumes = volume.load_series(item.paths, resample=self.resample)
+            volumes = volume.load_series(item.paths, resample=self.resample, four_d=not self.split)
         except DataError as exc:  # the engine names a one-file item already
             if len(item.paths) == 1:
                 exc.message = exc.message.removeprefix(f"{item.paths[0]}: ")
@@ -134,9 +247,15 @@ class ConvertOperator(BaseOperator):
         for vol in volumes:
             dest = self.destination(ctx.out, vol.header, vol.suffix)
             volume.write_image(vol.image, dest, level=self.level)
-            meta = dest.with_name(dest.name[: -len(self.fmt) - 1] + ".json")
+            stem = dest.name[: -len(self.fmt) - 1]
+            meta = dest.with_name(stem + ".json")
             fsio.write_json(meta, sidecar(vol))
             outputs += [dest, meta]
+            tables = diffusion_tables(vol)
+            if tables is not None:
+                for ext, text in zip((".bval", ".bvec"), tables, strict=True):
+                    fsio.write_bytes(dest.with_name(stem + ext), text.encode())
+                    outputs.append(dest.with_name(stem + ext))
             warnings += [f"stack {vol.suffix.lstrip('_')}: {w}" if vol.suffix else w for w in vol.warnings]
         if len(volumes) > 1:
             warnings.append(f"series {item.key} holds {len(volumes)} stacks: written as "

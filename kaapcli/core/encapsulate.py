@@ -62,9 +62,17 @@ TYPE2_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
 
 # --------------------------------------------------------------------------- study context
 
+# What makes the object what it is: never taken from -k (the encoder and the IOD own them).
+STRUCTURAL = frozenset({
+    "SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "EncapsulatedDocument", "EncapsulatedDocumentLength",
+    "MIMETypeOfEncapsulatedDocument", "InstanceNumber", "CreatorVersionUID", "TransferSyntaxUID",
+    "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"})
+
+
 def parse_keywords(pairs: list[str]) -> dict[str, str]:
-    """``Keyword=value`` pairs (``-k``) checked against the DICOM dictionary."""
+    """``Keyword=value`` pairs (``-k``) checked against the DICOM dictionary and the keyword's VR."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.valuerep import validate_value
 
     values: dict[str, str] = {}
     for pair in pairs:
@@ -72,10 +80,26 @@ def parse_keywords(pairs: list[str]) -> dict[str, str]:
         keyword = keyword.strip()
         if not sep or tag_for_keyword(keyword) is None:
             raise UsageError(f"-k {pair!r}: expected Keyword=value with a DICOM keyword, e.g. PatientID=P1")
-        if dictionary_VR(keyword) == "SQ":
+        vr = dictionary_VR(keyword)
+        if vr == "SQ":
             raise UsageError(f"-k {pair!r}: sequences cannot be set with -k")
+        if keyword in STRUCTURAL:
+            raise UsageError(f"-k {pair!r}: {keyword} is set by kaapcli for this object and cannot be changed")
+        try:
+            for part in value.split("\\") if vr not in ("LT", "ST", "UT", "UR") else [value]:
+                validate_value(vr, part, 2)  # 2 = raise
+        except (ValueError, TypeError) as exc:
+            reason = str(exc).split(". Please see")[0]
+            raise UsageError(f"-k {pair!r}: not a valid {vr} value ({reason})") from None
         values[keyword] = value
     return values
+
+
+def apply_keywords(ds: Any, context: dict[str, str]) -> None:
+    """Set the study context and ``-k`` values on ``ds``: called last, so what the user sets wins over every
+    built-in default (Manufacturer, Modality, SeriesNumber, SeriesDescription, ...)."""
+    for keyword, value in context.items():
+        setattr(ds, keyword, value)
 
 
 def study_context(study_from: Path | None, keywords: dict[str, str]) -> dict[str, str]:
@@ -107,11 +131,10 @@ def _base_dataset(sop_class: str, sop_uid: str, context: dict[str, str], study_s
     ds.SOPInstanceUID = sop_uid
     for keyword in TYPE2_EMPTY:
         setattr(ds, keyword, "")
-    for keyword, value in context.items():
-        setattr(ds, keyword, value)
+    ds.Manufacturer = "kaapcli"
+    apply_keywords(ds, context)
     if not ds.get("StudyInstanceUID"):
         ds.StudyInstanceUID = dicom.uid_from(study_seed + "/study")
-    ds.Manufacturer = "kaapcli"
     return ds
 
 
@@ -189,7 +212,8 @@ class PdfToDicom(BaseOperator):
         ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
         ds.EncapsulatedDocument = data
         ds.EncapsulatedDocumentLength = len(data)
-        dest = ctx.out / series_uid / f"{ds.SOPInstanceUID}.dcm"
+        apply_keywords(ds, self.context)
+        dest = ctx.out / fsio.safe_name(str(ds.SeriesInstanceUID)) / f"{ds.SOPInstanceUID}.dcm"
         dicom.save(ds, dest)
         return Outcome(outputs=[dest], warnings=warnings)
 
@@ -332,7 +356,8 @@ class BinaryToDicom(BaseOperator):
                 block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
                 for key, (element, vr) in BIN_ELEMENTS.items():
                     block.add_new(element, vr, values[key])
-                dest = ctx.out / series_uid / f"{ds.SOPInstanceUID}.dcm"
+                apply_keywords(ds, self.context)
+                dest = ctx.out / fsio.safe_name(str(ds.SeriesInstanceUID)) / f"{ds.SOPInstanceUID}.dcm"
                 dicom.save(ds, dest)
                 outputs.append(dest)
                 del ds, data, block  # one part in memory at a time

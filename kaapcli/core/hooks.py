@@ -51,13 +51,12 @@ class IndexHook:
 
     def __call__(self, receipt: Any) -> None:
         from kaapcli.core.index.base import open_index
+        from kaapcli.core.index.ingest import index_series
         from kaapcli.core.index.query import Ids
-        from kaapcli.core.meta import series_document
 
-        document, _warnings = series_document([Path(f) for f in receipt.files])
         aet_project, dataset = project_and_dataset(receipt.calling_aet, receipt.called_aet, self.convention)
         with open_index(self.target, self.project or aet_project, config=self.config, create=True) as index:
-            index.write([document], replace=False)
+            index_series(index, receipt.series_uid, [Path(f) for f in receipt.files])  # document + file list
             if dataset:
                 index.dataset_change(dataset, Ids((receipt.series_uid,)))
 
@@ -88,15 +87,12 @@ class RulesHook:
 
     def accept(self, incoming: Any) -> bool:
         """``--reject-unmatched``: whether a received instance could feed any rule (read from its header)."""
-        import io
-
         import pydicom
 
         from kaapcli.core.rules import header_of
 
-        source: Any = io.BytesIO(incoming.head) if len(incoming.head) < incoming.HEAD else incoming.path
-        try:
-            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=sorted(self.runner.tags))
+        try:  # the spool file holds the whole instance (file meta first) by the time the receiver asks
+            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True, specific_tags=sorted(self.runner.tags))
         except Exception:  # noqa: BLE001 - unreadable: let the store step report it
             return True
         return self.runner.accepts(header_of(ds, self.runner.tags))

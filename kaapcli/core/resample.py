@@ -19,7 +19,7 @@ from kaapcli.exitcodes import DataError, NoInputError, UsageError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_HINT = "expected NIfTI (.nii/.nii.gz), NRRD or MetaImage"
-INTERPOLATORS = ("linear", "nearest", "bspline")
+INTERPOLATORS = ("linear", "nearest", "bspline", "sinc")  # sinc: ITK's Hamming-windowed sinc
 KINDS = ("auto", "image", "labels")
 MAX_LABELS = 256  # an integer image with more distinct values than this is an intensity image
 DETACHED = {".nhdr": ".nrrd", ".mhd": ".mha"}  # header + data-file formats are written as one file
@@ -118,9 +118,10 @@ def load_images(paths: Sequence[Path]) -> list[tuple[str, Any]]:
     dicoms = [p for p in paths if fsio.is_dicom(p)]
     if not dicoms:
         raise DataError("not an image: expected NIfTI/NRRD/MetaImage or DICOM")
-    from kaapcli.core.volume import load_series
+    from kaapcli.core.volume import as_written, load_series
 
-    return [(v.suffix, v.image) for v in load_series(dicoms)]
+    # the series exactly as its converted NIfTI reads back: one result whichever of the two is resampled
+    return [(v.suffix, as_written(v.image)) for v in load_series(dicoms)]
 
 
 def load_image(paths: Sequence[Path]) -> Any:
@@ -206,14 +207,29 @@ def is_label_image(img: Any) -> bool:
 
 
 def resample_onto(img: Any, reference: Any, interpolator: str, default_value: float) -> Any:
-    """``img`` resampled onto the grid of ``reference`` (identity transform: both in patient space)."""
+    """``img`` resampled onto the grid of ``reference`` (identity transform: both in patient space).
+
+    The pixel type is kept.  Integer images are interpolated in double precision, then rounded to the
+    nearest integer and clipped to the type's range (ITK's own cast truncates, and wraps the overshoot
+    of B-spline and sinc kernels).
+    """
+    import numpy as np
     import SimpleITK as sitk
 
     if img.GetDimension() != 3 or reference.GetDimension() != 3:
         raise DataError(f"only 3-D images are resampled (image {img.GetDimension()}-D, "
                         f"reference {reference.GetDimension()}-D)")
-    method = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
-    return sitk.Resample(img, reference, sitk.Transform(), method[interpolator], default_value, img.GetPixelID())
+    method = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline,
+              "sinc": sitk.sitkHammingWindowedSinc}
+    dtype = sitk.GetArrayViewFromImage(img).dtype
+    if interpolator == "nearest" or not np.issubdtype(dtype, np.integer):
+        return sitk.Resample(img, reference, sitk.Transform(), method[interpolator], default_value, img.GetPixelID())
+    values = sitk.Resample(img, reference, sitk.Transform(), method[interpolator], default_value, sitk.sitkFloat64)
+    info = np.iinfo(dtype)
+    rounded = np.clip(np.rint(sitk.GetArrayViewFromImage(values)), info.min, info.max).astype(dtype)
+    out = sitk.GetImageFromArray(rounded)
+    out.CopyInformation(values)
+    return out
 
 
 def overlaps(img: Any, reference: Any) -> bool:

@@ -1,14 +1,22 @@
 """Segmentations: label masks → DICOM SEG (highdicom), and DICOM SEG / RTSTRUCT → masks.
 
-Masks are always returned in the full geometry of the referenced image series (every slice,
-empty ones included), as SimpleITK images in LPS, voxel (i, j, k) = column, row, slice as
-:mod:`kaapcli.core.volume` lays them out.
+Masks are returned in the full geometry of the referenced image series (every slice, empty
+ones included) when that series is given or found; otherwise in the SEG's own geometry (its
+frames' positions, as dcmqi's segimage2itkimage and highdicom do).  SimpleITK images in LPS,
+voxel (i, j, k) = column, row, slice as :mod:`kaapcli.core.volume` lays them out.
+
+SEG types: BINARY, FRACTIONAL (probabilities kept as float in [0, 1], or thresholded on request;
+never binarized silently) and label-map SEGs (Label Map Segmentation Storage, pixel value =
+segment number).
+
+Never: sizes a volume from header values unchecked (a SEG's own grid is bounded), or resamples
+frames that lie off the grid (they are refused with the reason).
 
 Public API (stable; other operators import it):
 
 - ``reference_from(paths) -> Reference``: the image grid of a referenced series (headers only).
-- ``read_segments(path, reference_paths) -> tuple[list[Mask], list[str]]``: SEG or RTSTRUCT
-  → one binary mask per segment / ROI, plus warnings.
+- ``read_segments(path, reference_paths, *, threshold=0.5) -> tuple[list[Mask], list[str]]``: SEG or
+  RTSTRUCT → one mask per segment / ROI, plus warnings (``threshold=None``: FRACTIONAL kept as float).
 - ``seg_to_masks(seg_path, reference_paths) -> dict[str, sitk.Image]``: label name → mask.
 - ``masks_to_seg(mask_paths, reference_paths, dest, ...) -> list[str]``: write a binary SEG.
 """
@@ -31,8 +39,12 @@ from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
 from kaapcli.exitcodes import DataError
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage (Supplement 243)
+SEG_CLASSES = (SEG_STORAGE, LABELMAP_SEG_STORAGE)
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 GRID_TOL = 1e-3  # mm / direction cosine: grids closer than this are the same grid
+MAX_OWN_SLICES = 20000  # a SEG's own grid: more slices than this is a hostile or broken header
+MAX_OWN_VOXELS = 2**31
 
 
 # --------------------------------------------------------------------------- reference grid
@@ -43,6 +55,7 @@ class Reference:
 
     stack: volume.Stack
     geometry: volume.Geometry
+    own: bool = False  # the SEG's own grid (no image series), not a referenced series
 
     @property
     def size(self) -> tuple[int, int, int]:  # (columns, rows, slices), ITK order
@@ -134,13 +147,23 @@ class Mask:
     number: int  # SegmentNumber / ROINumber: the label value
     name: str
     reference: Reference
-    planes: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)  # (slice, row, column, bool 2-D)
+    planes: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)  # (slice, row, column, 2-D)
+
+    @property
+    def fractional(self) -> bool:
+        """Planes hold probabilities (float32 in [0, 1]), not booleans."""
+        return any(p.dtype != bool for *_, p in self.planes)
 
     def paint(self, target: np.ndarray, value: Any = True) -> int:
-        """Set this mask's voxels of ``target`` (slices, rows, columns) to ``value``; returns how many were set."""
+        """Set this mask's voxels of ``target`` (slices, rows, columns) to ``value`` (probability planes: their
+        values, the larger where frames meet); returns how many already non-zero voxels were set."""
         overlap = 0
         for k, r, c, pixels in self.planes:
             region = target[k, r:r + pixels.shape[0], c:c + pixels.shape[1]]
+            if pixels.dtype != bool:
+                overlap += int(np.count_nonzero(region[pixels > 0]))
+                np.maximum(region, pixels, out=region)
+                continue
             overlap += int(np.count_nonzero(region[pixels]))
             region[pixels] = value
         return overlap
@@ -176,21 +199,88 @@ def referenced_series(ds: Any) -> str:
 
 
 def read_segments(path: Path, reference_paths: Sequence[Path] | None = None, *,
-                  roots: Sequence[Path] = ()) -> tuple[list[Mask], list[str]]:
+                  roots: Sequence[Path] = (), threshold: float | None = 0.5, own_grid: bool = True,
+                  ) -> tuple[list[Mask], list[str]]:
     """A SEG's segments or an RTSTRUCT's ROIs as masks on the referenced grid, plus warnings.
 
-    The reference is ``reference_paths`` when given, else searched under ``roots`` or beside ``path``.
+    The reference is ``reference_paths`` when given, else searched under ``roots`` or beside ``path``;
+    a SEG whose reference is not found uses its own frames' grid (``own_grid``; an RTSTRUCT has none).
+    ``threshold``: FRACTIONAL voxels with a probability >= it are in the segment; None keeps the values.
     """
     ds = dicom.read(path)
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class not in (SEG_STORAGE, RTSTRUCT_STORAGE):
+    if sop_class not in (*SEG_CLASSES, RTSTRUCT_STORAGE):
         raise DataError(f"not a DICOM SEG or RTSTRUCT (Modality {ds.get('Modality', '?')})")
-    uid = referenced_series(ds)
-    paths = list(reference_paths) if reference_paths else find_reference(uid, path, roots)
-    reference = reference_from(paths, uid if not reference_paths else None)
-    if sop_class == SEG_STORAGE:
-        return _seg_masks(ds, path, reference)
-    return _rtstruct_masks(ds, reference)
+    warnings: list[str] = []
+    uid = referenced_series(ds) if sop_class == RTSTRUCT_STORAGE or not own_grid else _referenced_or_empty(ds)
+    if reference_paths:
+        reference = reference_from(reference_paths)
+    else:
+        try:
+            if not uid:
+                raise DataError("the SEG names no referenced series")
+            reference = reference_from(find_reference(uid, path, roots), uid)
+        except DataError as exc:
+            if sop_class == RTSTRUCT_STORAGE or not own_grid:
+                raise
+            reference = own_reference(ds, path)
+            warnings.append(f"{exc.message.split(' (searched')[0]}: masks on the SEG's own grid "
+                            f"({'x'.join(map(str, reference.size))})")
+    if sop_class in SEG_CLASSES:
+        masks, notes = _seg_masks(ds, path, reference, threshold)
+    else:
+        masks, notes = _rtstruct_masks(ds, reference)
+    return masks, warnings + notes
+
+
+def _referenced_or_empty(ds: Any) -> str:
+    try:
+        return referenced_series(ds)
+    except DataError:
+        return ""
+
+
+def own_reference(ds: Any, path: Path) -> Reference:
+    """The grid a SEG's own frames span (as dcmqi segimage2itkimage / highdicom): their orientation and pixel
+    spacing, slices from the lowest frame position to the highest along the normal, spaced by
+    SpacingBetweenSlices when the SEG says it, else by the smallest gap between frame positions."""
+    import dataclasses
+
+    frames = volume.frames_of(ds, path)
+    first = frames[0]
+    if any(np.max(np.abs(np.asarray(f.orientation) - first.orientation)) > GRID_TOL for f in frames):
+        raise DataError("SEG frames have several orientations: no single grid without a reference",
+                        hint="pass --reference DIR holding the referenced image series")
+    normal = first.normal
+    d = np.array([np.dot(f.position, normal) for f in frames])
+    distinct = np.unique(np.round(d / volume.POSITION_TOL)) * volume.POSITION_TOL
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    measures = (shared.get("PixelMeasuresSequence") or [None])[0] if shared is not None else None
+    declared = measures.get("SpacingBetweenSlices") if measures is not None else None
+    try:
+        dz = float(declared) if declared not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        dz = 0.0
+    if not (np.isfinite(dz) and dz > 0):
+        dz = float(np.min(np.diff(distinct))) if len(distinct) > 1 else float(
+            (measures.get("SliceThickness") if measures is not None else None) or 1.0)
+    steps = (distinct - distinct[0]) / dz
+    if np.max(np.abs(steps - np.rint(steps))) > 0.01:
+        raise DataError(f"SEG frame positions are not on a regular {dz:g} mm grid: no single grid without a reference",
+                        hint="pass --reference DIR holding the referenced image series")
+    n = int(np.rint(steps[-1])) + 1
+    if n > MAX_OWN_SLICES or n * first.rows * first.columns > MAX_OWN_VOXELS:
+        raise DataError(f"SEG frames span {n} slices of {first.rows}x{first.columns} at {dz:g} mm: too large a grid")
+    origin = np.asarray(frames[int(np.argmin(d))].position, dtype=float)
+    points = [origin + k * dz * normal for k in range(n)]
+    slices = [dataclasses.replace(first, index=k, position=(float(x), float(y), float(z)))
+              for k, (x, y, z) in enumerate(points)]
+    stack = volume.Stack(_referenced_or_empty(ds) or str(ds.get("SeriesInstanceUID", "")), slices)
+    o = np.asarray(first.orientation, dtype=float)
+    geometry = volume.Geometry(origin, np.column_stack([o[:3], o[3:], normal]),
+                               (first.spacing[1], first.spacing[0], dz), origin @ normal + np.arange(n) * dz,
+                               np.array([f.position for f in slices]))
+    return Reference(stack, geometry, own=True)
 
 
 def seg_to_masks(seg_path: Path, reference_paths: Sequence[Path] | None = None) -> dict[str, Any]:
@@ -199,11 +289,14 @@ def seg_to_masks(seg_path: Path, reference_paths: Sequence[Path] | None = None) 
     return {m.name: m.image() for m in masks}
 
 
-def _seg_frames(ds: Any) -> Any:
-    """Frame f of a SEG as a boolean array, decoded on demand (BINARY native data unpacked per frame)."""
+def _seg_frames(ds: Any, threshold: float | None = 0.5) -> Any:
+    """Frame f of a SEG as an array, decoded on demand (BINARY native data unpacked per frame): bool for BINARY
+    (and FRACTIONAL with a ``threshold``), float32 probabilities in [0, 1] for FRACTIONAL without one, segment
+    numbers for a LABELMAP SEG."""
     rows, columns = int(ds.Rows), int(ds.Columns)
     count = int(ds.get("NumberOfFrames") or 1)
-    binary = str(ds.get("SegmentationType", "BINARY")) == "BINARY"
+    kind = str(ds.get("SegmentationType", "BINARY")).upper()
+    binary = kind == "BINARY"
     native = not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or \
         not ds.file_meta.TransferSyntaxUID.is_compressed
     if binary and native and int(ds.get("BitsAllocated", 1)) == 1 and (rows * columns) % 8 == 0:
@@ -224,31 +317,45 @@ def _seg_frames(ds: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - a decoder failure is bad data
         reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise DataError(f"cannot decode SEG pixel data: {reason}") from None
-    if not binary:  # FRACTIONAL: a probability/occupancy map; voxels over one half are in the segment
-        frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
-    frames = frames.astype(bool)
+    if kind == "LABELMAP":
+        return frames.shape[0], lambda f: frames[f] if frames[f].any() else None
+    if kind == "FRACTIONAL":  # a probability / occupancy map, stored 0..MaximumFractionalValue
+        try:
+            top = float(ds.get("MaximumFractionalValue") or 255)
+        except (TypeError, ValueError):
+            top = 255.0
+        if not (np.isfinite(top) and top > 0):
+            raise DataError(f"invalid MaximumFractionalValue {ds.get('MaximumFractionalValue')!r}")
+        scaled = frames.astype(np.float32) / np.float32(top)
+        frames = scaled >= threshold if threshold is not None else np.minimum(scaled, 1)
+    else:
+        frames = frames.astype(bool)
     return frames.shape[0], lambda f: frames[f] if frames[f].any() else None
 
 
-def _seg_masks(ds: Any, path: Path, ref: Reference) -> tuple[list[Mask], list[str]]:
+def _seg_masks(ds: Any, path: Path, ref: Reference, threshold: float | None = 0.5) -> tuple[list[Mask], list[str]]:
     warnings: list[str] = []
-    count, frame_pixels = _seg_frames(ds)
+    count, frame_pixels = _seg_frames(ds, threshold)
+    labelmap = str(ds.get("SegmentationType", "")).upper() == "LABELMAP"
     geometry = volume.frames_of(ds, path)
     if len(geometry) != count:
         raise DataError(f"SEG has {count} frames of pixel data but {len(geometry)} frame descriptions")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "") or f"segment_{s.SegmentNumber}")
                 for s in ds.get("SegmentSequence") or []}
+    if labelmap:
+        segments.pop(0, None)  # pixel value 0 is "no segment" (dcmqi's label maps list it as Background)
     masks = {n: Mask(n, name, ref) for n, name in segments.items()}
     ref_orientation = ref.geometry.direction[:, :2].T.flatten()
     n_slices, rows, columns = ref.shape
     positions = ref.to_index(np.asarray([frame.position for frame in geometry]))
     outside = 0
+    unknown: set[int] = set()
     for f, frame in enumerate(geometry):
         item = per_frame[f] if f < len(per_frame) else None
         ident = item.get("SegmentIdentificationSequence") if item is not None else None
         number = int(ident[0].ReferencedSegmentNumber) if ident else 1
-        if number not in masks:
+        if number not in masks and not labelmap:
             raise DataError(f"frame {f + 1} references segment {number}, not in SegmentSequence")
         if (np.max(np.abs(np.asarray(frame.orientation) - ref_orientation)) > GRID_TOL
                 or abs(frame.spacing[0] - ref.geometry.spacing[1]) > GRID_TOL
@@ -268,10 +375,21 @@ def _seg_masks(ds: Any, path: Path, ref: Reference) -> tuple[list[Mask], list[st
         # frames may be cropped or shifted on the grid: keep the part inside the image
         r0, c0 = max(jj, 0), max(ii, 0)
         r1, c1 = min(jj + pixels.shape[0], rows), min(ii + pixels.shape[1], columns)
-        if r1 > r0 and c1 > c0:
-            masks[number].planes.append((kk, r0, c0, pixels[r0 - jj:r1 - jj, c0 - ii:c1 - ii]))
+        if r1 <= r0 or c1 <= c0:
+            continue
+        crop = pixels[r0 - jj:r1 - jj, c0 - ii:c1 - ii]
+        if labelmap:  # one frame holds every segment: pixel value = segment number (0 = none)
+            for value in np.unique(crop):
+                if value and int(value) in masks:
+                    masks[int(value)].planes.append((kk, r0, c0, crop == value))
+                elif value:
+                    unknown.add(int(value))
+        else:
+            masks[number].planes.append((kk, r0, c0, crop))
     if outside:
         warnings.append(f"{outside} non-empty SEG frame(s) outside series {ref.stack.series_uid}: dropped")
+    if unknown:
+        warnings.append(f"label map values {sorted(unknown)} are not in SegmentSequence: ignored")
     result = [masks[n] for n in sorted(masks)]
     warnings += [f"segment {m.number} ({m.name}) is empty" for m in result if m.empty()]
     return result, warnings
@@ -563,28 +681,32 @@ class Seg2ItkOperator(BaseOperator):
     only: tuple[str, ...] = ()  # segment names or numbers to keep (lower case); empty = all
     reference: Path | None = None
     roots: tuple[Path, ...] = ()  # where to look for referenced series when --reference is not given
+    fmt: str = "nii.gz"  # nii.gz | nii | nrrd
+    threshold: float | None = None  # FRACTIONAL: binarize at this probability; None keeps the probabilities
 
     name = "seg2itk"
     supports_dry_run = True
+    input_kind = "DICOM SEG or RTSTRUCT"
 
     def options(self) -> dict[str, Any]:
         return {"labelmap": self.labelmap, "only": list(self.only),
-                "reference": str(self.reference) if self.reference else None}
+                "reference": str(self.reference) if self.reference else None, "fmt": self.fmt,
+                "threshold": self.threshold}
 
     def accepts(self, path: Path) -> bool:
-        return fsio.is_dicom(path) and _sop_class(path) in (SEG_STORAGE, RTSTRUCT_STORAGE)
+        return fsio.is_dicom(path) and _sop_class(path) in (*SEG_CLASSES, RTSTRUCT_STORAGE)
 
     def _segments(self, path: Path) -> tuple[list[Mask], list[str]]:
         if self.reference is None:
-            return read_segments(path, roots=self.roots)
+            return read_segments(path, roots=self.roots, threshold=self.threshold)
         try:
-            return read_segments(path, roots=(self.reference,))
+            return read_segments(path, roots=(self.reference,), threshold=self.threshold, own_grid=False)
         except DataError as exc:
             series = _series_index(self.reference.resolve())
             if "not found" not in exc.message or len(series) != 1:
                 raise
             (uid, paths), = series.items()  # the only series there: use it, but say so
-            masks, warnings = read_segments(path, list(paths))
+            masks, warnings = read_segments(path, list(paths), threshold=self.threshold)
             return masks, [f"referenced series not in {self.reference}; using its only series {uid}", *warnings]
 
     def process(self, item: Item, ctx: Context) -> Outcome:
@@ -601,8 +723,12 @@ class Seg2ItkOperator(BaseOperator):
             raise DataError(f"no segment left to write{suffix}")
         stem = path.name[:-4] if path.name.lower().endswith(".dcm") else path.name
         ref = masks[0].reference
-        outputs = [ctx.out / f"{stem}.nii.gz"] if self.labelmap else [
-            ctx.out / f"{stem}--{m.number}--{fsio.safe_name(m.name)}.nii.gz" for m in masks]
+        fractional = any(m.fractional for m in masks)
+        if self.labelmap and fractional:
+            raise DataError("a FRACTIONAL SEG holds probabilities, not labels: no label map without a threshold",
+                            hint="add --threshold 0.5 (or drop --labelmap to keep the probabilities as float)")
+        outputs = [ctx.out / f"{stem}.{self.fmt}"] if self.labelmap else [
+            ctx.out / f"{stem}--{m.number}--{fsio.safe_name(m.name)}.{self.fmt}" for m in masks]
         meta_path = ctx.out / f"{stem}-meta.json"
         if ctx.dry_run:
             return Outcome(message="would write " + ", ".join(str(p) for p in [*outputs, meta_path]))
@@ -616,11 +742,17 @@ class Seg2ItkOperator(BaseOperator):
                                     "it wins there")
             volume.write_image(ref.image(labels), outputs[0])
         else:
-            head = volume.nifti_header(ref.image(np.zeros((1, 1, 1), np.uint8), size=ref.size))
+            heads: dict[Any, bytes] = {}
             for m, dest in zip(masks, outputs, strict=True):
-                voxels = np.zeros(ref.shape, dtype=np.uint8)
+                kind = "float32" if m.fractional else "uint8"
+                voxels = np.zeros(ref.shape, dtype=kind)
                 m.paint(voxels, 1)
-                volume.write_nifti(head, voxels, dest)
+                if self.fmt == "nrrd":
+                    volume.write_image(ref.image(voxels), dest)
+                    continue
+                if kind not in heads:
+                    heads[kind] = volume.nifti_header(ref.image(np.zeros((1, 1, 1), kind), size=ref.size))
+                volume.write_nifti(heads[kind], voxels, dest)
         header = dicom.read(path, stop_before_pixels=True)
         algorithms = {str(s.SegmentAlgorithmName) for s in header.get("SegmentSequence") or []
                       if s.get("SegmentAlgorithmName")}
@@ -630,6 +762,9 @@ class Seg2ItkOperator(BaseOperator):
             "Modality": str(header.get("Modality", "")),
             "SeriesInstanceUID": str(header.get("SeriesInstanceUID", "")),
             "ReferencedSeriesInstanceUID": ref.stack.series_uid,
+            "geometry": "SEG frames" if ref.own else "referenced series",
+            "SegmentationType": str(header.get("SegmentationType", "")),
+            **({"values": "probability 0..1"} if fractional else {}),
             "labelmap": self.labelmap,
             "files": [p.name for p in outputs],
         })

@@ -4,8 +4,9 @@ Inputs are the JSON of ``kaapcli radiomics`` (``{mask_name: {label_name: {featur
 or the dcmqi ``tid1500writer`` document Kaapana's Json2DcmSR operator builds
 (``{"Measurements": [{"ReferencedSegment": n, "measurementItems": [...]}]}``).  Each (mask, label)
 becomes one TID 1411 Volumetric ROI measurement group that references its SEG segment and the
-source series.  Feature names map to standard codes where DICOM has one (see :data:`STANDARD`);
-other features get a code of the private scheme ``99KAAPCLI`` whose meaning is the feature name.
+source series.  Feature names map to standard codes where DICOM has one (see :data:`STANDARD`: the
+IBSI-coded concepts of CID 7469 for morphology, so mesh volume RNU0 and voxel-count volume YEKZ stay
+apart); other features get a code of the private scheme ``99KAAPCLI`` whose meaning is the feature name.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ SERIES_NUMBER = 950
 
 # (CodeValue, CodingSchemeDesignator, CodeMeaning)
 CodeTuple = tuple[str, str, str]
-VOLUME: CodeTuple = ("118565006", "SCT", "Volume")
+VOLUME: CodeTuple = ("118565006", "SCT", "Volume")  # how it was measured unknown
+# IBSI-coded morphology features of CID 7469 "Generic Intensity and Size Measurements" (scheme IBSI, PS3.16)
+MESH_VOLUME: CodeTuple = ("RNU0", "IBSI", "Volume of Mesh")
+VOXEL_VOLUME: CodeTuple = ("YEKZ", "IBSI", "Volume from Voxel Summation")
+MESH_AREA: CodeTuple = ("C0JK", "IBSI", "Surface Area of Mesh")
 AREA: CodeTuple = ("42798000", "SCT", "Area")
 MAJOR_AXIS: CodeTuple = ("131187009", "SCT", "Major Axis")
 MINOR_AXIS: CodeTuple = ("131188004", "SCT", "Minor Axis")
@@ -40,6 +45,7 @@ MM2: CodeTuple = ("mm2", "UCUM", "square millimeter")
 MM: CodeTuple = ("mm", "UCUM", "millimeter")
 HU: CodeTuple = ("[hnsf'U]", "UCUM", "Hounsfield unit")
 NO_UNITS: CodeTuple = ("1", "UCUM", "no units")
+PER_MM: CodeTuple = ("/mm", "UCUM", "per millimeter")
 UNKNOWN_UNIT: CodeTuple = ("{unit}", "UCUM", "unit")
 
 # Derivations of CID 7464 "General Region of Interest Measurement Modifiers".
@@ -58,13 +64,28 @@ DERIVATIONS: dict[str, CodeTuple] = {
 UNITLESS_DERIVATIONS = {"skewness", "kurtosis"}
 
 # Shape features: normalized name -> (concept, unit, derivation or None).
+# Names as kaapcli radiomics (IBSI's), pyradiomics (original_shape_*) and plain words write them.
 STANDARD: dict[str, tuple[CodeTuple, CodeTuple, CodeTuple | None]] = {
-    **dict.fromkeys(("volume", "volumemesh", "meshvolume", "volumevoxelcounting", "voxelvolume",
-                     "approximatevolume"), (VOLUME, MM3, None)),
-    **dict.fromkeys(("surfacearea", "surfaceareamesh"), (AREA, MM2, None)),
-    **dict.fromkeys(("majoraxislength", "majoraxis"), (MAJOR_AXIS, MM, None)),
-    **dict.fromkeys(("minoraxislength", "minoraxis"), (MINOR_AXIS, MM, None)),
-    **dict.fromkeys(("maximum3ddiameter", "maximumdiameter"), (DIAMETER, MM, DERIVATIONS["maximum"])),
+    "volume": (VOLUME, MM3, None),
+    **dict.fromkeys(("volumemesh", "meshvolume"), (MESH_VOLUME, MM3, None)),
+    **dict.fromkeys(("volumevoxelcounting", "voxelvolume", "approximatevolume"), (VOXEL_VOLUME, MM3, None)),
+    "surfacearea": (AREA, MM2, None),
+    "surfaceareamesh": (MESH_AREA, MM2, None),
+    **dict.fromkeys(("surfacetovolumeratio", "surfacevolumeratio"), (("2PR5", "IBSI", "Surface to Volume Ratio"),
+                                                                    PER_MM, None)),
+    "compactness2": (("BQWJ", "IBSI", "Compactness 2"), NO_UNITS, None),
+    "sphericaldisproportion": (("KRCK", "IBSI", "Spherical Disproportion"), NO_UNITS, None),
+    "sphericity": (("QCFX", "IBSI", "Sphericity"), NO_UNITS, None),
+    "asphericity": (("25C7", "IBSI", "Asphericity"), NO_UNITS, None),
+    "elongation": (("Q3CK", "IBSI", "Elongation"), NO_UNITS, None),
+    "flatness": (("N17B", "IBSI", "Flatness"), NO_UNITS, None),
+    "maximum3ddiameter": (("L0JK", "IBSI", "Maximum 3D Diameter of a Mesh"), MM, None),
+    "maximumdiameter": (DIAMETER, MM, DERIVATIONS["maximum"]),
+    "majoraxislength": (("TDIC", "IBSI", "Major Axis in 3D Length"), MM, None),
+    "minoraxislength": (("P9VJ", "IBSI", "Minor Axis in 3D Length"), MM, None),
+    "leastaxislength": (("7J51", "IBSI", "Least Axis in 3D Length"), MM, None),
+    "majoraxis": (MAJOR_AXIS, MM, None),
+    "minoraxis": (MINOR_AXIS, MM, None),
 }
 _PREFIX = re.compile(r"^(original|wavelet[-_a-z]*|log[-_.a-z0-9]*)_(shape|firstorder|shape2d)_", re.I)
 

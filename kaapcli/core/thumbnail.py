@@ -3,12 +3,15 @@
 - slice: the middle one along the slice normal (ImagePositionPatient), else by InstanceNumber;
   a multi-frame object shows its middle frame;
 - grey values: modality LUT (rescale), then the first WindowCenter/WindowWidth (DICOM's linear
-  VOI function), else a VOI LUT, else the 1st..99th percentile; MONOCHROME1 is inverted;
+  VOI function), else a VOI LUT, else the 1st..99th percentile; MONOCHROME1 is inverted.  Enhanced
+  (multi-frame) objects take rescale and window of the shown frame from their functional groups
+  (Pixel Value Transformation, Frame VOI LUT: per-frame, then shared);
   colour (RGB, YBR_* — pydicom converts to RGB — and PALETTE COLOR) is shown as is;
 - size: the longest side is ``size`` pixels, the other follows PixelSpacing (or PixelAspectRatio);
 - SEG / RTSTRUCT: the referenced image slice with the most labelled voxels, each segment / ROI a
-  distinct colour, semi-transparent fill (overlaps mix) and an opaque outline.  Masks come from
-  ``core.seg``, which finds the referenced series in ``reference`` or beside the SEG/RTSTRUCT.
+  distinct colour, semi-transparent fill (overlaps mix) and an opaque outline, and a legend (colour,
+  number, label) in the lower left corner.  Masks come from ``core.seg``, which finds the referenced
+  series in ``reference`` or beside the SEG/RTSTRUCT.
 """
 
 from __future__ import annotations
@@ -66,8 +69,21 @@ def frame_pixels(ds: Any, frame: int | None = None) -> Any:
     return arr
 
 
-def to_display(ds: Any, arr: Any) -> Any:
-    """Stored pixels → uint8 grey (rows, columns) or RGB (rows, columns, 3) for display."""
+def frame_groups(ds: Any, frame: int | None) -> list[Any]:
+    """The functional groups of the shown frame (the middle one by default) of an enhanced object, or []."""
+    from kaapcli.core.volume import functional_groups
+
+    return functional_groups(ds, int(ds.get("NumberOfFrames") or 1) // 2 if frame is None else frame)
+
+
+def _group_value(groups: list[Any], sequence: str, keyword: str) -> Any:
+    from kaapcli.core.volume import fg_attr
+
+    return fg_attr(groups, sequence, keyword)
+
+
+def to_display(ds: Any, arr: Any, frame: int | None = None) -> Any:
+    """Stored pixels (of ``frame``, the middle one by default) → uint8 grey (rows, columns) or RGB for display."""
     import numpy as np
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -78,8 +94,17 @@ def to_display(ds: Any, arr: Any) -> Any:
     if arr.ndim == 3:  # RGB (pydicom has already converted YBR_* to RGB)
         top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
         return arr.astype(np.uint8) if top == 255 else np.clip(arr / top * 255, 0, 255).astype(np.uint8)
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
+    groups = frame_groups(ds, frame)
+    slope = first_value(_group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = first_value(_group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
+    if slope is not None and intercept is not None:  # enhanced objects: the modality LUT of this frame
+        values = arr.astype(np.float64) * slope + intercept
+    else:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+    center = first_value(_group_value(groups, "FrameVOILUTSequence", "WindowCenter"))
+    width = first_value(_group_value(groups, "FrameVOILUTSequence", "WindowWidth"))
+    if center is None or width is None:
+        center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
     if center is not None and width is not None and width >= 1:
         # DICOM PS3.3 C.11.2.1.2.1 linear window
         scaled = ((values - (center - 0.5)) / max(width - 1, 1) + 0.5).clip(0, 1)
@@ -106,7 +131,8 @@ def first_value(value: Any) -> float | None:
 
 def display_size(ds: Any, rows: int, columns: int, size: int) -> tuple[int, int]:
     """(width, height) with the longest side ``size`` and the physical aspect of the pixels."""
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    spacing = (ds.get("PixelSpacing") or _group_value(frame_groups(ds, None), "PixelMeasuresSequence", "PixelSpacing")
+               or ds.get("ImagerPixelSpacing"))
     try:
         dy, dx = (float(v) for v in spacing) if spacing else (float(v) for v in ds.PixelAspectRatio)
     except (AttributeError, TypeError, ValueError):
@@ -142,6 +168,39 @@ def overlay(base: Any, masks: list[tuple[int, Any]]) -> Any:
     for colour, m in resized:
         out[m & ~binary_erosion(m)] = colour
     return Image.fromarray(np.rint(out).astype(np.uint8))
+
+
+def legend(image: Any, entries: list[tuple[int, str]]) -> Any:
+    """A legend drawn in the lower left corner: one line per segment (colour swatch, number, label) on a
+    translucent dark box; lines that do not fit in half the image height end in "+N more"."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not entries:
+        return image
+    size = max(8, round(min(image.size) / 22))
+    font = ImageFont.load_default(size=size)
+    line = size + max(2, size // 3)
+    fits = max(1, (image.size[1] // 2) // line)
+    shown = entries if len(entries) <= fits else entries[: fits - 1]
+    texts = [f"{number} {name}"[:40] for number, name in shown]
+    if len(shown) < len(entries):
+        texts.append(f"+{len(entries) - len(shown)} more")
+    draw = ImageDraw.Draw(image)
+    width = max(draw.textlength(t, font=font) for t in texts) + size + 3 * (size // 3 + 2)
+    width = min(width, image.size[0])
+    top = image.size[1] - len(texts) * line - size // 3 - 2
+    box = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    ImageDraw.Draw(box).rectangle((0, top, width, image.size[1]), fill=(0, 0, 0, 160))
+    image = Image.alpha_composite(image.convert("RGBA"), box).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    pad = size // 3 + 2
+    for k, text in enumerate(texts):
+        y = top + pad + k * line
+        if k < len(shown):
+            colour = PALETTE[(shown[k][0] - 1) % len(PALETTE)]
+            draw.rectangle((pad, y, pad + size - 1, y + size - 1), fill=colour)
+        draw.text((2 * pad + size, y), text, fill=(255, 255, 255), font=font)
+    return image
 
 
 class NotAnImage(Exception):
@@ -205,7 +264,8 @@ class ThumbnailOperator(BaseOperator):
 
         from kaapcli.core.seg import read_segments
 
-        masks, seg_warnings = read_segments(seg_path, roots=[self.reference] if self.reference else [])
+        masks, seg_warnings = read_segments(seg_path, roots=[self.reference] if self.reference else [],
+                                            own_grid=False)  # the overlay needs the image slices
         warnings.extend(seg_warnings)
         if not masks:
             raise DataError(f"{seg_path}: no segments")
@@ -213,6 +273,7 @@ class ThumbnailOperator(BaseOperator):
         best = int(np.argmax(counts))
         frame = masks[0].reference.stack.frames[best]
         ds = dicom.read(frame.path)
-        base = to_display(ds, frame_pixels(ds, frame.index))
+        base = to_display(ds, frame_pixels(ds, frame.index), frame.index)
         image = render(base, *display_size(ds, base.shape[0], base.shape[1], self.size))
-        return overlay(image, [(m.number, m.array[best]) for m in masks])
+        image = overlay(image, [(m.number, m.array[best]) for m in masks])
+        return legend(image, [(m.number, m.name) for m in masks])

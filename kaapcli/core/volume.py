@@ -7,13 +7,26 @@ temporal position), and a stack becomes one :class:`Volume`: a SimpleITK image i
 space whose voxel (i, j, k) is column i, row j of the k-th slice sorted along the slice
 normal (``row cosine × column cosine``), exactly as ITK, MITK and Kaapana lay them out.
 
+A Siemens MOSAIC image (ImageType ...\\MOSAIC) is one file holding a whole volume as tiles: it
+is unpacked into NumberOfImagesInMosaic frames (from the CSA image header, read with nibabel's
+CSA reader), placed as dcm2niix places them: ImagePositionPatient is corrected from the corner of
+the mosaic to the first tile, and tiles run along the CSA SliceNormalVector.
+
+With ``four_d=True``, stacks of one series that repeat the same slice positions (an fMRI time
+series, the volumes of a diffusion series: acquisition / temporal position / b-value) become one
+4-D volume, as dcm2niix writes them; otherwise each is its own 3-D stack.  Per volume, the b-value
+and gradient direction (LPS) are kept for ``.bval``/``.bvec`` files.
+
 A stack with irregular spacing, missing slices or a gantry tilt is refused with a
 :class:`DataError` naming the reason, unless ``resample=True`` puts it on a regular grid.
 
+Never: guesses a mosaic's slice count, or sizes an allocation from a header value it has not
+checked against the pixel matrix.
+
 Public API (stable; other operators import it):
 
-- ``split_stacks(paths) -> list[Stack]``: headers only, no pixel decoding.
-- ``load_series(paths, *, resample=False) -> list[Volume]``: every stack of a series.
+- ``split_stacks(paths, *, four_d=False) -> list[Stack]``: headers only, no pixel decoding.
+- ``load_series(paths, *, resample=False, four_d=False) -> list[Volume]``: every stack of a series.
 - ``load_stack(stack, *, resample=False) -> Volume``.
 - ``write_image(image, dest, *, level=1) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer;
   ``write_nifti(nifti_header(image), array, dest)`` writes arrays on one grid without SimpleITK images.
@@ -22,6 +35,8 @@ Public API (stable; other operators import it):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
 import math
 import os
@@ -38,6 +53,7 @@ import numpy as np
 from kaapcli.core import dicom, fsio
 from kaapcli.exitcodes import DataError
 
+MAX_MOSAIC_TILES = 1024  # Siemens mosaics hold at most a few hundred slices: more is a hostile or broken header
 ORIENTATION_TOL = 1e-3  # direction cosines closer than this are the same orientation
 POSITION_TOL = 1e-2  # mm: slice positions and in-plane offsets closer than this are equal
 
@@ -61,6 +77,19 @@ class Frame:
     echo: str  # echo number / effective echo time, "" when not MR
     acquisition: str  # acquisition number / temporal position: splits stacks with duplicated positions
     stack_id: str  # FrameContentSequence StackID of enhanced objects
+    mosaic: int = 0  # Siemens mosaic: tiles per mosaic row, ``index`` is the tile; 0 otherwise
+    bvalue: float | None = None  # diffusion b-value (s/mm²), None when the header gives none
+    gradient: tuple[float, float, float] | None = None  # diffusion gradient direction, LPS patient axes
+    slice_time: float | None = None  # ms from the start of the volume (Siemens MosaicRefAcqTimes)
+    instance: float = 0.0  # InstanceNumber: orders volumes within one acquisition number
+
+    @property
+    def volume_key(self) -> tuple[str, str, str]:
+        """What tells apart the volumes of a series that repeat the same slice positions (a mosaic file is a
+        whole volume by itself)."""
+        bvec = "" if self.gradient is None else ",".join(f"{v:.5f}" for v in self.gradient)
+        weighting = "" if self.bvalue is None and not bvec else f"b{self.bvalue}:{bvec}"
+        return self.acquisition, weighting, self.sop_uid if self.mosaic else ""
 
     @property
     def normal(self) -> np.ndarray:
@@ -73,12 +102,22 @@ class Stack:
     """Frames of one series forming one volume, sorted along the slice normal."""
 
     series_uid: str
-    frames: list[Frame]
+    frames: list[Frame]  # volume after volume, each sorted along the normal
     suffix: str = ""  # "" when the series holds one stack; else e.g. "_e2", "_a3", "_sag"
+    volumes: int = 1  # > 1: a 4-D stack of ``volumes`` volumes on one grid
 
     @property
     def label(self) -> str:
         return self.series_uid + self.suffix
+
+    @property
+    def slices(self) -> list[Frame]:
+        """The frames of the first volume: the stack's grid."""
+        return self.frames[: len(self.frames) // self.volumes]
+
+    def volume_frames(self, v: int) -> list[Frame]:
+        n = len(self.frames) // self.volumes
+        return self.frames[v * n:(v + 1) * n]
 
 
 @dataclass
@@ -86,7 +125,9 @@ class Volume:
     """One stack as a SimpleITK image (LPS, rescaled values) plus what it came from.
 
     ``frames[k]`` is the source of slice k, unless ``resampled`` (then ``frames`` are the
-    sorted source frames and slices are interpolated between them).
+    sorted source frames and slices are interpolated between them).  A 4-D stack is a 4-D
+    image (size columns, rows, slices, volumes; the 4th spacing is RepetitionTime in s, or 1)
+    and ``frames`` runs volume after volume.
     """
 
     image: Any  # SimpleITK.Image
@@ -96,6 +137,11 @@ class Volume:
     header: Any  # pydicom Dataset of the first frame's file, without pixel data
     warnings: list[str] = field(default_factory=list)
     resampled: bool = False
+    volumes: int = 1
+
+    @property
+    def slices(self) -> list[Frame]:
+        return self.frames[: len(self.frames) // self.volumes]
 
 
 # --------------------------------------------------------------------------- reading frames
@@ -105,7 +151,14 @@ def _seq_item(ds: Any, keyword: str) -> Any:
     return seq[0] if seq else None
 
 
-def _fg_attr(groups: Sequence[Any], seq_keyword: str, attr: str) -> Any:
+def functional_groups(ds: Any, index: int) -> list[Any]:
+    """The functional groups of frame ``index`` of an enhanced object: per-frame first, then shared (or [])."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    return [g for g in (per_frame[index] if 0 <= index < len(per_frame) else None, shared) if g is not None]
+
+
+def fg_attr(groups: Sequence[Any], seq_keyword: str, attr: str) -> Any:
     """``attr`` from the first functional group (per-frame, then shared) holding ``seq_keyword``."""
     for group in groups:
         if group is None:
@@ -126,8 +179,117 @@ def _floats(value: Any, n: int, what: str, path: Path) -> tuple[float, ...]:
     return out
 
 
+def siemens_csa(ds: Any) -> dict[str, Any] | None:
+    """The Siemens CSA image header (0029,xx10) as nibabel reads it, or None when absent or unreadable."""
+    if (0x0029, 0x0010) not in ds:
+        return None
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *wrappers* are experimental
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader
+    try:
+        return csareader.get_csa_header(ds, "image")
+    except Exception:  # noqa: BLE001 - a damaged private header is treated as missing, never trusted
+        return None
+
+
+def csa_values(csa: dict[str, Any] | None, name: str) -> list[Any]:
+    item = (csa or {}).get("tags", {}).get(name) or {}
+    return list(item.get("items") or [])
+
+
+def _csa_float(csa: dict[str, Any] | None, name: str) -> float | None:
+    values = csa_values(csa, name)
+    try:
+        value = float(values[0]) if values else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _is_mosaic(ds: Any) -> bool:
+    return any(str(v).upper() == "MOSAIC" for v in (ds.get("ImageType") or []))
+
+
+@dataclass(frozen=True)
+class _Mosaic:
+    count: int  # tiles holding slices
+    per_row: int  # tiles per mosaic row (and column): ceil(sqrt(count))
+    rows: int  # of one tile
+    columns: int
+    normal: np.ndarray  # unit vector the tiles run along: ±(row cosine × column cosine), sign from the CSA
+    spacing: float  # mm between tiles
+
+
+def _mosaic_layout(ds: Any, path: Path, csa: dict[str, Any] | None, orientation: tuple[float, ...],
+                   rows: int, columns: int) -> _Mosaic:
+    """Tile count, size and slice direction of a Siemens mosaic (as dcm2niix: nii_dicom.cpp set_nii_header_x)."""
+    count = _csa_float(csa, "NumberOfImagesInMosaic")
+    if count is None:
+        private = ds.get((0x0019, 0x100A))  # Siemens' public copy of NumberOfImagesInMosaic
+        try:
+            count = float(private.value) if private is not None and private.VM == 1 else None
+        except (TypeError, ValueError):
+            count = None
+    if count is None or not count.is_integer() or count < 1:
+        raise DataError(f"{path}: Siemens MOSAIC without a usable NumberOfImagesInMosaic in its CSA header "
+                        f"({count if count is not None else 'missing'}): cannot unpack the tiles")
+    n = int(count)
+    if n > MAX_MOSAIC_TILES:
+        raise DataError(f"{path}: Siemens MOSAIC claims {n} images (at most {MAX_MOSAIC_TILES} are plausible)")
+    per_row = math.ceil(math.sqrt(n))
+    tile_rows, tile_columns = rows // per_row, columns // per_row
+    if tile_rows < 1 or tile_columns < 1:
+        raise DataError(f"{path}: Siemens MOSAIC of {rows}x{columns} pixels cannot hold {n} images")
+    o = np.asarray(orientation, dtype=float)
+    normal = np.cross(o[:3], o[3:])
+    csa_normal = csa_values(csa, "SliceNormalVector")
+    with contextlib.suppress(TypeError, ValueError):
+        if len(csa_normal) == 3 and float(np.dot(np.asarray(csa_normal, dtype=float), normal)) < 0:
+            normal = -normal  # tiles run opposite to row x column (e.g. Siemens sagittal, R>>L)
+    spacing = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
+    try:
+        dz = float(spacing)
+    except (TypeError, ValueError):
+        dz = float("nan")
+    if not math.isfinite(dz) or dz <= 0:
+        raise DataError(f"{path}: invalid SpacingBetweenSlices/SliceThickness {spacing!r} of a Siemens MOSAIC")
+    return _Mosaic(n, per_row, tile_rows, tile_columns, normal / np.linalg.norm(normal), dz)
+
+
+def _diffusion(ds: Any, groups: Sequence[Any], csa: dict[str, Any] | None
+               ) -> tuple[float | None, tuple[float, float, float] | None]:
+    """b-value and gradient direction (LPS): MR Diffusion Macro, then classic tags, then the Siemens CSA."""
+    bvalue = fg_attr(groups, "MRDiffusionSequence", "DiffusionBValue")
+    direction = None
+    for group in groups:
+        diff = _seq_item(group, "MRDiffusionSequence") if group is not None else None
+        grad = _seq_item(diff, "DiffusionGradientDirectionSequence") if diff is not None else None
+        if grad is not None and "DiffusionGradientOrientation" in grad:
+            direction = grad.DiffusionGradientOrientation
+            break
+    if bvalue is None:
+        bvalue = ds.get("DiffusionBValue")
+    if direction is None:
+        direction = ds.get("DiffusionGradientOrientation")
+    if bvalue is None:
+        bvalue = _csa_float(csa, "B_value")
+    if direction is None:
+        values = csa_values(csa, "DiffusionGradientDirection")
+        direction = values if len(values) == 3 else None
+    try:
+        b = float(bvalue) if bvalue not in (None, "") else None
+        g = tuple(float(v) for v in direction) if direction is not None else None
+    except (TypeError, ValueError):
+        return None, None
+    if b is not None and not (math.isfinite(b) and b >= 0):
+        b = None
+    if g is not None and (len(g) != 3 or not all(math.isfinite(v) for v in g)):
+        g = None
+    return b, g  # type: ignore[return-value]
+
+
 def frames_of(ds: Any, path: Path) -> list[Frame]:
-    """The image planes of one dataset, with their geometry (classic, enhanced and RT Dose objects)."""
+    """The image planes of one dataset, with their geometry (classic, enhanced, mosaic and RT Dose objects)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" not in ds:
         raise DataError(f"{path}: not an image (no pixel data; SOP class {ds.get('SOPClassUID', '?')})")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -137,22 +299,29 @@ def frames_of(ds: Any, path: Path) -> list[Frame]:
     nframes = int(ds.get("NumberOfFrames") or 1)
     shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if nframes < 1 or (per_frame is not None and len(per_frame) != nframes):
+        raise DataError(f"{path}: NumberOfFrames {nframes} but {len(per_frame or [])} per-frame functional groups")
     image_type = "\\".join(str(v) for v in (ds.get("ImageType") or []))
     base_echo = str(ds.get("EchoNumbers", "") or "")
-    base_acq = str(ds.get("AcquisitionNumber", "") or ds.get("TemporalPositionIdentifier", "") or "")
+    base_acq = str(ds.get("TemporalPositionIdentifier", "") or ds.get("AcquisitionNumber", "") or "")
     sop_uid, sop_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+    try:
+        instance = float(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        instance = 0.0
+    csa = siemens_csa(ds) if str(ds.get("Manufacturer", "")).upper().startswith("SIEMENS") else None
     frames = []
     for f in range(nframes):
         groups = [per_frame[f] if per_frame is not None and f < len(per_frame) else None, shared]
         if per_frame is not None or shared is not None:
-            ipp = _fg_attr(groups, "PlanePositionSequence", "ImagePositionPatient")
-            iop = _fg_attr(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spacing = _fg_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = _fg_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
-            echo = _fg_attr(groups, "MREchoSequence", "EffectiveEchoTime")
-            temporal = _fg_attr(groups, "FrameContentSequence", "TemporalPositionIndex")
-            stack_id = _fg_attr(groups, "FrameContentSequence", "StackID")
+            ipp = fg_attr(groups, "PlanePositionSequence", "ImagePositionPatient")
+            iop = fg_attr(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spacing = fg_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
+            slope = fg_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = fg_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+            echo = fg_attr(groups, "MREchoSequence", "EffectiveEchoTime")
+            temporal = fg_attr(groups, "FrameContentSequence", "TemporalPositionIndex")
+            stack_id = fg_attr(groups, "FrameContentSequence", "StackID")
         else:
             ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), None
             slope = intercept = echo = temporal = stack_id = None
@@ -174,13 +343,41 @@ def frames_of(ds: Any, path: Path) -> list[Frame]:
             slope = ds.get("RescaleSlope", ds.get("DoseGridScaling", 1))
         if intercept is None:
             intercept = ds.get("RescaleIntercept", 0)
-        frames.append(Frame(
+        bvalue, gradient = _diffusion(ds, groups, csa)
+        frame = Frame(
             path=path, index=f, sop_uid=sop_uid, sop_class=sop_class, position=position,  # type: ignore[arg-type]
             orientation=orientation, spacing=pixel_spacing, rows=rows, columns=columns,  # type: ignore[arg-type]
             slope=float(slope if slope not in (None, "") else 1), intercept=float(intercept or 0),
             image_type=image_type, echo=str(echo) if echo is not None else base_echo,
             acquisition=str(temporal) if temporal is not None else base_acq,
-            stack_id=str(stack_id or "")))
+            stack_id=str(stack_id or ""), bvalue=bvalue, gradient=gradient,
+            instance=instance if math.isfinite(instance) else 0.0)
+        if nframes == 1 and _is_mosaic(ds):
+            return _unpack_mosaic(ds, path, csa, frame)
+        frames.append(frame)
+    return frames
+
+
+def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame) -> list[Frame]:
+    """The tiles of a Siemens mosaic as frames: tile k at the corrected position + k * spacing along the normal."""
+    m = _mosaic_layout(ds, path, csa, frame.orientation, frame.rows, frame.columns)
+    o = np.asarray(frame.orientation, dtype=float)
+    row_step = o[:3] * frame.spacing[1]  # one column further along a row
+    col_step = o[3:] * frame.spacing[0]  # one row further down
+    # ImagePositionPatient is the mosaic's top-left pixel as if it were one tile centred in the mosaic
+    # (dcm2niix set_nii_header_x: lFactor = (dim - dim / nRowCol) / 2, in pixels, not rounded)
+    first = (np.asarray(frame.position, dtype=float)
+             + row_step * (frame.columns - frame.columns / m.per_row) / 2
+             + col_step * (frame.rows - frame.rows / m.per_row) / 2)
+    times = csa_values(csa, "MosaicRefAcqTimes")
+    frames = []
+    for k in range(m.count):
+        x, y, z = (float(v) for v in first + k * m.spacing * m.normal)
+        slice_time = None
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            slice_time = float(times[k]) if len(times) >= m.count and math.isfinite(float(times[k])) else None
+        frames.append(dataclasses.replace(frame, index=k, position=(x, y, z), rows=m.rows, columns=m.columns,
+                                          mosaic=m.per_row, slice_time=slice_time))
     return frames
 
 
@@ -195,15 +392,17 @@ def _orientation_label(orientation: Sequence[float]) -> str:
 
 
 def _split_duplicates(frames: list[Frame]) -> list[list[Frame]]:
-    """Frames of one orientation; when positions repeat, split by acquisition / temporal position."""
+    """Frames of one orientation; when positions repeat, split into volumes by acquisition / temporal position
+    / diffusion weighting, in order of acquisition (then of first appearance)."""
     normal = frames[0].normal
     positions = np.round(np.array([np.dot(f.position, normal) for f in frames]) / POSITION_TOL)
     if len(set(positions.tolist())) == len(frames):
         return [frames]
-    groups: dict[str, list[Frame]] = {}
+    groups: dict[tuple[str, str, str], list[Frame]] = {}
     for f in frames:
-        groups.setdefault(f.acquisition, []).append(f)
-    return [groups[k] for k in sorted(groups, key=_natural)]
+        groups.setdefault(f.volume_key, []).append(f)
+    order = {key: i for i, key in enumerate(groups)}
+    return [groups[k] for k in sorted(groups, key=lambda k: (_natural(k[0]), groups[k][0].instance, order[k]))]
 
 
 def _natural(text: str) -> tuple[int, float, str]:
@@ -213,8 +412,26 @@ def _natural(text: str) -> tuple[int, float, str]:
         return (1, 0.0, text)
 
 
-def group_frames(series_uid: str, frames: list[Frame]) -> list[Stack]:
-    """Split the frames of one series into stacks and name them (suffix only when there are several)."""
+def _sorted_along_normal(frames: list[Frame]) -> list[Frame]:
+    normal = frames[0].normal
+    return sorted(frames, key=lambda f: (float(np.dot(f.position, normal)), f.index))
+
+
+def _same_grid(volumes: list[list[Frame]]) -> list[list[list[Frame]]]:
+    """Volumes grouped by their slice positions: each group can be one 4-D stack."""
+    groups: dict[tuple[float, ...], list[list[Frame]]] = {}
+    for frames in volumes:
+        normal = frames[0].normal
+        key = tuple(sorted(float(np.round(np.dot(f.position, normal) / POSITION_TOL)) for f in frames))
+        groups.setdefault(key, []).append(frames)
+    return list(groups.values())
+
+
+def group_frames(series_uid: str, frames: list[Frame], *, four_d: bool = False) -> list[Stack]:
+    """Split the frames of one series into stacks and name them (suffix only when there are several).
+
+    ``four_d``: volumes repeating the same slice positions form one 4-D stack instead of one stack each.
+    """
     clusters: list[tuple[tuple[Any, ...], np.ndarray, list[Frame]]] = []
     for f in frames:
         key = (f.image_type, f.echo, f.stack_id, f.rows, f.columns)
@@ -225,20 +442,25 @@ def group_frames(series_uid: str, frames: list[Frame]) -> list[Stack]:
                 break
         else:
             clusters.append((key, o, [f]))
-    stacks: list[tuple[dict[str, str], list[Frame]]] = []
+    stacks: list[tuple[dict[str, str], list[list[Frame]]]] = []
     for (image_type, echo, stack_id, _r, _c), orient, members in clusters:
         parts = _split_duplicates(members)
-        for part in parts:
+        labels = [p[0].acquisition for p in parts]
+        if len(set(labels)) < len(labels):  # volumes told apart by diffusion weighting only: number them
+            labels = [str(i + 1) for i in range(len(parts))]
+        label_of = {id(p): label for p, label in zip(parts, labels, strict=True)}
+        runs = _same_grid(parts) if four_d else [[p] for p in parts]
+        for run in runs:
             desc = {"orientation": _orientation_label(orient), "echo": echo, "stack": stack_id,
                     "type": image_type.split("\\")[2] if image_type.count("\\") >= 2 else image_type,
-                    "acquisition": part[0].acquisition if len(parts) > 1 else ""}
-            stacks.append((desc, part))
+                    "acquisition": label_of[id(run[0])] if len(runs) > 1 else ""}
+            stacks.append((desc, run))
     result = []
     varying = {k for k in ("orientation", "type", "echo", "stack", "acquisition")
                if len({d[k] for d, _ in stacks}) > 1}
     prefix = {"orientation": "", "type": "", "echo": "e", "stack": "s", "acquisition": "a"}
     seen: dict[str, int] = {}
-    for desc, part in stacks:
+    for desc, run in stacks:
         suffix = "".join(f"_{prefix[k]}{fsio.safe_name(desc[k], 'x')}" for k in sorted(varying, key=list(prefix).index))
         if len(stacks) > 1 and not suffix:
             suffix = "_1"
@@ -247,24 +469,23 @@ def group_frames(series_uid: str, frames: list[Frame]) -> list[Stack]:
             suffix = f"{suffix}_{seen[suffix]}"
         else:
             seen[suffix] = 1
-        normal = part[0].normal
-        part = sorted(part, key=lambda f: (float(np.dot(f.position, normal)), f.index))
-        result.append(Stack(series_uid, part, suffix))
+        ordered = [f for part in run for f in _sorted_along_normal(part)]
+        result.append(Stack(series_uid, ordered, suffix, volumes=len(run)))
     return result
 
 
-def split_stacks(paths: Sequence[Path]) -> list[Stack]:
+def split_stacks(paths: Sequence[Path], *, four_d: bool = False) -> list[Stack]:
     """The stacks of the image series in ``paths`` (headers only).  Raises DataError on a bad file.
 
     Files of several series are grouped per SeriesInstanceUID first; stacks are returned in a
-    stable order (series in input order, then stack order).
+    stable order (series in input order, then stack order).  ``four_d``: see :func:`group_frames`.
     """
     by_series: dict[str, list[Frame]] = {}
     for path in paths:
         ds = dicom.read(path, stop_before_pixels=True)
         uid = str(dicom.require(ds, "SeriesInstanceUID"))
         by_series.setdefault(uid, []).extend(frames_of(ds, path))
-    return [stack for uid, frames in by_series.items() for stack in group_frames(uid, frames)]
+    return [stack for uid, frames in by_series.items() for stack in group_frames(uid, frames, four_d=four_d)]
 
 
 # --------------------------------------------------------------------------- geometry
@@ -282,7 +503,8 @@ class Geometry:
 
 
 def stack_geometry(stack: Stack) -> Geometry:
-    frames = stack.frames
+    """The grid of a stack (of its first volume: the volumes of a 4-D stack share their slice positions)."""
+    frames = stack.slices
     first = frames[0]
     o = np.asarray(first.orientation, dtype=float)
     row, col = o[:3], o[3:]
@@ -388,6 +610,33 @@ def _rescale(stored: list[np.ndarray], frames: list[Frame]) -> np.ndarray:
     return out
 
 
+def _plane(arr: np.ndarray, f: Frame) -> np.ndarray:
+    """The stored pixels of one frame: a plane of a (multi-frame) pixel array, or a tile of a mosaic."""
+    if f.mosaic:
+        r0, c0 = (f.index // f.mosaic) * f.rows, (f.index % f.mosaic) * f.columns
+        if arr.shape[0] < 1 or arr.shape[1] < r0 + f.rows or arr.shape[2] < c0 + f.columns:
+            raise DataError(f"{f.path}: pixel data of {arr.shape[1:]} cannot hold mosaic tile {f.index + 1} "
+                            f"of {f.rows}x{f.columns}")
+        return arr[0, r0:r0 + f.rows, c0:c0 + f.columns]
+    if f.index >= arr.shape[0] or arr.shape[1:] != (f.rows, f.columns):
+        raise DataError(f"{f.path}: pixel data holds {arr.shape[0]} frame(s) of {arr.shape[1:]}, header says "
+                        f"frame {f.index + 1} of {f.rows}x{f.columns}")
+    return arr[f.index]
+
+
+def repetition_time(header: Any) -> float | None:
+    """RepetitionTime in seconds: classic attribute, else the enhanced MR timing macro (shared groups)."""
+    value = header.get("RepetitionTime")
+    if value in (None, ""):
+        shared = _seq_item(header, "SharedFunctionalGroupsSequence")
+        value = fg_attr([shared], "MRTimingAndRelatedParametersSequence", "RepetitionTime")
+    try:
+        tr = float(value) / 1000 if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return tr if tr is not None and math.isfinite(tr) and tr > 0 else None
+
+
 def load_stack(stack: Stack, *, resample: bool = False, pixels: Pixels | None = None) -> Volume:
     """Decode and rescale one stack into a SimpleITK image (see the module docstring for the layout)."""
     import SimpleITK as sitk
@@ -400,27 +649,35 @@ def load_stack(stack: Stack, *, resample: bool = False, pixels: Pixels | None = 
     notes: list[str] = []
     if pixels is None:
         pixels, notes = read_pixels(paths)
-    stored = []
-    for f in stack.frames:
-        arr = pixels[f.path][1]
-        if f.index >= arr.shape[0] or arr.shape[1:] != (f.rows, f.columns):
-            raise DataError(f"{f.path}: pixel data holds {arr.shape[0]} frame(s) of {arr.shape[1:]}, header says "
-                            f"frame {f.index + 1} of {f.rows}x{f.columns}")
-        stored.append(arr[f.index])
+    stored = [_plane(pixels[f.path][1], f) for f in stack.frames]
     values = _rescale(stored, stack.frames)
     if geometry.problem:
-        values, geometry = _regularize(values, geometry)
+        per_volume = values.reshape(stack.volumes, -1, *values.shape[1:])
+        regular = [_regularize(v, geometry) for v in per_volume]
+        values, geometry = np.concatenate([v for v, _g in regular]), regular[0][1]
         notes.append(f"{geometry.problem}: resampled onto a regular {geometry.spacing[2]:.3f} mm grid")
-    image = sitk.GetImageFromArray(values)
-    image.SetOrigin(tuple(float(v) for v in geometry.origin))
-    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
-    image.SetDirection(tuple(float(v) for v in geometry.direction.flatten()))
     header = pixels[stack.frames[0].path][0]
-    return Volume(image, stack.series_uid, stack.suffix, stack.frames, header, notes, bool(geometry.problem))
+    if stack.volumes > 1:
+        image = sitk.GetImageFromArray(values.reshape(stack.volumes, -1, *values.shape[1:]), isVector=False)
+        direction = np.eye(4)
+        direction[:3, :3] = geometry.direction
+        image.SetOrigin((*(float(v) for v in geometry.origin), 0.0))
+        image.SetSpacing((*(float(v) for v in geometry.spacing), repetition_time(header) or 1.0))
+        image.SetDirection(tuple(float(v) for v in direction.flatten()))
+    else:
+        image = sitk.GetImageFromArray(values)
+        image.SetOrigin(tuple(float(v) for v in geometry.origin))
+        image.SetSpacing(tuple(float(v) for v in geometry.spacing))
+        image.SetDirection(tuple(float(v) for v in geometry.direction.flatten()))
+    return Volume(image, stack.series_uid, stack.suffix, stack.frames, header, notes, bool(geometry.problem),
+                  stack.volumes)
 
 
-def load_series(paths: Sequence[Path], *, resample: bool = False) -> list[Volume]:
-    """Every stack of the series in ``paths`` as a :class:`Volume` (each file read once)."""
+def load_series(paths: Sequence[Path], *, resample: bool = False, four_d: bool = False) -> list[Volume]:
+    """Every stack of the series in ``paths`` as a :class:`Volume` (each file read once).
+
+    ``four_d``: volumes repeating the same slice positions become one 4-D volume (see :func:`group_frames`).
+    """
     pixels, notes = read_pixels(list(paths))
     by_series: dict[str, list[Frame]] = {}
     for path, (ds, _arr) in pixels.items():
@@ -428,7 +685,7 @@ def load_series(paths: Sequence[Path], *, resample: bool = False) -> list[Volume
         if not uid:
             raise DataError(f"{path}: missing SeriesInstanceUID")
         by_series.setdefault(uid, []).extend(frames_of(ds, path))
-    stacks = [s for uid, frames in by_series.items() for s in group_frames(uid, frames)]
+    stacks = [s for uid, frames in by_series.items() for s in group_frames(uid, frames, four_d=four_d)]
     volumes = [load_stack(s, resample=resample, pixels=pixels) for s in stacks]
     if volumes:
         volumes[0].warnings[:0] = notes
@@ -487,10 +744,11 @@ def _regularize(values: np.ndarray, g: Geometry) -> tuple[np.ndarray, Geometry]:
 
 def nifti_affine(image: Any) -> np.ndarray:
     """The 4x4 RAS affine of a SimpleITK image (ITK is LPS: x and y flip sign)."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    dim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]  # 4-D: the spatial block
     affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
-    affine[:3, 3] = image.GetOrigin()
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing()[:3], dtype=float)
+    affine[:3, 3] = image.GetOrigin()[:3]
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
@@ -524,13 +782,38 @@ def nifti_header(image: Any) -> bytes:
     return bytes(header.binaryblock) + b"\0\0\0\0"  # no extensions
 
 
+def as_written(image: Any) -> Any:
+    """``image`` with the geometry ITK reads back from its NIfTI as :func:`write_image` writes it (float32 header
+    fields), so a DICOM series and its converted NIfTI are the same image to every later step, bit for bit.
+
+    Only the 352-byte header is written (to a temporary file) and read (``ReadImageInformation``).
+    """
+    import tempfile
+
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(prefix="kaapcli-") as tmp:
+        header = Path(tmp) / "header.nii"
+        header.write_bytes(nifti_header(image))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(header))
+        reader.ReadImageInformation()
+        image.SetOrigin(reader.GetOrigin())
+        image.SetSpacing(reader.GetSpacing())
+        image.SetDirection(reader.GetDirection())
+    return image
+
+
 def gzip_members(head: bytes, voxels: np.ndarray, level: int = 1) -> bytes:
     """gzip of ``head`` + the voxel bytes, one member per slice, compressed on threads (zlib releases the GIL).
 
     Empty slices share one precomputed member, so a sparse mask costs little.  A multi-member gzip
     file is standard (RFC 1952) and read by gzip, zlib's gzread (ITK), nibabel and dcm2niix alike.
     """
-    slices = voxels.reshape(voxels.shape[0], -1) if voxels.ndim > 1 else voxels.reshape(1, -1)
+    if voxels.ndim > 2:  # one member per 2-D plane (a 4-D volume: per slice of each volume)
+        slices = voxels.reshape(-1, voxels.shape[-2] * voxels.shape[-1])
+    else:
+        slices = voxels.reshape(voxels.shape[0], -1) if voxels.ndim > 1 else voxels.reshape(1, -1)
     empty = gzip.compress(np.zeros_like(slices[0]).tobytes(), compresslevel=level, mtime=0)
 
     def member(k: int) -> bytes:
@@ -577,6 +860,7 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
     return dest.stat().st_size
 
 
-__all__ = ["Frame", "Geometry", "Stack", "Volume", "frames_of", "group_frames", "gzip_members", "load_series",
-           "load_stack", "nifti_affine", "nifti_header", "split_stacks", "stack_geometry", "to_nifti", "write_image",
-           "write_nifti"]
+__all__ = ["Frame", "Geometry", "Stack", "Volume", "as_written", "csa_values", "fg_attr", "frames_of",
+           "functional_groups", "group_frames", "gzip_members", "load_series", "load_stack", "nifti_affine",
+           "nifti_header", "repetition_time", "siemens_csa", "split_stacks", "stack_geometry", "to_nifti",
+           "write_image", "write_nifti"]

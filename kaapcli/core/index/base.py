@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,8 +20,23 @@ from typing import Any
 
 import orjson
 
-from kaapcli.core.index.query import SERIES_KEY, TAGS_KEY, Ids, Node
-from kaapcli.exitcodes import ConfigError, DataError
+from kaapcli.core.index.query import (
+    DATASET_FIELD,
+    DATE_UNITS,
+    MATCH_NONE,
+    SERIES_KEY,
+    TAGS_KEY,
+    And,
+    Exists,
+    Facet,
+    Ids,
+    InDataset,
+    Node,
+    Not,
+    Or,
+    glob_to_regex,
+)
+from kaapcli.exitcodes import ConfigError, DataError, NoInputError
 
 DEFAULT_PROJECT = "admin"
 BULK_SIZE = 500
@@ -50,6 +66,34 @@ class WriteStats:
 class Sort:
     keys: tuple[str, ...]  # a field may resolve to several keys; the first present one sorts
     descending: bool = False
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """Where the files of a series were when it was indexed: (absolute path, size, mtime in ns) of each, so a
+    file that has gone or changed since can be told from one that has not."""
+
+    uid: str
+    files: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def of(cls, uid: str, paths: Iterable[Path | str]) -> SeriesFiles:
+        entries = []
+        for path in paths:
+            absolute = os.path.abspath(path)
+            st = os.stat(absolute)
+            entries.append((absolute, st.st_size, st.st_mtime_ns))
+        return cls(uid, tuple(sorted(entries)))
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"path": p, "size": size, "mtime": mtime} for p, size, mtime in self.files]
+
+    @classmethod
+    def from_json(cls, uid: str, files: Any) -> SeriesFiles:
+        """From :meth:`to_json` as stored; entries that are not such objects are left out."""
+        entries = [(f["path"], f.get("size", -1), f.get("mtime", -1)) for f in files or []
+                   if isinstance(f, dict) and isinstance(f.get("path"), str)]
+        return cls(uid, tuple(entries))
 
 
 def doc_id(doc: Doc) -> str:
@@ -195,6 +239,19 @@ class Index(ABC):
         """(value, number of matching documents holding it) for a field, most frequent first."""
 
     @abstractmethod
+    def date_counts(self, keys: Sequence[str], node: Node, chars: int) -> list[tuple[str, int]]:
+        """(period, number of matching documents with a value in it) for a date field, oldest first; a period
+        is the first ``chars`` characters of the value (7: ``YYYY-MM``)."""
+
+    @abstractmethod
+    def store_files(self, entries: Sequence[SeriesFiles]) -> None:
+        """Remember where the files of series are (replacing what was known of those series)."""
+
+    @abstractmethod
+    def files_of(self, uids: Sequence[str]) -> dict[str, SeriesFiles]:
+        """The known files of these series (series without any are absent)."""
+
+    @abstractmethod
     def datasets(self) -> dict[str, int]:
         """Dataset name → number of series."""
 
@@ -216,6 +273,59 @@ class Index(ABC):
         self.close()
 
     # -- shared operations
+    def bind(self, node: Node) -> Node:
+        """The query with ``Dataset:`` patterns resolved to dataset names, as backends translate it.  A dataset
+        named exactly that does not exist is a NoInputError (a typo should not look like an empty dataset)."""
+        names: list[str] | None = None
+
+        def walk(n: Node) -> Node:
+            nonlocal names
+            if isinstance(n, InDataset):
+                if names is None:
+                    names = sorted(self.datasets())
+                if n.wildcard:
+                    pattern = glob_to_regex(n.name)
+                    return any_of([InDataset(x) for x in names if pattern.fullmatch(x)])
+                if n.name not in names:
+                    raise NoInputError(f"dataset {n.name!r} does not exist in {self.target}",
+                                       hint="kaapcli dataset list shows the datasets")
+                return n
+            if isinstance(n, And):
+                return And(tuple(walk(x) for x in n.nodes))
+            if isinstance(n, Or):
+                return Or(tuple(walk(x) for x in n.nodes))
+            if isinstance(n, Not):
+                return Not(walk(n.node))
+            return n
+
+        return walk(node)
+
+    def facet_counts(self, facet: Facet, node: Node, top: int | None = None) -> list[tuple[Any, int]]:
+        """(value, series) of a facet over the matching series: most frequent first (dates: in time order,
+        the ``top`` most frequent periods); series without a value count under ``None``, in order of frequency
+        (dates: last)."""
+        counts: list[tuple[Any, int]]
+        if facet.field is DATASET_FIELD:
+            names = list(self.datasets())
+            counts = sorted(((name, self.count(And((node, InDataset(name))))) for name in names),
+                            key=lambda vc: (-vc[1], vc[0]))
+            counts = [(v, n) for v, n in counts if n][:top]
+            absent_node: Node = And((node, Not(any_of([InDataset(name) for name in names]))))
+        elif facet.unit:
+            counts = list(self.date_counts(facet.field.keys, node, DATE_UNITS[facet.unit]))
+            if top:
+                counts = sorted(sorted(counts, key=lambda vc: (-vc[1], vc[0]))[:top])
+            absent_node = And((node, Not(Exists(facet.field))))
+        else:
+            counts = list(self.value_counts(facet.field.keys, node, top))
+            absent_node = And((node, Not(Exists(facet.field))))
+        absent = self.count(absent_node) if top is None or len(counts) < top else 0
+        if absent:
+            counts.append((None, absent))
+            if not facet.unit:
+                counts.sort(key=lambda vc: -vc[1])
+        return counts
+
     def uids(self, node: Node) -> list[str]:
         return [doc_id(d) for d in self.search(node, fields=[SERIES_KEY])]
 
@@ -258,6 +368,42 @@ class Index(ABC):
         if new != members:
             self.set_dataset(name, new)
         return stats
+
+
+    def datasets_from_field(self, node: Node, keys: Sequence[str], template: str = "{}",
+                            problems: list[str] | None = None) -> dict[str, WriteStats]:
+        """Add each matching series to the dataset named by its value(s) of a field (``template`` with ``{}``
+        for the value); per dataset, how many were added.  Series without a usable value go to ``problems``."""
+        groups: dict[str, set[str]] = {}
+        for doc in self.search(node, fields=[SERIES_KEY, *keys]):
+            uid = doc_id(doc)
+            values = [str(v).strip() for key in keys for v in as_list(lookup(doc, key)) if v not in (None, "")]
+            names = [template.replace("{}", v) for v in dict.fromkeys(values) if v]
+            bad = [n for n in names if not valid_dataset_name(n)]
+            if (not names or bad) and problems is not None:
+                reason = "no value" if not names else f"value {bad[0][:80]!r} is no dataset name"
+                problems.append(f"series {uid}: {reason}: not added")
+            for name in names:
+                if valid_dataset_name(name):
+                    groups.setdefault(name, set()).add(uid)
+        result = {}
+        for name in sorted(groups):
+            members = self.dataset_members(name) or []
+            fresh = groups[name] - set(members)
+            result[name] = WriteStats(added=len(fresh), unchanged=len(groups[name]) - len(fresh))
+            if fresh:
+                self.set_dataset(name, sorted({*members, *fresh}))
+        return result
+
+
+def valid_dataset_name(name: str) -> bool:
+    """1-256 characters, no control characters (names may come from DICOM header values)."""
+    return 0 < len(name.strip()) and len(name) <= 256 and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def any_of(nodes: Sequence[Node]) -> Node:
+    """A node matching any of ``nodes`` (none: nothing)."""
+    return MATCH_NONE if not nodes else nodes[0] if len(nodes) == 1 else Or(tuple(nodes))
 
 
 def _missing(node: Node, found: set[str]) -> list[str]:

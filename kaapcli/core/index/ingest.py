@@ -4,20 +4,31 @@ Each input yields one :class:`Source` (a JSON file, a JSONL file, a DICOM series
 documents or the one-line reason it failed; a bad line of a JSONL file fails that line only.
 DICOM files are grouped by SeriesInstanceUID and turned into documents with
 :func:`kaapcli.core.meta.series_document` in a process pool (header reading is the slow part).
+A DICOM series also brings where its files are (:class:`SeriesFiles`) and, from the file meta of
+its first file, the AE title that sent it (PS3.10 Sending / Source Application Entity Title), so
+``kaapcli retrieve`` can later pull it from there.  ``extra`` keys (``kaapcli index --source``)
+are added to every document.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import functools
 import json
-import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kaapcli.core import dicom, fsio
-from kaapcli.core.index.base import Stored, loads
-from kaapcli.exitcodes import KaapcliError
+from kaapcli.core.batch import process_pool
+from kaapcli.core.index.base import Index, SeriesFiles, Stored, loads
+from kaapcli.exitcodes import DataError, KaapcliError
+
+# File meta elements (PS3.10 7.1) that say where a file came from, kept in the document under their keys
+ORIGIN_META = (("SourceApplicationEntityTitle", "00020016 SourceApplicationEntityTitle_keyword"),
+               ("SendingApplicationEntityTitle", "00020017 SendingApplicationEntityTitle_keyword"),
+               ("SourcePresentationAddress", "00020026 SourcePresentationAddress_keyword"),
+               ("SendingPresentationAddress", "00020027 SendingPresentationAddress_keyword"))
 
 JSON_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -27,21 +38,22 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 class Source:
     label: str
     docs: list[Stored] = field(default_factory=list)
+    files: list[SeriesFiles] = field(default_factory=list)  # DICOM series: where their files are
     errors: list[str] = field(default_factory=list)  # one line each, naming the file (and line)
     warnings: list[str] = field(default_factory=list)
     skipped: bool = False  # neither JSON nor DICOM
 
 
-def _checked(doc: object, where: str) -> Stored:
+def _checked(doc: object, where: str, extra: dict[str, Any] | None = None) -> Stored:
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: expected a JSON object (a series meta document), found {type(doc).__name__}")
     try:
-        return Stored.of(doc)
+        return Stored.of({**doc, **extra} if extra else doc)
     except KaapcliError as exc:
         raise ValueError(f"{where}: {exc.message}") from None
 
 
-def read_json(path: Path) -> Source:
+def read_json(path: Path, extra: dict[str, Any] | None = None) -> Source:
     """A ``.json`` file (one document or a list of them) or a ``.jsonl`` file (one per line)."""
     source = Source(str(path))
     try:
@@ -54,7 +66,7 @@ def read_json(path: Path) -> Source:
             if not line.strip():
                 continue
             try:
-                source.docs.append(_checked(loads(line), f"{path}:{number}"))
+                source.docs.append(_checked(loads(line), f"{path}:{number}", extra))
             except json.JSONDecodeError as exc:
                 source.errors.append(f"{path}:{number}: invalid JSON: {exc.msg} at column {exc.colno}")
             except ValueError as exc:
@@ -67,7 +79,7 @@ def read_json(path: Path) -> Source:
         return source
     for i, doc in enumerate(data if isinstance(data, list) else [data]):
         try:
-            source.docs.append(_checked(doc, f"{path}" + (f"[{i}]" if isinstance(data, list) else "")))
+            source.docs.append(_checked(doc, f"{path}" + (f"[{i}]" if isinstance(data, list) else ""), extra))
         except ValueError as exc:
             source.errors.append(str(exc))
     return source
@@ -82,14 +94,33 @@ def _series_key(path: Path) -> tuple[Path, str | None, str]:
         return path, None, f"{path}: {type(exc).__name__}: {exc}"
 
 
-def _series_source(uid: str, paths: tuple[Path, ...]) -> Source:
+def origin(path: Path) -> dict[str, str]:
+    """The file meta elements of :data:`ORIGIN_META` a Part 10 file holds, as document keys."""
+    import pydicom
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - no readable file meta: nothing known of the origin
+        return {}
+    found = {}
+    for keyword, key in ORIGIN_META:
+        value = str(meta.get(keyword, "") or "").strip()
+        if value:
+            found[key] = value
+    return found
+
+
+def series_source(uid: str, paths: Sequence[Path], extra: dict[str, Any] | None = None) -> Source:
+    """The document and the file list of one DICOM series (its files)."""
     from kaapcli.core.meta import series_document
 
     source = Source(f"series {uid} ({len(paths)} files)")
     try:
         doc, notes = series_document(list(paths))
+        doc = dict(sorted({**doc, **origin(sorted(paths)[0]), **(extra or {})}.items()))
         source.docs.append(Stored.of(doc))
-        source.warnings.extend(notes)
+        source.files.append(SeriesFiles.of(uid, paths))
+        source.warnings.extend(notes if len(paths) > 1 else [f"{paths[0]}: {n}" for n in notes])  # name the file
     except KaapcliError as exc:
         source.errors.append(f"series {uid}: {exc.message}")
     except Exception as exc:  # noqa: BLE001
@@ -97,16 +128,30 @@ def _series_source(uid: str, paths: tuple[Path, ...]) -> Source:
     return source
 
 
-def read_sources(files: list[Path], workers: int = 1) -> Iterator[Source]:
+def index_series(index: Index, uid: str, paths: Sequence[Path], *, replace: bool = False) -> Source:
+    """Index one DICOM series (``receive --index``, ``watch --index``): its document and where its files are.
+    Raises the series' error, if any, as a KaapcliError."""
+    source = series_source(uid, paths)
+    if source.errors:
+        raise DataError(source.errors[0])
+    stats = index.write(source.docs, replace=replace)
+    if stats.errors:
+        raise DataError(stats.errors[0])
+    index.store_files(source.files)
+    return source
+
+
+def read_sources(files: list[Path], workers: int = 1, extra: dict[str, Any] | None = None) -> Iterator[Source]:
     """One Source per JSON/JSONL file (in order), one per other file that is no DICOM (skipped), then one per
     DICOM series (sorted by UID).  With several workers, files are read and parsed in a process pool: JSON
     documents arrive ready to write (:class:`Stored`), so the writing process only writes."""
     json_files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in JSON_SUFFIXES + JSONL_SUFFIXES]
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
-        yield from pool.map(read_json, json_files, chunksize=64) if pool and len(json_files) > 64 \
-            else map(read_json, json_files)
+        reader = functools.partial(read_json, extra=extra)
+        yield from pool.map(reader, json_files, chunksize=64) if pool and len(json_files) > 64 \
+            else map(reader, json_files)
         dicom_files = []
         for path in others:
             if fsio.is_dicom(path):
@@ -122,7 +167,8 @@ def read_sources(files: list[Path], workers: int = 1) -> Iterator[Source]:
                 groups.setdefault(uid, []).append(path)
         uids = sorted(groups)
         args = [tuple(sorted(groups[u])) for u in uids]
-        yield from (pool.map(_series_source, uids, args) if pool else map(_series_source, uids, args))
+        maker = functools.partial(series_source, extra=extra)
+        yield from (pool.map(maker, uids, args) if pool else map(maker, uids, args))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -3,8 +3,9 @@
 One index per project, ``project_<name>``, document id = SeriesInstanceUID.  Writes are ``_bulk``
 requests of :data:`BULK_SIZE` actions: ``update`` with ``doc_as_upsert`` (merge) or ``index``
 (``--replace``).  Queries are the parser's AST translated to query DSL: ``term``, ``wildcard``,
-``range``, ``exists``, ``ids``, ``bool``, and ``query_string`` for bare words.  Datasets are
-documents of a separate index, :data:`DATASETS_INDEX`.
+``range``, ``exists``, ``ids``, ``bool``, ``query_string`` for bare words, and for ``Dataset:NAME`` a
+``terms`` lookup of ``_id`` in the dataset's document.  Datasets are documents of a separate index,
+:data:`DATASETS_INDEX`; where the files of a series are, documents of :data:`FILES_INDEX`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from kaapcli.core.index.base import BULK_SIZE, Doc, Index, Sort, Stored, WriteStats, redact, stored
+from kaapcli.core.index.base import BULK_SIZE, Doc, Index, SeriesFiles, Sort, Stored, WriteStats, redact, stored
 from kaapcli.core.index.query import (
     SERIES_KEY,
     And,
     Exists,
     Ids,
+    InDataset,
     MatchAll,
     Node,
     Not,
@@ -33,6 +35,7 @@ from kaapcli.core.index.query import (
 from kaapcli.exitcodes import DataError, NoInputError, UnavailableError
 
 DATASETS_INDEX = "kaapcli-datasets"
+FILES_INDEX = "kaapcli-files"
 PAGE = 1000
 MAX_BUCKETS = 10000
 T = TypeVar("T")
@@ -57,6 +60,11 @@ INDEX_BODY: dict[str, Any] = {
 }
 DATASETS_BODY: dict[str, Any] = {"mappings": {"properties": {
     "index": {"type": "keyword"}, "name": {"type": "keyword"}, "series": {"type": "keyword"}}}}
+# file lists are kept, not searched: "enabled": false stores them in _source only
+FILES_BODY: dict[str, Any] = {"mappings": {"properties": {
+    "index": {"type": "keyword"}, "series": {"type": "keyword"}, "files": {"type": "object", "enabled": False}}}}
+_DATE_UNITS = {4: "year", 7: "month", 10: "day"}
+_DATE_KEY_FORMATS = {4: "yyyy", 7: "yyyy-MM", 10: "yyyy-MM-dd"}
 # query_string syntax characters, escaped in bare words
 _RESERVED = set('+-=&|><!(){}[]^"~*?:\\/ ')
 
@@ -141,10 +149,56 @@ class OpenSearchIndex(Index):
                     stats.updated += 1
         return stats
 
+    def _dsl(self, node: Node) -> dict[str, Any]:
+        return to_dsl(self.bind(node), self.index)
+
     def delete(self, node: Node) -> int:
+        query = self._dsl(node)
+        uids = self.uids(node) if self._exists(FILES_INDEX) else []
         response = self._call(lambda: self.client.delete_by_query(
-            index=self.index, body={"query": to_dsl(node)}, params={"refresh": "true", "conflicts": "proceed"}))
+            index=self.index, body={"query": query}, params={"refresh": "true", "conflicts": "proceed"}))
+        for start in range(0, len(uids), PAGE):  # their file lists go with them
+            ids = [self._member_id(u) for u in uids[start:start + PAGE]]
+            self._call(lambda ids=ids: self.client.delete_by_query(  # type: ignore[misc]
+                index=FILES_INDEX, body={"query": {"ids": {"values": ids}}},
+                params={"refresh": "true", "conflicts": "proceed"}))
         return int(response.get("deleted", 0))
+
+    def _exists(self, index: str) -> bool:
+        return bool(self._call(lambda: self.client.indices.exists(index=index)))
+
+    def _member_id(self, uid: str) -> str:
+        return f"{self.index}:{uid}"
+
+    # -- where the files are
+    def store_files(self, entries: Sequence[SeriesFiles]) -> None:
+        if not entries:
+            return
+        if not self._exists(FILES_INDEX):
+            self._create(FILES_INDEX, FILES_BODY)
+        for start in range(0, len(entries), BULK_SIZE):
+            lines: list[str] = []
+            for entry in entries[start:start + BULK_SIZE]:
+                lines.append(json.dumps({"index": {"_index": FILES_INDEX, "_id": self._member_id(entry.uid)}}))
+                lines.append(json.dumps({"index": self.index, "series": entry.uid, "files": entry.to_json()}))
+            body = "\n".join(lines) + "\n"
+            response = self._call(lambda body=body: self.client.bulk(body=body, params={"refresh": "true"}))  # type: ignore[misc]
+            errors = [next(iter(i.values())) for i in response.get("items", []) if "error" in next(iter(i.values()))]
+            if errors:
+                raise DataError(f"OpenSearch {self.target} refused file lists: series "
+                                f"{str(errors[0].get('_id', '')).split(':', 1)[-1]}: {_reason(errors[0]['error'])}")
+
+    def files_of(self, uids: Sequence[str]) -> dict[str, SeriesFiles]:
+        found: dict[str, SeriesFiles] = {}
+        for start in range(0, len(uids), PAGE):
+            ids = [self._member_id(u) for u in uids[start:start + PAGE]]
+            response = self._missing_ok(lambda ids=ids: self.client.mget(  # type: ignore[misc]
+                index=FILES_INDEX, body={"ids": ids}))
+            for doc in (response or {}).get("docs", []):
+                source = doc.get("_source") if doc.get("found") else None
+                if isinstance(source, dict) and isinstance(source.get("series"), str):
+                    found[source["series"]] = SeriesFiles.from_json(source["series"], source.get("files"))
+        return found
 
     # -- reading
     def search(self, node: Node, *, fields: Sequence[str] | None = None, limit: int | None = None,
@@ -154,7 +208,7 @@ class OpenSearchIndex(Index):
             order.append({sort.keys[0]: {"order": "desc" if sort.descending else "asc", "missing": "_last",
                                          "unmapped_type": "long" if is_numeric(sort.keys[0]) else "keyword"}})
         order.append({SERIES_KEY: {"order": "asc", "unmapped_type": "keyword"}})
-        body: dict[str, Any] = {"query": to_dsl(node), "sort": order, "track_total_hits": False}
+        body: dict[str, Any] = {"query": self._dsl(node), "sort": order, "track_total_hits": False}
         if fields is not None:
             body["_source"] = list(fields)
         remaining = limit
@@ -171,12 +225,13 @@ class OpenSearchIndex(Index):
             body["search_after"] = hits[-1]["sort"]
 
     def count(self, node: Node) -> int:
-        response = self._call(lambda: self.client.count(index=self.index, body={"query": to_dsl(node)}))
+        query = self._dsl(node)
+        response = self._call(lambda: self.client.count(index=self.index, body={"query": query}))
         return int(response["count"])
 
     def value_counts(self, keys: Sequence[str], node: Node, top: int | None = None) -> list[tuple[Any, int]]:
         aggs = {f"k{i}": {"terms": {"field": key, "size": top or MAX_BUCKETS}} for i, key in enumerate(keys)}
-        body = {"query": to_dsl(node), "size": 0, "aggs": aggs}
+        body = {"query": self._dsl(node), "size": 0, "aggs": aggs}
         response = self._call(lambda: self.client.search(index=self.index, body=body))
         counts: dict[Any, int] = {}
         for name in aggs:
@@ -185,6 +240,19 @@ class OpenSearchIndex(Index):
                 counts[value] = counts.get(value, 0) + int(bucket["doc_count"])
         ranked = sorted(counts.items(), key=lambda vc: (-vc[1], str(vc[0])))
         return ranked[:top] if top else ranked
+
+    def date_counts(self, keys: Sequence[str], node: Node, chars: int) -> list[tuple[str, int]]:
+        aggs = {f"k{i}": {"date_histogram": {"field": key, "calendar_interval": _DATE_UNITS[chars],
+                                             "format": _DATE_KEY_FORMATS[chars], "min_doc_count": 1}}
+                for i, key in enumerate(keys)}
+        body = {"query": self._dsl(node), "size": 0, "aggs": aggs}
+        response = self._call(lambda: self.client.search(index=self.index, body=body))
+        counts: dict[str, int] = {}
+        for name in aggs:
+            for bucket in response.get("aggregations", {}).get(name, {}).get("buckets", []):
+                period = str(bucket.get("key_as_string", bucket["key"]))
+                counts[period] = counts.get(period, 0) + int(bucket["doc_count"])
+        return sorted(counts.items())
 
     # -- datasets
     def _dataset_id(self, name: str) -> str:
@@ -262,18 +330,21 @@ def _escape(text: str, keep_wildcards: bool) -> str:
     return "".join(out)
 
 
-def to_dsl(node: Node) -> dict[str, Any]:
-    """The query DSL of a parsed query (field names are the full document keys)."""
+def to_dsl(node: Node, index: str = "project_admin") -> dict[str, Any]:
+    """The query DSL of a parsed query (field names are the full document keys; ``index``: the project index,
+    whose datasets ``Dataset:NAME`` names)."""
     if isinstance(node, MatchAll):
         return {"match_all": {}}
     if isinstance(node, Ids):
         return {"ids": {"values": list(node.uids)}}
+    if isinstance(node, InDataset):  # a terms lookup: the members are read from the dataset document, server-side
+        return {"terms": {"_id": {"index": DATASETS_INDEX, "id": f"{index}:{node.name}", "path": "series"}}}
     if isinstance(node, And):
-        return {"bool": {"filter": [to_dsl(n) for n in node.nodes]}}
+        return {"bool": {"filter": [to_dsl(n, index) for n in node.nodes]}}
     if isinstance(node, Or):
-        return {"bool": {"should": [to_dsl(n) for n in node.nodes], "minimum_should_match": 1}}
+        return {"bool": {"should": [to_dsl(n, index) for n in node.nodes], "minimum_should_match": 1}}
     if isinstance(node, Not):
-        return {"bool": {"must_not": [to_dsl(node.node)]}}
+        return {"bool": {"must_not": [to_dsl(node.node, index)]}}
     if isinstance(node, Text):
         if node.phrase:  # inside quotes only " and \ are special
             query = '"' + node.value.replace("\\", "\\\\").replace('"', '\\"') + '"'

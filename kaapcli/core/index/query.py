@@ -88,6 +88,15 @@ class Ids:
 
 
 @dataclass(frozen=True)
+class InDataset:
+    """Members of a dataset (``Dataset:NAME``; ``wildcard``: NAME is a ``*``/``?`` pattern over dataset names).
+    Indexes resolve patterns to names before they translate a query (:meth:`Index.bind`)."""
+
+    name: str
+    wildcard: bool = False
+
+
+@dataclass(frozen=True)
 class Not:
     node: Node
 
@@ -102,7 +111,8 @@ class Or:
     nodes: tuple[Node, ...]
 
 
-Node = MatchAll | Text | Term | Wildcard | Range | Exists | Ids | Not | And | Or
+Node = MatchAll | Text | Term | Wildcard | Range | Exists | Ids | InDataset | Not | And | Or
+MATCH_NONE: Node = Not(MatchAll())
 
 # --------------------------------------------------------------------------- fields
 
@@ -111,6 +121,9 @@ NUMERIC_TYPES = ("integer", "float")
 TAGS_KEY = "00000000 Tags_keyword"
 SERIES_KEY = "0020000E SeriesInstanceUID_keyword"
 STUDY_KEY = "0020000D StudyInstanceUID_keyword"
+SOURCE_KEY = "00000000 SourcePeer_keyword"  # the [pacs.NAME] profile a series came from (kaapcli index --source)
+# ``Dataset:NAME`` is no document key: datasets are lists kept beside the documents
+DATASET_FIELD = Field("Dataset", ())
 
 # Derived fields of DESIGN §3.1 (group 00000000); names resolve like DICOM keywords.
 DERIVED_KEYS = (
@@ -118,7 +131,7 @@ DERIVED_KEYS = (
     "00000000 TimestampArrived_date", "00000000 TimestampArrivedHour_integer", "00000000 DayOfWeek_integer",
     "00000000 DerivedPatientAge_integer", "00000000 CuratedModality_keyword",
     "00000000 AnnotationLabel_keyword", "00000000 AnnotationLabelsList_keyword", TAGS_KEY,
-    "00000000 NumberOfInstances_integer", "00000000 SeriesSizeBytes_integer",
+    "00000000 NumberOfInstances_integer", "00000000 SeriesSizeBytes_integer", SOURCE_KEY,
 )
 
 _VR_SUFFIX = {
@@ -205,6 +218,8 @@ def resolve_field(name: str, position: int = 0) -> Field:
     """Resolve a field name to document keys; an unknown name is a usage error."""
     if _KEY.match(name):
         return Field(name, (name,))
+    if name.lower() == DATASET_FIELD.name.lower():
+        return DATASET_FIELD
     keys: tuple[str, ...] = ("",)
     for segment in name.split("."):
         found = (segment,) if _KEY.match(segment) else _keyword_keys(segment)
@@ -218,7 +233,39 @@ def resolve_field(name: str, position: int = 0) -> Field:
 
 def field_keys(name: str) -> tuple[str, ...]:
     """Document keys of a field name given on the command line (``--sort``, ``--fields``, ``stats``)."""
-    return resolve_field(name).keys
+    field = resolve_field(name)
+    if field is DATASET_FIELD:
+        raise UsageError("Dataset is not a document field: use it in queries (Dataset:NAME), stats and dashboards")
+    return field.keys
+
+
+DATE_UNITS = {"year": 4, "month": 7, "day": 10}  # characters of a "YYYY-MM-DD..." value that make the bucket
+
+
+@dataclass(frozen=True)
+class Facet:
+    """A field to count series by (``stats``, ``dashboard``): ``StudyDate:month`` buckets dates by month;
+    ``Dataset`` counts series per dataset."""
+
+    field: Field
+    unit: str | None = None  # year | month | day, for date and datetime fields
+
+    @property
+    def label(self) -> str:
+        return f"{self.field.name} by {self.unit}" if self.unit else self.field.name
+
+
+def parse_facet(text: str) -> Facet:
+    """``FIELD`` or ``FIELD:year|month|day`` (dates and datetimes); a usage error otherwise."""
+    name, _, unit = text.strip().rpartition(":") if text.strip().lower().endswith(
+        tuple(f":{u}" for u in DATE_UNITS)) else (text.strip(), "", "")
+    field = resolve_field(name)
+    unit = unit.lower() or ""
+    if unit and (field is DATASET_FIELD or not all(key_type(k) in ("date", "datetime") for k in field.keys)):
+        raise UsageError(f"{text}: only date and datetime fields can be counted by {unit}")
+    if field is not DATASET_FIELD and any(key_type(k) == "object" for k in field.keys):
+        raise UsageError(f"{text}: {field.name} is a sequence; count one of its items' fields")
+    return Facet(field, unit or None)
 
 
 # --------------------------------------------------------------------------- parser
@@ -384,6 +431,8 @@ class _Parser:
         self.ws()
         nxt = self.peek()
         start = self.pos + 1
+        if field is DATASET_FIELD and nxt != "(":
+            return self.dataset(start)
         if nxt == "(":  # Modality:(CT OR MR): the field applies to every term inside
             self.pos += 1
             node = self.field_group(field)
@@ -411,6 +460,17 @@ class _Parser:
         if wildcard:
             return _check(Wildcard(field, pattern), start)
         return _check(Term(field, text), start)
+
+    def dataset(self, start: int) -> Node:
+        """``Dataset:NAME``, ``Dataset:"a name"``, ``Dataset:train-*``, ``Dataset:*`` (in any dataset)."""
+        nxt = self.peek()
+        if nxt == '"':
+            name, _ = self.phrase()
+            return InDataset(name)
+        if nxt == "" or nxt.isspace() or nxt in ")]}[{<>":
+            raise _syntax(start, "Dataset: takes a dataset name or a wildcard pattern")
+        text, pattern, wildcard, _ = self.word(allow_colon=True)
+        return InDataset(pattern, wildcard=True) if wildcard else InDataset(text)
 
     def field_group(self, field: Field) -> Node:
         nodes = [self.field_unary(field)]

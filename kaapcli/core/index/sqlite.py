@@ -14,6 +14,7 @@ Schema (one file may hold several projects)::
     fts(body)                        contentless FTS5 over every value of a document (``base.full_text``),
                                      rowid = docs.id
     datasets(project, name, uid)
+    files(project, uid, files)       where the files of a series were when it was indexed (JSON, base.SeriesFiles)
 
 kv rows are made inside SQLite from the stored JSON (``json_tree``), FTS text in Python from the parsed
 document (SQLite's ``group_concat`` over ``json_tree`` cost five times more), when a document is written
@@ -33,11 +34,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kaapcli.core.index.base import Doc, Index, Sort, Stored, WriteStats, full_text, merge, stored
+from kaapcli.core.index.base import (
+    Doc,
+    Index,
+    SeriesFiles,
+    Sort,
+    Stored,
+    WriteStats,
+    full_text,
+    merge,
+    stored,
+)
 from kaapcli.core.index.query import (
     And,
     Exists,
     Ids,
+    InDataset,
     MatchAll,
     Node,
     Not,
@@ -53,6 +65,8 @@ from kaapcli.exitcodes import CantCreateError, DataError, NoInputError
 
 KV_TABLE = "CREATE TABLE IF NOT EXISTS kv(key INTEGER NOT NULL, v NOT NULL, doc INTEGER NOT NULL, " \
            "PRIMARY KEY(key, v, doc)) WITHOUT ROWID"
+FILES_TABLE = "CREATE TABLE IF NOT EXISTS files(project TEXT NOT NULL, uid TEXT NOT NULL, files TEXT NOT NULL, " \
+              "PRIMARY KEY(project, uid)) WITHOUT ROWID"
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, project TEXT NOT NULL, uid TEXT NOT NULL,
                                 doc TEXT NOT NULL, UNIQUE(project, uid));
@@ -61,7 +75,8 @@ CREATE TABLE IF NOT EXISTS keys(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(body, content='');
 CREATE TABLE IF NOT EXISTS datasets(project TEXT NOT NULL, name TEXT NOT NULL, uid TEXT NOT NULL,
                                     PRIMARY KEY(project, name, uid)) WITHOUT ROWID;
-PRAGMA user_version = 3;
+{FILES_TABLE};
+PRAGMA user_version = 4;
 """
 MAX_CHAR = "\U0010ffff"  # appended to a date bound so "2020-12-31" covers that whole day of a datetime
 
@@ -133,7 +148,7 @@ class SqliteIndex(Index):
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self.db.executescript(SCHEMA)
-            elif version < 3:
+            elif version < 4:
                 self._upgrade(version)
             self.keys = dict(self.db.execute("SELECT key, id FROM keys"))
         except sqlite3.DatabaseError as exc:
@@ -146,11 +161,16 @@ class SqliteIndex(Index):
         self.db.close()
 
     def _upgrade(self, version: int) -> None:
-        """Schema 1 had kv(doc, i, key, text, num) + an index, made in Python; schema 2 made FTS text in SQL.
-        Remake what changed from the stored documents."""
+        """Schema 1 had kv(doc, i, key, text, num) + an index, made in Python; schema 2 made FTS text in SQL;
+        schema 3 had no files table.  Remake what changed from the stored documents."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute(FILES_TABLE)
+            if version == 3:
+                db.execute("PRAGMA user_version = 4")
+                db.execute("COMMIT")
+                return
             if version == 1:
                 db.execute("DROP TABLE kv")
                 db.execute(KV_TABLE)
@@ -159,7 +179,7 @@ class SqliteIndex(Index):
             db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, full_text(d)) for i, d in docs])
             if version == 1:
                 self._add_kv(json.dumps([rowid for rowid, _ in docs]))
-            db.execute("PRAGMA user_version = 3")
+            db.execute("PRAGMA user_version = 4")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -248,21 +268,41 @@ class SqliteIndex(Index):
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = [(rowid, json.loads(text)) for rowid, text in
-                    db.execute(f"SELECT d.id, d.doc FROM docs d WHERE {where}", params)]
+            found = db.execute(f"SELECT d.id, d.uid, d.doc FROM docs d WHERE {where}", params).fetchall()
+            rows = [(rowid, json.loads(text)) for rowid, _, text in found]
             self._remove_values(rows)
             db.execute("DELETE FROM docs WHERE id IN (SELECT value FROM json_each(?))",
                        (json.dumps([rowid for rowid, _ in rows]),))
+            db.execute("DELETE FROM files WHERE project = ? AND uid IN (SELECT value FROM json_each(?))",
+                       (self.project, json.dumps([uid for _, uid, _ in found])))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return len(rows)
 
+    def store_files(self, entries: Sequence[SeriesFiles]) -> None:
+        if not entries:
+            return
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO files(project, uid, files) VALUES (?, ?, ?)",
+                           [(self.project, e.uid, json.dumps(e.to_json())) for e in entries])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def files_of(self, uids: Sequence[str]) -> dict[str, SeriesFiles]:
+        rows = self.db.execute("SELECT uid, files FROM files WHERE project = ? AND uid IN "
+                               "(SELECT value FROM json_each(?))", (self.project, json.dumps(list(uids))))
+        return {uid: SeriesFiles.from_json(uid, json.loads(text)) for uid, text in rows}
+
     # -- reading
     def _where(self, node: Node) -> tuple[str, list[Any]]:
         params: list[Any] = []
-        sql = _sql(node, params, self.key_ids)
+        sql = _sql(self.bind(node), params, self.key_ids, self.project)
         # "+" keeps SQLite from scanning the project's documents: the field conditions pick the rows by id
         return f"+d.project = ? AND ({sql})", [self.project, *params]
 
@@ -300,6 +340,15 @@ class SqliteIndex(Index):
             sql += " LIMIT ?"
             args.append(top)
         return [(_number(v) if any(is_numeric(k) for k in keys) else v, n) for v, n in self.db.execute(sql, args)]
+
+    def date_counts(self, keys: Sequence[str], node: Node, chars: int) -> list[tuple[str, int]]:
+        where, params = self._where(node)
+        marks = ", ".join("?" * len(keys))
+        # well-formed dates only, as OpenSearch indexes them (a malformed value stays in the document, unindexed)
+        sql = (f"SELECT substr(kv.v, 1, ?) AS p, count(DISTINCT kv.doc) FROM kv WHERE kv.key IN ({marks}) "
+               "AND typeof(kv.v) = 'text' AND kv.v GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' "
+               f"AND kv.doc IN (SELECT d.id FROM docs d WHERE {where}) GROUP BY p ORDER BY p")
+        return [(p, n) for p, n in self.db.execute(sql, [chars, *self.key_ids(keys), *params])]
 
     # -- datasets
     def datasets(self) -> dict[str, int]:
@@ -383,18 +432,21 @@ def _either(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
-def _sql(node: Node, params: list[Any], ids: KeyIds) -> str:
+def _sql(node: Node, params: list[Any], ids: KeyIds, project: str) -> str:
     if isinstance(node, MatchAll):
         return "1"
     if isinstance(node, Ids):
         params.append(json.dumps(list(node.uids)))
         return "d.uid IN (SELECT value FROM json_each(?))"
+    if isinstance(node, InDataset):  # a name: Index.bind resolved patterns
+        params.extend((project, node.name))
+        return "d.uid IN (SELECT uid FROM datasets WHERE project = ? AND name = ?)"
     if isinstance(node, And):
-        return "(" + " AND ".join(_sql(n, params, ids) for n in node.nodes) + ")"
+        return "(" + " AND ".join(_sql(n, params, ids, project) for n in node.nodes) + ")"
     if isinstance(node, Or):
-        return "(" + " OR ".join(_sql(n, params, ids) for n in node.nodes) + ")"
+        return "(" + " OR ".join(_sql(n, params, ids, project) for n in node.nodes) + ")"
     if isinstance(node, Not):
-        return f"NOT {_sql(node.node, params, ids)}"
+        return f"NOT {_sql(node.node, params, ids, project)}"
     if isinstance(node, Text):
         if node.wildcard:  # a whole value of any field, case-insensitive
             params.append(_like(node.value))

@@ -12,6 +12,7 @@ Orthanc, its REST root; the profile key ``rest`` overrides the derived REST root
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from kaapcli.core.net import dicomweb
@@ -79,3 +80,34 @@ def delete(peer: Peer, *, study: str | None, series: str | None, kind: str, time
         return delete_dcm4chee(peer, study, series, timeouts)
     raise UsageError(f"{peer}: unknown server type", hint="pass --server-type orthanc|dcm4chee, "
                      "or set kind = \"orthanc\" in the [pacs] profile")
+
+
+@dataclass
+class Deletion:
+    """What became of one named study or series: the lines of what was done, or the error."""
+
+    level: str
+    uid: str
+    done: list[str] = field(default_factory=list)
+    error: KaapcliError | None = None
+
+
+def delete_all(peer: Peer, targets: list[tuple[str, str]], *, kind: str, timeouts: Timeouts) -> list[Deletion]:
+    """Delete every (level, uid) of ``targets``; one that is missing or refused is reported and the rest go on.
+    An unreachable server ends the whole run (UnavailableError), as nothing else could be deleted either."""
+    from kaapcli.exitcodes import UnavailableError
+
+    outcomes = []
+    for level, uid in targets:
+        outcome = Deletion(level, uid)
+        try:
+            outcome.done = delete(peer, study=uid if level == "study" else None,
+                                  series=uid if level == "series" else None, kind=kind, timeouts=timeouts)
+        except UnavailableError:
+            raise
+        except (NoInputError, KaapcliError) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            outcome.error = exc
+        outcomes.append(outcome)
+    return outcomes

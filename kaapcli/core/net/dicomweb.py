@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ def request(peer: Peer, method: str, url: str, timeouts: Timeouts, **kwargs: Any
     """One HTTP request; a dead, refusing or failing server is an UnavailableError naming it."""
     import requests
 
+    headers = {**kwargs.pop("headers", {}), **peer.headers()}
     try:
-        response = requests.request(method, url, auth=peer.auth(), timeout=(timeouts.connect, timeouts.network),
-                                     **kwargs)
+        response = requests.request(method, url, auth=peer.auth(), headers=headers,
+                                    timeout=(timeouts.connect, timeouts.network), **kwargs)
     except requests.Timeout as exc:
         raise UnavailableError(f"{peer}: no answer within the timeout ({type(exc).__name__})") from exc
     except requests.ConnectionError as exc:
@@ -35,7 +37,9 @@ def request(peer: Peer, method: str, url: str, timeouts: Timeouts, **kwargs: Any
         raise UnavailableError(f"{peer}: {type(exc).__name__}: {exc}") from exc
     if response.status_code in (401, 403):
         raise UnavailableError(f"{peer}: refused: HTTP {response.status_code} {response.reason}",
-                               hint="check username/password of the [pacs] profile")
+                               hint="check the bearer token (--token, or token/token_env of the [pacs] profile)"
+                               if peer.token else "check username/password of the [pacs] profile, or give a "
+                               "bearer token (--token)")
     if response.status_code >= 500:
         raise UnavailableError(f"{peer}: server error: HTTP {response.status_code} {_excerpt(response)}")
     return response
@@ -55,13 +59,13 @@ def echo(peer: Peer, timeouts: Timeouts) -> dict[str, Any]:
                        headers={"Accept": DICOM_JSON})
     ms = round((time.perf_counter() - start) * 1000, 1)
     return {"peer": peer.address, "ok": response.status_code in (200, 204), "ms": ms,
-            "status": f"HTTP {response.status_code}"}
+            "status": f"HTTP {response.status_code} {response.reason or ''}".rstrip()}
 
 
 # --------------------------------------------------------------------------- QIDO-RS
 
 def query(peer: Peer, q: Query, timeouts: Timeouts) -> Iterator[dict[str, Any]]:
-    response = request(peer, "GET", f"{peer.url}/{q.qido_path()}", timeouts, params=q.qido_params(),
+    response = request(peer, "GET", f"{peer.url}/{q.qido_path()}?{q.qido_query()}", timeouts,
                        headers={"Accept": DICOM_JSON})
     if response.status_code == 204:
         return
@@ -110,40 +114,70 @@ def _value(item: dict[str, Any], tag: str) -> Any:
 def stow(instances: list[Instance], peer: Peer, timeouts: Timeouts,
          on_result: Callable[[ItemResult], None],
          acknowledged: Callable[[Instance, str], None] | None = None) -> list[ItemResult]:
-    """STOW-RS in multipart/related batches; each file's fate read from the response (PS3.18 10.5.3)."""
+    """STOW-RS in multipart/related batches; each file's fate read from the response (PS3.18 10.5.3): in the
+    ReferencedSOPSequence it is stored (with a warning when it has a WarningReason), in the FailedSOPSequence it
+    failed with its FailureReason — whatever the HTTP status (200, 202, 409 and 400 all carry them). A batch
+    refused whole without saying which file is to blame is split and sent again, down to single files, so one
+    bad file fails alone."""
     results: list[ItemResult] = []
 
     def emit(result: ItemResult) -> None:
         results.append(result)
         on_result(result)
 
-    for batch in _batches(instances):
+    pending = deque(_batches(instances))
+    while pending:
+        batch = pending.popleft()
         boundary = secrets.token_hex(16)
         headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                    "Accept": DICOM_JSON}
         response = request(peer, "POST", f"{peer.url}/studies", timeouts, data=b"".join(_multipart(batch, boundary)),
                            headers=headers)
-        try:
-            body = response.json() if response.content else {}
-        except ValueError:
-            body = {}
-        if isinstance(body, list):
-            body = body[0] if body else {}
-        stored = {str(_value(i, "00081155")): i for i in _sequence(body, "00081199")}
-        failed = {str(_value(i, "00081155")): i for i in _sequence(body, "00081198")}
+        stored, failed = _fates(response)
+        if response.status_code >= 400 and not stored and not failed and len(batch) > 1:
+            half = len(batch) // 2
+            pending.extendleft([batch[half:], batch[:half]])
+            continue
         for inst in batch:
-            if inst.sop_instance in stored and response.status_code < 400:
-                reason = _value(stored[inst.sop_instance], "00081196")
-                warnings = [f"STOW-RS warning 0x{int(reason):04X}"] if reason else []
-                if acknowledged is not None:
-                    acknowledged(inst, "warning" if warnings else "ok")
-                emit(ItemResult(str(inst.path), "ok", nbytes=inst.nbytes, warnings=warnings))
-            else:
-                reason = _value(failed.get(inst.sop_instance, {}), "00081197")
-                why = f"failure reason 0x{int(reason):04X}" if reason is not None else "not in the stored list"
-                emit(ItemResult(str(inst.path), "failed", code=int(ExitCode.ITEMS_FAILED),
-                                message=f"{inst.path}: STOW-RS failed (HTTP {response.status_code}): {why}"))
+            emit(_fate(inst, response, stored, failed, acknowledged))
     return results
+
+
+def _fates(response: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """SOP Instance UID -> item of the response's ReferencedSOPSequence and FailedSOPSequence."""
+    try:
+        body = response.json() if response.content else {}
+    except ValueError:
+        body = {}
+    if isinstance(body, list):
+        body = body[0] if body else {}
+    if not isinstance(body, dict):
+        return {}, {}
+    stored = {str(_value(i, "00081155")): i for i in _sequence(body, "00081199")}
+    failed = {str(_value(i, "00081155")): i for i in _sequence(body, "00081198")}
+    return stored, failed
+
+
+def _fate(inst: Instance, response: Any, stored: dict[str, dict[str, Any]], failed: dict[str, dict[str, Any]],
+          acknowledged: Callable[[Instance, str], None] | None) -> ItemResult:
+    from kaapcli.core.net.dimse import describe_status
+
+    http = f"HTTP {response.status_code}"
+    if inst.sop_instance in stored and inst.sop_instance not in failed:
+        reason = _value(stored[inst.sop_instance], "00081196")  # WarningReason
+        warnings = [f"STOW-RS warning: {describe_status(int(reason))[1]}"] if reason else []
+        if acknowledged is not None:
+            acknowledged(inst, "warning" if warnings else "ok")
+        return ItemResult(str(inst.path), "ok", nbytes=inst.nbytes, warnings=warnings)
+    if inst.sop_instance in failed:
+        reason = _value(failed[inst.sop_instance], "00081197")  # FailureReason
+        why = f"failure reason {describe_status(int(reason))[1]}" if reason is not None else "in the failed list"
+    elif response.status_code >= 400:
+        why = f"refused: {_excerpt(response) or 'no reason given'}"
+    else:
+        why = "not in the response's stored list"
+    return ItemResult(str(inst.path), "failed", code=int(ExitCode.ITEMS_FAILED),
+                      message=f"{inst.path}: STOW-RS failed ({http}): {why}")
 
 
 # --------------------------------------------------------------------------- WADO-RS
@@ -224,6 +258,6 @@ def parse_json_lines(text: str) -> list[dict[str, Any]]:
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise UsageError(f"--from-query line {n}: not JSON ({exc.msg})") from exc
     return records

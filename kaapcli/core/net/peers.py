@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from kaapcli.core.net.tls import TLS
 from kaapcli.exitcodes import ConfigError, UsageError
 
 _DIMSE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
@@ -39,10 +40,12 @@ class Peer:
     port: int = 0
     url: str = ""  # DICOMweb root, e.g. http://pacs:8042/dicom-web
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)  # DICOMweb bearer token (Authorization: Bearer)
     kind: str = ""  # server type for `delete`: orthanc | dcm4chee
     rest: str = ""  # REST root for `delete` (default: derived from url)
     prefer_web: bool = False
+    tls: TLS | None = None  # DIMSE over TLS (PS3.15 B.1); None: plain TCP
 
     @property
     def has_dimse(self) -> bool:
@@ -61,10 +64,20 @@ class Peer:
         return self.label if self.label == self.address else f"{self.label} ({self.address})"
 
     def auth(self) -> tuple[str, str] | None:
-        return (self.username, self.password) if self.username else None
+        return (self.username, self.password) if self.username and not self.token else None
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers every DICOMweb request carries: the bearer token, when there is one (RFC 6750)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def with_aet(self, aet: str) -> Peer:
         return replace(self, aet=aet)
+
+    def with_token(self, token: str | None) -> Peer:
+        return replace(self, token=token) if token else self
+
+    def with_tls(self, tls: TLS | None) -> Peer:
+        return replace(self, tls=tls)
 
 
 def check_aet(aet: str, what: str = "AE title") -> str:
@@ -112,10 +125,30 @@ def _from_profile(name: str, profile: dict[str, Any]) -> Peer:
         raise ConfigError(f"{where} kind: {kind!r} is not one of {', '.join(SERVER_KINDS)}")
     peer = Peer(label=name, aet=str(profile.get("aet", "")), host=str(profile.get("host", "")), port=port,
                 url=str(profile.get("dicomweb", "")).rstrip("/"), username=str(profile.get("username", "")),
-                password=str(profile.get("password", "")), kind=kind, rest=str(profile.get("rest", "")).rstrip("/"),
-                prefer_web=str(profile.get("prefer", "")).lower() == "dicomweb")
+                password=str(profile.get("password", "")), token=str(profile.get("token", "") or ""), kind=kind,
+                rest=str(profile.get("rest", "")).rstrip("/"),
+                prefer_web=str(profile.get("prefer", "")).lower() == "dicomweb", tls=tls_of_profile(where, profile))
     if not peer.has_dimse and not peer.url:
         raise ConfigError(f"{where}: needs aet, host and port, or dicomweb")
     if peer.aet:
         check_aet(peer.aet, f"{where} aet")
     return peer
+
+
+TLS_KEYS = ("tls_cert", "tls_key", "tls_ca", "tls_verify")
+
+
+def tls_of_profile(where: str, profile: dict[str, Any]) -> TLS | None:
+    """The TLS settings of a profile: ``tls = true`` plus ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_verify``
+    (``host`` or ``chain``) and ``tls_key_password`` (usually ``tls_key_password_env``)."""
+    enabled = profile.get("tls", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where} tls: must be true or false, not {enabled!r}")
+    if not enabled:
+        given = [key for key in TLS_KEYS if profile.get(key)]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} without tls = true")
+        return None
+    return TLS(cert=str(profile.get("tls_cert", "")), key=str(profile.get("tls_key", "")),
+               ca=str(profile.get("tls_ca", "")), verify=str(profile.get("tls_verify", "host")),
+               key_password=str(profile.get("tls_key_password", "")), where=where)

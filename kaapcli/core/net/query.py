@@ -18,6 +18,14 @@ RETURN_KEYS: dict[str, tuple[str, ...]] = {
                "NumberOfSeriesRelatedInstances"),
     "instance": ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber"),
 }
+# Modality Worklist (PS3.4 K.6.1.2.2): keys of the request/patient level, and those that live inside the
+# Scheduled Procedure Step Sequence item (a -k of these is matched there).
+WORKLIST_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyInstanceUID",
+                 "RequestedProcedureID", "RequestedProcedureDescription", "ReferringPhysicianName")
+WORKLIST_STEP_KEYS = ("Modality", "ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
+                      "ScheduledProcedureStepStartTime", "ScheduledPerformingPhysicianName",
+                      "ScheduledProcedureStepDescription", "ScheduledProcedureStepID", "ScheduledStationName",
+                      "ScheduledProcedureStepLocation", "ScheduledProcedureStepStatus")
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 
 
@@ -45,7 +53,7 @@ class Query:
 
     @classmethod
     def parse(cls, level: str, keys: list[str], returns: list[str], limit: int | None = None) -> Query:
-        if level not in LEVELS:
+        if level not in (*LEVELS, "worklist"):
             raise UsageError(f"--level {level!r}: one of {', '.join(LEVELS)}")
         parsed: dict[str, str] = {}
         for item in keys:
@@ -59,12 +67,28 @@ class Query:
         """The C-FIND/C-GET/C-MOVE identifier (PS3.4 C.4): level, return keys empty, matching keys set."""
         from pydicom.dataset import Dataset
 
+        if self.level == "worklist":
+            return self.worklist_identifier()
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE" if self.level == "instance" else self.level.upper()
         for keyword in (*RETURN_KEYS[self.level], *self.returns):
             setattr(ds, keyword, None)
         for keyword, value in self.keys.items():
             setattr(ds, keyword, value or None)
+        return ds
+
+    def worklist_identifier(self) -> Any:
+        """The Modality Worklist C-FIND identifier (PS3.4 K.6.1.2.2): no QueryRetrieveLevel; the Scheduled
+        Procedure Step keys (Modality, ScheduledStationAETitle, ScheduledProcedureStepStartDate, ...) inside one
+        item of the ScheduledProcedureStepSequence, the others at the top level."""
+        from pydicom.dataset import Dataset
+
+        ds, step = Dataset(), Dataset()
+        for keyword in (*WORKLIST_KEYS, *WORKLIST_STEP_KEYS, *self.returns):
+            setattr(step if keyword in WORKLIST_STEP_KEYS else ds, keyword, None)
+        for keyword, value in self.keys.items():
+            setattr(step if keyword in WORKLIST_STEP_KEYS else ds, keyword, value or None)
+        ds.ScheduledProcedureStepSequence = [step]
         return ds
 
     def retrieve_identifier(self) -> Any:
@@ -79,6 +103,9 @@ class Query:
         return ds
 
     def qido_path(self) -> str:
+        if self.level == "worklist":
+            raise UsageError("--worklist: a Modality Worklist is queried over DIMSE (C-FIND); DICOMweb has none",
+                             hint="give the worklist SCP as AET@host:port")
         if self.level == "patient":
             raise UsageError("--level patient: QIDO-RS has no patient level",
                              hint="query studies with -k PatientID=...")
@@ -91,6 +118,13 @@ class Query:
         if self.limit:
             params.append(("limit", str(self.limit)))
         return params
+
+    def qido_query(self) -> str:
+        """The QIDO-RS query string: wildcards ``*`` and ``?`` stay literal (PS3.18 8.3.4.6; they are legal in a
+        URI query, and Orthanc matches nothing for their percent-encoded forms); everything else is encoded."""
+        from urllib.parse import quote
+
+        return "&".join(f"{quote(k, safe='')}={quote(v, safe='*?,')}" for k, v in self.qido_params())
 
 
 def uids_of(record: dict[str, Any]) -> dict[str, str]:
