@@ -229,6 +229,53 @@ def test_redis_restarted_while_series_arrive_loses_no_run(redis_server: RedisSer
     assert all(r["attempt"] == 1 for r in lines)
 
 
+SERVICE = """
+import json, os, pathlib, socket
+
+def wanted(headers, params):
+    return headers["Modality"] == "CT", {"level": params["level"], "decided_on": socket.gethostname()}
+
+def measure(jobName, headers, added_params, out, series_uid):
+    pathlib.Path(out, series_uid + ".measure.json").write_text(json.dumps({"job": jobName, "added": added_params}))
+    return True, {"slices": 8, "worker_pid": os.getpid()}
+
+def crash(**kwargs):
+    os.abort()
+"""
+
+
+def test_dcm_processor_callbacks_workers_and_added_params_work_the_same_on_the_queue(
+        redis_server: RedisServer, workers: Any, mock_ct: Path, tmp_path: Path) -> None:
+    (tmp_path / "svc.py").write_text(SERVICE)  # the rules file's folder: the same path on the workers
+    out, journal = tmp_path / "out", tmp_path / "j.jsonl"
+    out.mkdir()
+    rules = write_rules(tmp_path / "settings.json", [
+        {"jobName": "measure", "callback": "svc:wanted", "worker": "svc:measure", "params": {"level": 3}},
+        {"jobName": "report", "dependsOn": "measure", "priority": "default",
+         "run": ["sh", "-c", 'cat "$KAAPCLI_ADDED_PARAMS_FILE" > "$1"', "sh", "{out}/{series_uid}.report.json"]},
+        {"jobName": "crashes", "worker": "svc:crash"},
+        {"jobName": "after-crash", "dependsOn": "crashes", "run": ["touch", "{out}/never"]}])
+    workers("w1")
+    workers("w2")
+    proc = kaapcli("trigger", "-r", rules, mock_ct, "-o", out, "--journal", journal, "--queue", redis_server.url,
+                   "--wait", timeout=120)
+    assert proc.returncode == 1, proc.stderr  # the crashing worker fails its runs; the rest ran
+    assert "crashes" in proc.stderr and "Traceback" not in proc.stderr
+    runs = latest(journal)
+    assert Counter((r.rule, r.status) for r in runs) == {("measure", "ok"): 2, ("report", "ok"): 2,
+                                                        ("crashes", "failed"): 2, ("after-crash", "skipped"): 2}
+    assert all(r.worker.split(".")[0] in ("w1", "w2") for r in runs if r.status != "skipped")
+    for series in series_dirs(mock_ct):
+        measured = json.loads((out / f"{series.name}.measure.json").read_text())
+        decided = {"level": 3, "decided_on": socket.gethostname()}  # the callback ran on the node, its dict travelled
+        assert measured == {"job": "measure", "added": {"measure": decided}}
+        report = json.loads((out / f"{series.name}.report.json").read_text())
+        # the dependency's return value reached its dependent through Redis, on whichever worker ran it
+        assert report["measure"]["level"] == 3 and report["measure"]["slices"] == 8
+        assert isinstance(report["measure"]["worker_pid"], int)
+    assert not (out / "never").exists()
+
+
 def test_watch_hands_the_series_it_takes_to_the_queue(redis_server: RedisServer, workers: Any, mock_ct: Path,
                                                      tmp_path: Path) -> None:
     import shutil
