@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rule runs on RQ workers (Redis) vs the local runner, in one run.
 
-    python benchmarks/bench_queue.py [--jobs 200] [--cpu-jobs 16] [--cpu-seconds 0.4] [--repeat 3]
+    python benchmarks/bench_queue.py [--jobs 200] [--cpu-jobs 16] [--cpu-seconds 0.4] [--repeat 5]
 
 (a) Overhead per job: the same N trivial runs (``true``, each a child process and journal records, as every
 rule run) through the local runner (``run_batch``, one after another) and through the queue (submitted by
