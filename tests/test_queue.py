@@ -381,6 +381,42 @@ def test_stage_ships_series_through_s3_to_a_worker_without_the_files(
     assert not list((tmp_path / "w1" / "work").glob("*.stage"))  # the worker's copy is gone
 
 
+def test_receive_stages_each_series_once_and_a_dependent_reads_its_dependencys_staged_output(
+        redis_server: RedisServer, workers: Any, receiver: Any, endpoint: str, mock_ct: Path,  # noqa: F811
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from minio import Minio
+
+    env = {"KAAPCLI_S3_ENDPOINT": endpoint, "KAAPCLI_S3_ACCESS_KEY": "testing",
+           "KAAPCLI_S3_SECRET_KEY": "not-a-real-secret-1234"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # the receiver's and the workers' environment
+    journal = tmp_path / "rx.jsonl"
+    rules = write_rules(tmp_path / "rules.json", [  # {out}: the study directory in the receiver's store
+        {"name": "count", "run": ["sh", "-c", 'ls "$1" | wc -l > "$2/$3.count"', "sh", "{series_dir}", "{out}",
+                                  "{series_uid}"]},
+        {"name": "check", "depends_on": "count", "run": [
+            "sh", "-c", 'read n < "$1/$2.count" && echo "checked $n" > "$1/$2.checked"', "sh", "{out}",
+            "{series_uid}"]}])
+    workers("w1")
+    workers("w2")
+    rx = receiver("--series-timeout", "0.5", "--rules", str(rules), "--journal", str(journal), "--queue",
+                  redis_server.url, "--stage", "s3://stage/rx1")
+    storescu(rx.port, mock_ct)
+    assert wait_for(lambda: sum(r.status in FINAL for r in latest(journal)) == 4, 90), latest(journal)
+    code, _, stderr = rx.finish(signal.SIGTERM)
+    assert code == 0, stderr
+    assert Counter((r.rule, r.status) for r in latest(journal)) == {("count", "ok"): 2, ("check", "ok"): 2}
+    client = Minio(endpoint.split("://")[1], access_key="testing", secret_key=env["KAAPCLI_S3_SECRET_KEY"],
+                   secure=False, region="us-east-1")
+    names = {o.object_name for o in client.list_objects("stage", recursive=True)}
+    assert sum(n.endswith(".dcm") for n in names) == 16  # each received series uploaded once
+    for series in series_dirs(rx.out):
+        study = series.parent.relative_to(rx.out).as_posix()
+        # the dependent ran on a worker's private copy, from the count its dependency uploaded
+        assert client.get_object("stage", f"rx1/{study}/{series.name}.checked").read() == b"checked 8\n"
+        assert not (series.parent / f"{series.name}.count").exists()  # outputs went to the stage, not the store
+
+
 def test_cancel_stops_a_run_on_its_worker_and_a_backoff_retry_runs_later(
         redis_server: RedisServer, workers: Any, mock_ct: Path, tmp_path: Path) -> None:
     from kaapcli.core.queue import Dispatcher, QueueSettings
