@@ -156,7 +156,7 @@ def test_priorities_select_queues_that_workers_take_in_order(redis_server: Redis
 def test_a_killed_workers_jobs_are_retried_elsewhere_or_failed_with_the_reason(
         redis_server: RedisServer, workers: Any, mock_ct: Path, tmp_path: Path) -> None:
     retried, once, journal = tmp_path / "retried.txt", tmp_path / "once.txt", tmp_path / "j.jsonl"
-    slow = 'echo "start $KAAPCLI_RUN_ID" >> "$1"; sleep 2; echo end >> "$1"'
+    slow = 'echo "start $KAAPCLI_RUN_ID" >> "$1"; sleep 3; echo end >> "$1"'  # killed before it ends, under load too
     rules = write_rules(tmp_path / "rules.json", [
         {"name": "retried", "retries": {"max": 1, "interval": 0}, "run": ["sh", "-c", slow, "sh", str(retried)]},
         {"name": "once", "run": ["sh", "-c", slow, "sh", str(once)]}])
@@ -165,9 +165,11 @@ def test_a_killed_workers_jobs_are_retried_elsewhere_or_failed_with_the_reason(
                                 str(series_dirs(mock_ct)[0]), "--journal", str(journal), "--queue", redis_server.url,
                                 "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: marks_of(retried) and marks_of(once), 60), w1.log.read_text()
-        commands = [r.pid for r in latest(w1.journal) if r.status == "running"]
-        assert len(commands) == 2
+        def running() -> list[int]:  # (the command may write its mark before its worker journals it running)
+            return [r.pid for r in latest(w1.journal) if r.status == "running" and r.pid]
+
+        assert wait_for(lambda: marks_of(retried) and marks_of(once) and len(running()) == 2, 60), w1.log.read_text()
+        commands = running()
         os.killpg(w1.proc.pid, signal.SIGKILL)  # the worker and its worker processes: the machine is gone
         assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in commands), 10)  # died with them
         workers("w2")
