@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv man-db openssl
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium redis-server make python3-venv man-db openssl
 
 .PHONY: demo test check typecheck venv test-deps system-deps docs docs-check dist bench lint clean
 
@@ -24,7 +24,7 @@ venv: $(BIN)/kaapcli
 demo: venv
 	$(MAKE) -C examples demo KAAPCLI=$(abspath $(BIN))/kaapcli PYTHON=$(abspath $(BIN))/python
 
-# Installs what the tests talk to (DCMTK, dicom3tools, Orthanc + DICOMweb, dcm2niix, Chromium) when missing.
+# Installs what the tests talk to (DCMTK, dicom3tools, Orthanc + DICOMweb, dcm2niix, Chromium, Redis) when missing.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

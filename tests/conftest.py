@@ -117,6 +117,58 @@ def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.dcm") if not p.name.startswith("."))
 
 
+class RedisServer:
+    """Debian's redis-server on 127.0.0.1, a free port, no persistence (``--save ''``, no AOF): a restart
+    starts empty, as a Redis without persistence does.  ``stop()``/``start()`` again on the same port."""
+
+    def __init__(self, root: Path):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server not installed (apt-get install redis-server)")
+        self.exe, self.root, self.port = exe, root, free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> Any:
+        from redis import Redis
+
+        return Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "redis.log", "ab")
+        self.proc = subprocess.Popen([self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.root)], stdout=log, stderr=log)
+        log.close()
+        if not wait_for(self._answers, 15):
+            pytest.fail(f"redis-server did not start: {(self.root / 'redis.log').read_text()[-500:]}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def distinct_pydicom_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pydicom's test files, one per SOP Instance UID (read-only: copy before modifying).  Its variants of one

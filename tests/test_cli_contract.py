@@ -20,7 +20,7 @@ from kaapcli.exitcodes import EXIT_CODES
 def test_help_is_fast_and_imports_no_heavy_library() -> None:
     code = ("import sys; from kaapcli.cli.app import click_command; click_command(); "
             "heavy = {'pydicom', 'numpy', 'SimpleITK', 'nibabel', 'pynetdicom', 'highdicom', 'opensearchpy', "
-            "'minio', 'PIL'} & set(sys.modules); print(sorted(heavy))")
+            "'minio', 'PIL', 'rq', 'redis'} & set(sys.modules); print(sorted(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
     assert kaapcli("--help").returncode == 0

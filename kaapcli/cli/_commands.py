@@ -56,6 +56,7 @@ COMMANDS: dict[str, str] = {
     'unindex': 'index',
     'unzip': 'utils',
     'watch': 'watch',
+    'worker': 'worker',
     'zip': 'utils',
 }
 
@@ -104,6 +105,7 @@ LISTING: dict[str, dict[str, Any]] = {
     'unindex': {'help': 'Remove series documents from the index (they stay in datasets until removed there).', 'short_help': None, 'deprecated': False},
     'unzip': {'help': "Extract archives into OUT, checking every entry first: no absolute paths, no '..', no symlinks.", 'short_help': None, 'deprecated': False},
     'watch': {'help': "Watch a folder (DIANA's folder watcher) or Orthanc's change feed (ObservableOrthanc).", 'short_help': None, 'deprecated': False},
+    'worker': {'help': 'Run the rule jobs of a queue (RQ on Redis), as many at once as --jobs, until SIGINT/SIGTERM.', 'short_help': None, 'deprecated': False},
     'zip': {'help': 'Write a deterministic zip: sorted entries, fixed timestamps and modes; the same tree gives the same bytes.', 'short_help': None, 'deprecated': False},
 }
 
@@ -112,7 +114,7 @@ PANELS: dict[str, list[str]] = {
     'Imaging': ['convert', 'itk2dcm', 'itk2seg', 'seg2itk', 'merge-masks', 'resample', 'radiomics', 'thumbnail'],
     'Network': ['echo', 'send', 'receive', 'query', 'retrieve', 'delete'],
     'Index': ['index', 'unindex', 'search', 'tag', 'dataset', 'stats', 'gallery', 'dashboard', 's3'],
-    'Pipelines': ['rules', 'trigger', 'runs', 'watch', 'collect'],
+    'Pipelines': ['rules', 'trigger', 'runs', 'watch', 'collect', 'worker'],
     'Setup': ['config'],
 }
 
@@ -126,8 +128,8 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
-        'commands': [['anonymize', 'De-identify DICOM files (PS3.15 2026c...'], ['bin2dcm', 'Carry any file in DICOM (Raw Data...'], ['clean', 'Remove run folders (direct subdirectories...'], ['collect', 'For each worklist row: find its studies,...'], ['concat-json', 'Concatenate JSON and JSON Lines files into...'], ['config', 'Show the configuration (config file,...'], ['convert', 'Convert each DICOM image series to one...'], ['dashboard', 'Write a static HTML metadata dashboard...'], ['dataset', "Named lists of series (Kaapana's datasets)."], ['dcm2bin', 'Restore the files bin2dcm carried:...'], ['dcm2json', 'Write Kaapana\'s metadata document ("meta"...'], ['dcm2pdf', 'Extract the PDFs of Encapsulated PDF...'], ['delete', 'Delete studies and series from a PACS...'], ['echo', 'Check a peer: C-ECHO for DIMSE, a QIDO-RS...'], ['gallery', 'Write a static HTML gallery...'], ['index', 'Add series documents to the index:...'], ['itk2dcm', 'Turn each case into one DICOM study: one...'], ['itk2seg', 'Write one binary DICOM SEG...'], ['json2sr', 'Write one Comprehensive 3D SR (TID 1500):...'], ['merge-masks', 'Merge masks into one label map per case:...'], ['mock', 'Write synthetic studies: a body phantom...'], ['modify', 'Edit DICOM headers without decoding pixel...'], ['pdf2dcm', 'Wrap PDFs as Encapsulated PDF instances:...'], ['phi-scan', 'Scan a tree for residual identifiers; exit...'], ['query', 'Query a PACS (C-FIND study root, QIDO-RS...'], ['radiomics', 'Shape and first-order features of every...'], ['receive', 'Receive DICOM (Storage SCP) until...'], ['resample', 'Resample images and masks onto the...'], ['retrieve', 'Retrieve studies, series or instances...'], ['rules', 'Check a rules file.'], ['runs', 'The run journal: list runs, cancel one,...'], ['s3', 'Copy files to and from S3/MinIO...'], ['search', 'Print the matching series: documents as...'], ['seg2itk', 'Convert DICOM SEG and RTSTRUCT objects to...'], ['send', 'Send DICOM files (C-STORE, or STOW-RS for...'], ['sort', 'Copy (or hard-link) DICOM files into...'], ['split', 'Split DICOM series into train and test,...'], ['stats', 'Count series per value of a field (most...'], ['tag', 'Add or remove tags (00000000 Tags_keyword)...'], ['thumbnail', 'Write OUT/<SeriesInstanceUID>.png per...'], ['trigger', 'Batch mode: run the matching rules for...'], ['unindex', 'Remove series documents from the index...'], ['unzip', 'Extract archives into OUT, checking every...'], ['watch', "Watch a folder (DIANA's folder watcher) or..."], ['zip', 'Write a deterministic zip: sorted entries,...']],
-        'subcommands': ['anonymize', 'bin2dcm', 'clean', 'collect', 'concat-json', 'config', 'convert', 'dashboard', 'dataset', 'dcm2bin', 'dcm2json', 'dcm2pdf', 'delete', 'echo', 'gallery', 'index', 'itk2dcm', 'itk2seg', 'json2sr', 'merge-masks', 'mock', 'modify', 'pdf2dcm', 'phi-scan', 'query', 'radiomics', 'receive', 'resample', 'retrieve', 'rules', 'runs', 's3', 'search', 'seg2itk', 'send', 'sort', 'split', 'stats', 'tag', 'thumbnail', 'trigger', 'unindex', 'unzip', 'watch', 'zip'],
+        'commands': [['anonymize', 'De-identify DICOM files (PS3.15 2026c...'], ['bin2dcm', 'Carry any file in DICOM (Raw Data...'], ['clean', 'Remove run folders (direct subdirectories...'], ['collect', 'For each worklist row: find its studies,...'], ['concat-json', 'Concatenate JSON and JSON Lines files into...'], ['config', 'Show the configuration (config file,...'], ['convert', 'Convert each DICOM image series to one...'], ['dashboard', 'Write a static HTML metadata dashboard...'], ['dataset', "Named lists of series (Kaapana's datasets)."], ['dcm2bin', 'Restore the files bin2dcm carried:...'], ['dcm2json', 'Write Kaapana\'s metadata document ("meta"...'], ['dcm2pdf', 'Extract the PDFs of Encapsulated PDF...'], ['delete', 'Delete studies and series from a PACS...'], ['echo', 'Check a peer: C-ECHO for DIMSE, a QIDO-RS...'], ['gallery', 'Write a static HTML gallery...'], ['index', 'Add series documents to the index:...'], ['itk2dcm', 'Turn each case into one DICOM study: one...'], ['itk2seg', 'Write one binary DICOM SEG...'], ['json2sr', 'Write one Comprehensive 3D SR (TID 1500):...'], ['merge-masks', 'Merge masks into one label map per case:...'], ['mock', 'Write synthetic studies: a body phantom...'], ['modify', 'Edit DICOM headers without decoding pixel...'], ['pdf2dcm', 'Wrap PDFs as Encapsulated PDF instances:...'], ['phi-scan', 'Scan a tree for residual identifiers; exit...'], ['query', 'Query a PACS (C-FIND study root, QIDO-RS...'], ['radiomics', 'Shape and first-order features of every...'], ['receive', 'Receive DICOM (Storage SCP) until...'], ['resample', 'Resample images and masks onto the...'], ['retrieve', 'Retrieve studies, series or instances...'], ['rules', 'Check a rules file.'], ['runs', 'The run journal: list runs, cancel one,...'], ['s3', 'Copy files to and from S3/MinIO...'], ['search', 'Print the matching series: documents as...'], ['seg2itk', 'Convert DICOM SEG and RTSTRUCT objects to...'], ['send', 'Send DICOM files (C-STORE, or STOW-RS for...'], ['sort', 'Copy (or hard-link) DICOM files into...'], ['split', 'Split DICOM series into train and test,...'], ['stats', 'Count series per value of a field (most...'], ['tag', 'Add or remove tags (00000000 Tags_keyword)...'], ['thumbnail', 'Write OUT/<SeriesInstanceUID>.png per...'], ['trigger', 'Batch mode: run the matching rules for...'], ['unindex', 'Remove series documents from the index...'], ['unzip', 'Extract archives into OUT, checking every...'], ['watch', "Watch a folder (DIANA's folder watcher) or..."], ['worker', 'Run the rule jobs of a queue (RQ on...'], ['zip', 'Write a deterministic zip: sorted entries,...']],
+        'subcommands': ['anonymize', 'bin2dcm', 'clean', 'collect', 'concat-json', 'config', 'convert', 'dashboard', 'dataset', 'dcm2bin', 'dcm2json', 'dcm2pdf', 'delete', 'echo', 'gallery', 'index', 'itk2dcm', 'itk2seg', 'json2sr', 'merge-masks', 'mock', 'modify', 'pdf2dcm', 'phi-scan', 'query', 'radiomics', 'receive', 'resample', 'retrieve', 'rules', 'runs', 's3', 'search', 'seg2itk', 'send', 'sort', 'split', 'stats', 'tag', 'thumbnail', 'trigger', 'unindex', 'unzip', 'watch', 'worker', 'zip'],
     },
     'anonymize': {
         'options': [
@@ -213,6 +215,7 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--method'], 'secondary': [], 'nargs': 1, 'values': ['get', 'move'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'C-GET, or C-MOVE to a built-in receiver (DICOMweb peers: WADO-RS).'},
             {'names': ['--aet'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'C-MOVE destination AE title (default: calling AE).'},
             {'names': ['--port', '-p'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'C-MOVE receiver port.'},
+            {'names': ['--bind'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'C-MOVE: address of the built-in receiver (a remote PACS needs one it can reach; it accepts only the --from peer).'},
             {'names': ['--results'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Result CSV, also the resume point (default: OUT/collect-results.csv).'},
             {'names': ['--calling-aet'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Our AE title towards the peer.'},
             {'names': ['--timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for association (ACSE), DIMSE and HTTP answers.'},
@@ -743,6 +746,9 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Index project (default: with --aet-convention kp from a called AE title kp-<project>, else admin).'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Hand the runs to `kaapcli worker`s on this Redis (redis://HOST:PORT/DB, or a [queue.NAME] profile) instead of running them here; Redis down: they are journalled pending and enqueued when it is back.'},
+            {'names': ['--stage'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'With --queue, for workers without this file system: upload what each run reads there once; workers download it and upload what the run writes (S3 settings: --s3 or KAAPCLI_S3_*).'},
+            {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The [s3.NAME] profile of --stage (else KAAPCLI_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY).'},
             {'names': ['--timeout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds to wait for association (ACSE), DIMSE and HTTP answers.'},
             {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'No progress or summary on stderr (errors still shown).'},
             {'names': ['--tls'], 'secondary': ['--no-tls'], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "DICOM over TLS. The peer's certificate is verified (--tls-ca, else the system's trust store)."},
@@ -843,16 +849,18 @@ COMPLETION: dict[str, dict[str, Any]] = {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
             {'names': ['--failed'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Only runs that failed, timed out or were cancelled.'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The queue of queued runs (redis://HOST:PORT/DB or a [queue.NAME] profile): first bring the journal up to date from it.'},
             {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [],
-        'commands': [['cancel', 'Stop a run: a queued one never starts, a...'], ['retry', 'Run a journal entry again (same command,...']],
-        'subcommands': ['cancel', 'retry'],
+        'commands': [['sync', 'Enqueue the runs the journal holds pending...'], ['cancel', 'Stop a run: a queued one never starts, a...'], ['retry', 'Run a journal entry again (same command,...']],
+        'subcommands': ['cancel', 'retry', 'sync'],
     },
     'runs cancel': {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The queue of queued runs (redis://HOST:PORT/DB or a [queue.NAME] profile): first bring the journal up to date from it.'},
             {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
@@ -865,12 +873,24 @@ COMPLETION: dict[str, dict[str, Any]] = {
     'runs retry': {
         'options': [
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The queue of queued runs (redis://HOST:PORT/DB or a [queue.NAME] profile): first bring the journal up to date from it.'},
             {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
             {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
         ],
         'arguments': [
             {'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': ''},
         ],
+        'commands': [],
+        'subcommands': [],
+    },
+    'runs sync': {
+        'options': [
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The queue (redis://HOST:PORT/DB or a [queue.NAME] profile).'},
+            {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
+            {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
+        ],
+        'arguments': [],
         'commands': [],
         'subcommands': [],
     },
@@ -1155,6 +1175,10 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
             {'names': ['--out', '-o'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Value of {out} in run arguments (default: the study directory).'},
             {'names': ['--dags'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Kaapana: the DAG table of a trigger_rule.json (JSON/TOML: dag id -> command argv or rule fields).'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Hand the runs to `kaapcli worker`s on this Redis (redis://HOST:PORT/DB, or a [queue.NAME] profile) instead of running them here; Redis down: they are journalled pending and enqueued when it is back.'},
+            {'names': ['--stage'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'With --queue, for workers without this file system: upload what each run reads there once; workers download it and upload what the run writes (S3 settings: --s3 or KAAPCLI_S3_*).'},
+            {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The [s3.NAME] profile of --stage (else KAAPCLI_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY).'},
+            {'names': ['--wait'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'With --queue: wait until the workers finished every run; exit 1 if one did not succeed.'},
             {'names': ['--workers', '-w'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Worker processes (default: the number of cores).'},
             {'names': ['--shard'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Process only shard I of N (stable hash of each item; 1-based).'},
             {'names': ['--force'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Rebuild outputs even when up to date.'},
@@ -1213,6 +1237,9 @@ COMPLETION: dict[str, dict[str, Any]] = {
             {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
             {'names': ['--index'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Index each complete series here (a path, an http(s):// OpenSearch URL or a profile).'},
             {'names': ['--project'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Index project (default: with --aet-convention kp from a called AE title kp-<project>, else admin).'},
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Hand the runs to `kaapcli worker`s on this Redis (redis://HOST:PORT/DB, or a [queue.NAME] profile) instead of running them here; Redis down: they are journalled pending and enqueued when it is back.'},
+            {'names': ['--stage'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'With --queue, for workers without this file system: upload what each run reads there once; workers download it and upload what the run writes (S3 settings: --s3 or KAAPCLI_S3_*).'},
+            {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The [s3.NAME] profile of --stage (else KAAPCLI_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY).'},
             {'names': ['--aet-convention'], 'secondary': [], 'nargs': 1, 'values': ['seed', 'kp', 'none'], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': "What AE titles name in the index: seed = the called AE title is the dataset (Kaapana's `dcmsend --call <dataset>`); kp = called kp-<project>, calling kp-<dataset>; none."},
             {'names': ['--layout'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Path template of received files under OUT ({Keyword} fields of the dataset).'},
             {'names': ['--stable'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'A dropped file is taken after this many seconds unchanged.'},
@@ -1226,6 +1253,24 @@ COMPLETION: dict[str, dict[str, Any]] = {
         'arguments': [
             {'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': ''},
         ],
+        'commands': [],
+        'subcommands': [],
+    },
+    'worker': {
+        'options': [
+            {'names': ['--queue'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The Redis of the queue: redis://[:PASSWORD@]HOST:PORT/DB, or a [queue.NAME] profile.'},
+            {'names': ['--jobs', '-j'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Jobs at once (worker processes).'},
+            {'names': ['--burst'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Stop once the queues are empty (Slurm, CI).'},
+            {'names': ['--listen'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': True, 'hidden': False, 'help': 'Queues to take jobs from, first first (repeatable; default high, default, low). dcm-processor\'s queue names ("priority": "gpu") are queues too.'},
+            {'names': ['--heartbeat'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Seconds: a job whose worker sent no heartbeat for this long counts as lost (retried or failed); workers heartbeat every third of it.'},
+            {'names': ['--journal'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).'},
+            {'names': ['--name'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Worker name prefix in the dashboard (default: the host name).'},
+            {'names': ['--s3'], 'secondary': [], 'nargs': 1, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'The [s3.NAME] profile for staged runs (else KAAPCLI_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY).'},
+            {'names': ['--quiet', '-q'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Only warnings on stderr.'},
+            {'names': ['--debug'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show tracebacks and library warnings.'},
+            {'names': ['-h', '--help'], 'secondary': [], 'nargs': 0, 'values': [], 'case_sensitive': True, 'kind': '', 'multiple': False, 'hidden': False, 'help': 'Show this message and exit.'},
+        ],
+        'arguments': [],
         'commands': [],
         'subcommands': [],
     },

@@ -33,7 +33,7 @@ PANELS: dict[str, list[str]] = {
     "Imaging": ["convert", "itk2dcm", "itk2seg", "seg2itk", "merge-masks", "resample", "radiomics", "thumbnail"],
     "Network": ["echo", "send", "receive", "query", "retrieve", "delete"],
     "Index": ["index", "unindex", "search", "tag", "dataset", "stats", "gallery", "dashboard", "s3"],
-    "Pipelines": ["rules", "trigger", "runs", "watch", "collect"],
+    "Pipelines": ["rules", "trigger", "runs", "watch", "collect", "worker"],
     "Setup": ["config"],
 }
 
@@ -260,6 +260,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kaapcli runs", "the runs of the journal, one JSON line each"),
         ("kaapcli runs --failed --journal runs.jsonl", "those that failed, timed out or were cancelled"),
     ],
+    "runs sync": [
+        ("kaapcli runs sync --queue redis://queue:6379/0", "enqueue the runs planned while Redis was down"),
+        ("kaapcli runs sync --queue redis://queue:6379/0 --journal runs.jsonl", "of another journal"),
+    ],
     "runs cancel": [
         ("kaapcli runs cancel 3f2a9c01d7e4", "stop a run (a queued one never starts)"),
         ("kaapcli runs cancel 3f2a9c01d7e4 --journal runs.jsonl", "of another journal"),
@@ -277,6 +281,11 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kaapcli collect worklist.csv --from ORTHANC@pacs:4242 -o collected", "the studies of each worklist row"),
         ("kaapcli collect worklist.csv --from ORTHANC@pacs:4242 -o collected --anonymize --key-file key "
          "--to RESEARCH@10.0.0.5:104", "anonymized and forwarded"),
+    ],
+    "worker": [
+        ("kaapcli worker --queue redis://queue:6379/0 -j 4", "run the rule jobs of a queue, 4 at once"),
+        ("kaapcli worker --queue redis://queue:6379/0 --listen gpu --burst", "only the gpu queue, until it is empty"),
+        ("kaapcli worker --queue redis://queue:6379/0 --s3 minio", "staged runs' series through an [s3.minio] profile"),
     ],
     "config show": [
         ("kaapcli config show", "the effective configuration, secrets masked"),

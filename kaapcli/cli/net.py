@@ -24,7 +24,11 @@ from kaapcli.cli.rules import (
     LiveIndex,
     LiveJobs,
     LiveProject,
+    LiveQueue,
     LiveRules,
+    LiveStage,
+    StageS3,
+    queue_setup,
 )
 
 PANEL = "Network options"
@@ -385,6 +389,9 @@ def receive(
     journal: JournalFile = None,
     index: LiveIndex = None,
     project: LiveProject = None,
+    queue: LiveQueue = None,
+    stage: LiveStage = None,
+    s3: StageS3 = None,
     timeout: Timeout = None,
     quiet: Quiet = False,
     tls: TlsOn = None,
@@ -398,7 +405,8 @@ def receive(
     seconds without new instances; its receipt (calling AE = dataset, called AE = project, files) is
     written to OUT/.kaapcli/series/<SeriesInstanceUID>.json, then it is indexed (--index; a calling AE
     kp-<dataset> also adds it to that dataset), its rules run (--rules, at most --jobs at once, each
-    run journalled) and --on-complete runs. A failing rule never stops the receiver.
+    run journalled; with --queue handed to `kaapcli worker`s) and --on-complete runs. A failing rule
+    never stops the receiver.
 
     Every dataset's structure is checked as it arrives; one that is malformed, does not match its command or
     cannot be written is answered with a failure status (0xC000, 0xA900, 0xA700) and not kept. Connections
@@ -442,8 +450,10 @@ def receive(
     if index is not None:
         hooks.append(IndexHook(index, project, ctx.find_root().obj, aet_convention.value))
     command_hook = CommandHook(on_complete, reporter.warning) if on_complete else None  # refused before listening
+    queue_settings, staging = queue_setup(ctx, queue, stage, s3, out)
     rules_hook = (RulesHook(rules_file, journal, None, jobs, dags=dags, aet=_aet(aet, "--aet"),
-                            config=ctx.find_root().obj) if rules_file else None)
+                            config=ctx.find_root().obj, queue=queue_settings, stage=staging, log=reporter.warning)
+                  if rules_file else None)
     if rules_hook is not None:
         hooks.append(rules_hook)
     if command_hook is not None:

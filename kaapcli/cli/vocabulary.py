@@ -25,7 +25,8 @@ SHORT: dict[str, tuple[str, str]] = {
     "-n": ("--dry-run", "report what would be done, write nothing"),
     "-w": ("--workers", "how many workers: processes of the batch engine (default: usable cores), threads of s3 "
                         "transfers"),
-    "-j": ("--jobs", "how many run at once: rules (receive, watch), associations or STOW-RS requests (send)"),
+    "-j": ("--jobs", "how many run at once: rules (receive, watch), associations or STOW-RS requests (send), "
+                     "jobs (worker)"),
     "-t": ("--to", "file type of the outputs (convert, seg2itk: nii.gz, nii, nrrd; split: txt, json)"),
     "-r": ("--reference", "the image series (or image) that masks, SEGs or a resampling refer to"),
     "-k": ("--key", "a DICOM attribute KEYWORD=VALUE: a matching key (query, retrieve), an attribute to set "

@@ -29,6 +29,9 @@ def watch(
     journal: live.JournalFile = None,
     index: live.LiveIndex = None,
     project: live.LiveProject = None,
+    queue: live.LiveQueue = None,
+    stage: live.LiveStage = None,
+    s3: live.StageS3 = None,
     aet_convention: live.AetConvention = live.Convention.seed,
     layout: Layout = DEFAULT_LAYOUT,
     stable: Annotated[float, typer.Option("--stable", min=0.0,
@@ -42,8 +45,9 @@ def watch(
 ) -> None:
     """Watch a folder (DIANA's folder watcher) or Orthanc's change feed (ObservableOrthanc).
 
-    Complete series are indexed (--index) and their rules run (--rules), as by kaapcli receive;
-    stdout lists each stored file. Runs until SIGINT/SIGTERM (exit 0), or with --once until done.
+    Complete series are indexed (--index) and their rules run (--rules; with --queue on `kaapcli
+    worker`s), as by kaapcli receive; stdout lists each stored file. Runs until SIGINT/SIGTERM
+    (exit 0), or with --once until done.
     """
     from kaapcli.core import watch as w
     from kaapcli.core.hooks import IndexHook, RulesHook
@@ -63,12 +67,13 @@ def watch(
     hooks: list[Any] = [lambda r: reporter.info(f"series complete: {r.series_uid} ({r.instances} files)")]
     if index is not None:
         hooks.append(IndexHook(index, project, ctx.find_root().obj, aet_convention.value))
-    rules_hook = (RulesHook(rules_file, journal, None, jobs, dags=dags, config=ctx.find_root().obj)
-                  if rules_file else None)
-    if rules_hook is not None:
-        hooks.append(rules_hook)
     store = out or inbox
     assert store is not None
+    queue_settings, staging = live.queue_setup(ctx, queue, stage, s3, store)
+    rules_hook = (RulesHook(rules_file, journal, None, jobs, dags=dags, config=ctx.find_root().obj,
+                            queue=queue_settings, stage=staging, log=reporter.warning) if rules_file else None)
+    if rules_hook is not None:
+        hooks.append(rules_hook)
     receiver = Receiver(store, layout=layout, series_timeout=series_timeout, hooks=hooks,
                         on_stored=lambda p: sink.write_line(str(p)), ready=rules_hook.ready if rules_hook else None)
     try:

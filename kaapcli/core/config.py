@@ -25,6 +25,10 @@ The config file is the first of ``$KAAPCLI_CONFIG``, ``./kaapcli.toml`` and
     access_key = "..."
     secret_key_env = "MINIO_SECRET"
 
+    [queue.cluster]         # --queue cluster: RQ workers on Redis
+    url = "redis://redis.example.org:6379/0"
+    password_env = "REDIS_PASSWORD"
+
 Option values from the environment and from ``[defaults]`` are applied by the CLI
 (click's envvar and default_map); this module only reads and resolves.
 """
@@ -39,7 +43,7 @@ from typing import Any
 
 from kaapcli.exitcodes import ConfigError
 
-PROFILE_KINDS = ("pacs", "index", "s3")
+PROFILE_KINDS = ("pacs", "index", "s3", "queue")
 SECRET_WORDS = ("password", "secret", "token", "key")
 PATH_KEYS = ("tls_key",)  # where a secret is, not the secret: shown, so that a wrong path can be seen
 

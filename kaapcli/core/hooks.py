@@ -66,11 +66,20 @@ class RulesHook:
     receiver asks before storing an instance (``accept``) and while a series is open (``ready``)."""
 
     def __init__(self, rules_file: Path, journal: Path | None, out: Path | None, jobs: int, *,
-                 dags: Path | None = None, aet: str = "KAAPCLI", config: Any = None):
+                 dags: Path | None = None, aet: str = "KAAPCLI", config: Any = None, queue: Any = None,
+                 stage: Any = None, log: Any = None):
         from kaapcli.core import rules
 
-        self.runner = rules.RuleRunner(rules.load_rules(rules_file, dags), journal or rules.default_journal(), out,
-                                       jobs, aet=aet, config=config)
+        loaded = rules.load_rules(rules_file, dags)
+        journal = journal or rules.default_journal()
+        dispatcher = None
+        if queue is not None:  # --queue: the runs go to RQ workers; pending ones of an earlier run go first
+            from kaapcli.core.queue import Dispatcher
+
+            dispatcher = Dispatcher(queue, rules.Journal(journal), stage, log)
+            dispatcher.sync()
+            dispatcher.start()
+        self.runner = rules.RuleRunner(loaded, journal, out, jobs, aet=aet, config=config, dispatcher=dispatcher)
 
     def __call__(self, receipt: Any) -> None:
         self.runner.series_complete([Path(f) for f in receipt.files], (receipt.calling_aet, receipt.called_aet),

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ PATH_PLACEHOLDERS = ("series_dir", "study_dir", "out", "run_dir", "batch_dir")
 PLACEHOLDERS = (*PATH_PLACEHOLDERS[:2], *VALUE_PLACEHOLDERS, *PATH_PLACEHOLDERS[2:])
 RULE_KEYS = {"name", "search_tags", "match", "run", "depends_on", "priority", "timeout", "params", "inputs",
              "group_by", "description", "sortPosition", "callback", "worker", "header_fields", "reply",
-             "reply_port", "outputs", "channel"}
+             "reply_port", "outputs", "channel", "retries"}
 ALIASES = {"jobName": "name", "dependsOn": "depends_on", "headerFields": "header_fields"}  # dcm-processor
 COMPLETE_KEYS = {"instances_from", "min_instances", "timeout"}
 DEFAULT_SORT_POSITION = 999  # dcm-processor's default: services without a position run last
@@ -122,6 +123,8 @@ class Rule:
     sort_position: int = DEFAULT_SORT_POSITION
     queue: str = ""
     timeout: float | None = None
+    retries: int = 0  # runs again after a failure, a timeout or a lost queue worker
+    retry_intervals: tuple[float, ...] = ()  # backoff before each retry (the last repeats)
     params: Mapping[str, Any] = field(default_factory=dict)
     inputs: tuple[InputSpec, ...] = ()
     group_by: int = 0x00100020  # PatientID
@@ -322,10 +325,12 @@ def _rule(path: Path, index: int, raw: Any, base: str, header_fields: list[str])
     fields = raw.get("header_fields") or header_fields
     for field_name in fields:
         _tag(where, field_name)
+    retries, intervals = _retries(where, raw.get("retries"))
     return Rule(name=str(name), run=tuple(run or ()), worker=worker, callback=callback,
                 search_tags=_search_tags(where, search_tags), match=match, depends_on=tuple(map(str, depends)),
                 priority=priority, sort_position=sort_position, queue=queue,
-                timeout=duration(where, raw.get("timeout")), params=dict(params), inputs=specs,
+                timeout=duration(where, raw.get("timeout")), retries=retries, retry_intervals=intervals,
+                params=dict(params), inputs=specs,
                 group_by=_tag(where, raw.get("group_by", "PatientID")), header_fields=tuple(fields),
                 description=str(raw.get("description") or ""), reply=bool(raw.get("reply")),
                 reply_port=reply_port, outputs=outputs, base_dir=base)
@@ -336,14 +341,39 @@ def _search_tags(where: str, search_tags: dict[str, Any]) -> tuple[tuple[int, fr
                  for t, vals in search_tags.items())
 
 
-def duration(where: str, value: Any) -> float | None:
+def duration(where: str, value: Any, key: str = "timeout") -> float | None:
     """Seconds, from a number or dcm-processor's / RQ's "90s", "10m", "1h", "1d"."""
     if value is None or value == "":
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
-    if match is None:
-        raise ConfigError(f"{where}: 'timeout' must be seconds or a duration like 90s, 10m, 1h")
+    if match is None or isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be seconds or a duration like 90s, 10m, 1h")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _retries(where: str, value: Any) -> tuple[int, tuple[float, ...]]:
+    """``"retries": 3`` (backoff 10 s, 1 min, 5 min) or ``{"max": 3, "interval": "30s" | [10, "1m"]}`` (RQ's Retry:
+    the last interval repeats)."""
+    if value is None:
+        return 0, ()
+    spec = value if isinstance(value, dict) else {"max": value}
+    unknown = set(spec) - {"max", "interval"}
+    if unknown or isinstance(spec.get("max"), bool):
+        raise ConfigError(f"{where}: 'retries' is a count or {{\"max\": N, \"interval\": ...}}")
+    try:
+        count = int(spec.get("max", 0))
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise ConfigError(f"{where}: 'retries' must be a count >= 0", hint='e.g. "retries": 2')
+    interval = spec.get("interval")
+    if interval is None:
+        return count, ()
+    items = interval if isinstance(interval, list) else [interval]
+    intervals = tuple(duration(where, v, "retries interval") for v in items)
+    if not intervals or any(v is None for v in intervals):
+        raise ConfigError(f"{where}: 'retries' interval must be seconds or durations like 30s, 5m")
+    return count, tuple(float(v or 0) for v in intervals)
 
 
 def _kaapana_rules(path: Path, index: int, raw: dict[str, Any], table: dict[str, Any] | None, dags: Path | None,
@@ -615,6 +645,7 @@ class Context:
     journal: Journal
     aet: str = "KAAPCLI"
     config: Any = None
+    host: str = field(default_factory=lambda: token(socket.gethostname()))
 
 
 def fill(argv: Iterable[str], values: Mapping[str, str]) -> list[str]:
@@ -668,41 +699,45 @@ def _job(firing: Firing, ctx: Context, batch: str) -> Job:
     run_dir = (ctx.journal.path.parent / "work" / job_id).absolute()
     values["run_dir"], values["batch_dir"] = str(run_dir), str(run_dir / "batch")
     uses = " ".join([*rule.run, rule.outputs or ""])
-    if "{batch_dir}" in uses or rule.dag is not None:
-        _fill_batch_dir(firing, run_dir / "batch")
+    layout: dict[str, Any] = {}
+    if "{batch_dir}" in uses or rule.dag is not None:  # Kaapana's <run>/batch/<series>/get-input-data/
+        layout = {"run_dir": str(run_dir), "copy": rule.fetch_method == "copy",
+                  "batch": {token(m.series_uid): [str(p.absolute()) for p in m.files]
+                            for m in firing.members or [firing.series]}}
     elif "{run_dir}" in uses:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        layout = {"run_dir": str(run_dir)}
     env = {k: v if isinstance(v, str) else json.dumps(v) for k, v in rule.params.items()}
     env.update(environment(values, firing.raw))
     fields = rule.header_fields or tuple(sorted({*DEFAULT_HEADER_FIELDS, *_keywords(rule.tags_needed())}))
     if not (rule.callback or rule.worker):
         fields = ()  # a command reads the files itself; its journal entry keeps no header values
     kwargs = {"headers": firing.series.headers(fields), "params": dict(rule.params), **values}
+    reads = [str(m.series_dir.absolute()) for m in firing.members or [firing.series]]
+    if "{study_dir}" in uses:
+        reads.append(values["study_dir"])
+    if rule.depends_on and "{out}" in uses:  # what its dependencies wrote there
+        reads.append(values["out"])
     return Job(id=job_id, rule=rule.name, series_uid=firing.series.series_uid, batch=batch,
                argv=fill(rule.run, values), worker=rule.worker or "", kwargs=kwargs, env=env, timeout=rule.timeout,
-               python_path=[rule.base_dir] if rule.base_dir else [], queue=rule.queue)
+               python_path=[rule.base_dir] if rule.base_dir else [], queue=queue_of(rule), retries=rule.retries,
+               retry_intervals=list(rule.retry_intervals), layout=layout, inputs=list(dict.fromkeys(reads)),
+               description=describe(rule.name, firing.series.series_uid, ctx))
+
+
+def describe(rule: str, series_uid: str, ctx: Context) -> str:
+    """A run in one readable line (the queue's dashboard shows it): rule, series, node; header values as tokens."""
+    return f"rule {rule}, series {token(series_uid)}, node {token(ctx.aet)}@{ctx.host}"
+
+
+def queue_of(rule: Rule) -> str:
+    """The RQ queue of a rule's jobs: dcm-processor's queue name, else high/default/low by priority."""
+    return rule.queue or ("high" if rule.priority > 0 else "low" if rule.priority < 0 else "default")
 
 
 def _keywords(tags: Iterable[int]) -> list[str]:
     from pydicom.datadict import keyword_for_tag
 
     return [k for k in (keyword_for_tag(t) for t in tags) if k]
-
-
-def _fill_batch_dir(firing: Firing, batch: Path) -> None:
-    """Kaapana's workflow layout: ``<run>/batch/<SeriesInstanceUID>/get-input-data/`` with each series'
-    files — copied for ``fetch_method: copy`` (the run owns them), else linked."""
-    import shutil
-
-    for member in firing.members or [firing.series]:
-        target = batch / token(member.series_uid) / "get-input-data"
-        target.mkdir(parents=True, exist_ok=True)
-        for path in member.files:
-            dest = target / path.name
-            if firing.rule.fetch_method == "copy":
-                shutil.copy2(path, dest)
-            elif not dest.exists():
-                dest.symlink_to(path.absolute())
 
 
 def _reply_job(firing: Firing, job: Job, ctx: Context, batch: str) -> Job:
@@ -720,7 +755,9 @@ def _reply_job(firing: Firing, job: Job, ctx: Context, batch: str) -> Job:
     if ctx.config is not None and getattr(ctx.config, "path", None):
         env["KAAPCLI_CONFIG"] = str(ctx.config.path)
     return Job(id=new_id(), rule=f"{rule.name}:reply", series_uid=series.series_uid, batch=batch, argv=argv,
-               env=env, depends_on=[job.id], timeout=rule.timeout)
+               env=env, depends_on=[job.id], timeout=rule.timeout, queue=job.queue, retries=rule.retries,
+               retry_intervals=list(rule.retry_intervals), inputs=[outputs],
+               description=describe(f"{rule.name}:reply", series.series_uid, ctx))
 
 
 def _reply_target(rule: Rule, series: Series, ctx: Context) -> str:
@@ -749,7 +786,7 @@ class RuleRunner:
     """
 
     def __init__(self, rules: list[Rule], journal: Path, out: Path | None = None, jobs: int = 2, *,
-                 aet: str = "KAAPCLI", config: Any = None):
+                 aet: str = "KAAPCLI", config: Any = None, dispatcher: Any = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.rules = rules
@@ -763,6 +800,7 @@ class RuleRunner:
         self.completed: list[Series] = []
         self.fired_groups: set[tuple[str, str]] = set()
         self._headers: dict[str, dict[int, list[str]]] = {}
+        self.dispatcher = dispatcher  # a kaapcli.core.queue.Dispatcher: jobs go to queue workers
 
     # ---- what the receiver asks before storing an instance, and while a series is open
 
@@ -820,11 +858,15 @@ class RuleRunner:
 
     def _run(self, firings: list[Firing]) -> list[RunRecord]:
         jobs, decided = plan(firings, self.ctx)
+        if self.dispatcher is not None:
+            return list(self.dispatcher.submit(jobs, decided))
         return run_batch(jobs, self.ctx.journal, decided)
 
     def close(self) -> list[RunRecord]:
-        """Wait for every scheduled run; return all their records."""
+        """Wait for every scheduled run (or, on a queue, until each is handed over); return their records."""
         self.pool.shutdown(wait=True)
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         return [record for fut in self.futures for record in fut.result()]
 
 
@@ -850,11 +892,24 @@ class TriggerOperator:
     grouped = True
     supports_dry_run = True
 
-    def __init__(self, rules: list[Rule], journal: Path, out: Path | None, config: Any = None):
+    def __init__(self, rules: list[Rule], journal: Path, out: Path | None, config: Any = None, *,
+                 queue: Any = None, stage: Any = None):
         self.rules = [r for r in rules if not r.is_group_rule and not r.is_batch_rule]
         self.ctx = Context(Journal(journal), config=config)
         self.out = out
         self.tags = set().union(*(r.tags_needed() for r in self.rules)) if self.rules else set()
+        self.queue, self.stage = queue, stage  # QueueSettings, Stage: hand the runs to queue workers
+        self._dispatcher: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_dispatcher": None}  # a Redis connection stays in its process
+
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            from kaapcli.core.queue import Dispatcher
+
+            self._dispatcher = Dispatcher(self.queue, self.ctx.journal, self.stage, follow=False)
+        return self._dispatcher
 
     def options(self) -> dict[str, Any]:
         return {}
@@ -882,6 +937,8 @@ class TriggerOperator:
         if ctx.dry_run:
             return Outcome(message="would run " + ", ".join(f.rule.name for f in fired))
         jobs, decided = plan(fired, self.ctx)
+        if self.queue is not None:
+            return queued_outcome(self.dispatcher().submit(jobs, decided))
         return outcome_of(run_batch(jobs, self.ctx.journal, decided))
 
 
@@ -907,3 +964,15 @@ def outcome_of(records: list[RunRecord]) -> Any:
         raise KaapcliError(f"rules {summary} (logs: {', '.join(r.log for r in bad if r.log)})",
                            code=ExitCode.ITEMS_FAILED)
     return Outcome(outputs=[Path(r.log) for r in records if r.log], message=summary)
+
+
+def queued_outcome(records: list[RunRecord]) -> Any:
+    """The Outcome of a series whose runs went to a queue: ok once handed over (or kept pending); failed when
+    a run was settled as failed right away (its callback)."""
+    from kaapcli.core.batch import Outcome
+
+    failed = [r for r in records if r.status in FAILED]
+    if failed:
+        return outcome_of(records)
+    counts = {s: sum(r.status == s for r in records) for s in ("queued", "pending", "skipped")}
+    return Outcome(message=", ".join(f"{n} {s}" for s, n in counts.items() if n))

@@ -1,20 +1,24 @@
 """Jobs and the run journal: one rule run as a plain, serialisable description, and the one function that runs it.
 
 A :class:`Job` is everything a run needs — an argv *or* a Python ``worker`` ("package.module:function"),
-its environment, the ``added_params`` of its dependencies, the ids of the jobs it depends on, a timeout —
-and nothing else (no open files, no callables), so it can be written to JSON and run later or elsewhere
-(a job queue).  :func:`run_job` runs one job:
+its environment, the ``added_params`` of its dependencies, the ids of the jobs it depends on, a timeout,
+its retries, the directories it reads — and nothing else (no open files, no callables), so it can be
+written to JSON and run later or elsewhere: ``kaapcli.core.queue`` puts exactly this on an RQ queue and
+its workers call the same :func:`run_job`.  :func:`run_job` runs one job:
 
 1. a cancelled job (``kaapcli runs cancel``) is not started;
-2. a command runs as its own process group, stdin closed, stdout and stderr to its log file
+2. its private directory (``{run_dir}``) and Kaapana's ``{batch_dir}`` layout are made where it runs;
+3. a command runs as its own process group, stdin closed, stdout and stderr to its log file
    (created 0600); a worker runs in a child Python (``python -m kaapcli.core.runs worker JOB.json``), so a
    crashing worker never takes the receiver down;
-3. a timeout kills the whole process group; a cancel does the same and is recorded as ``cancelled``;
-4. the run is appended to the journal twice (started with its pid, then finished).
+4. a timeout kills the whole process group; a cancel does the same and is recorded as ``cancelled``; an
+   interrupted caller (Ctrl-C, a queue worker shutting down) kills it too before it goes;
+5. the run is appended to the journal twice (started with its pid and host, then finished).
 
 :func:`run_batch` runs the jobs planned together (one series, one group) in order: a job whose
-dependency did not succeed is ``skipped``, and each job receives its dependencies' ``added_params``
-(callback results and worker return values), in the environment as JSON and as a file.
+dependency did not succeed is ``skipped``, each job receives its dependencies' ``added_params``
+(callback results and worker return values), in the environment as JSON and as a file, and a failed or
+timed-out job with ``retries`` left runs again after its backoff.
 
 The journal is JSON lines, created 0600 with its log directory 0700 (it holds PatientIDs and
 ``params``); appends are locked so parallel receivers and workers share it.  It never runs a shell.
@@ -28,11 +32,12 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,8 @@ from typing import Any
 from kaapcli.exitcodes import ConfigError
 
 FAILED = ("failed", "timeout", "cancelled")  # statuses that make a series (an item) fail
+FINAL = ("ok", "skipped", *FAILED)  # a run in one of these is over
+DEFAULT_BACKOFF = (10.0, 60.0, 300.0)  # seconds before retry 1, 2, 3 (and every later one) of `"retries": N`
 CALLBACK_TIMEOUT = 120.0  # seconds a rule's callback may take to decide
 RAW_LIMIT = 1024  # characters of a raw header value exported to the environment
 
@@ -68,20 +75,30 @@ class Job:
     depends_on: list[str] = field(default_factory=list)  # job ids of the same batch
     timeout: float | None = None
     python_path: list[str] = field(default_factory=list)  # where worker modules are imported from
-    queue: str = ""  # dcm-processor's queue name ("priority": "default"), kept for a job queue
+    queue: str = ""  # the RQ queue (high/default/low by priority, or dcm-processor's queue name)
     retry_of: str = ""
+    retries: int = 0  # runs again this many times after a failure (or a lost queue worker)
+    retry_intervals: list[float] = field(default_factory=list)  # backoff before each retry (the last repeats)
+    layout: dict[str, Any] = field(default_factory=dict)  # run_dir to make; Kaapana batch: {"batch": {...}}
+    inputs: list[str] = field(default_factory=list)  # directories the run reads (what --stage ships)
+    stage: dict[str, str] = field(default_factory=dict)  # {"url": "s3://b/p", "root": DIR}: inputs come from S3
+    description: str = ""  # one readable line: rule, series, node (the queue dashboard shows it)
 
 
 @dataclass
 class RunRecord(Job):
     start: str = ""
     end: str = ""
-    status: str = "queued"  # queued | running | ok | failed | timeout | skipped | cancelled
+    status: str = "queued"  # pending | queued | running | ok | failed | timeout | skipped | cancelled
     exit_code: int | None = None
     log: str = ""
     message: str = ""
     pid: int | None = None
     result: dict[str, Any] = field(default_factory=dict)  # what a worker returned (for its dependents)
+    host: str = ""  # the machine that ran it
+    worker: str = ""  # the queue worker that ran it
+    attempt: int = 1
+    via: str = ""  # the queue it was handed to (redis://host:port/db), "" for a local run
 
     @classmethod
     def of(cls, job: Job, **state: Any) -> RunRecord:
@@ -146,14 +163,33 @@ class Journal:
 
 # --------------------------------------------------------------------------- running one job
 
-def run_job(job: Job, journal: Journal) -> RunRecord:
-    """Run one job and journal it; never raises for a failing command or worker."""
+Report = Callable[["RunRecord"], None]
+
+
+def run_job(job: Job, journal: Journal, *, attempt: int = 1, report: Report | None = None) -> RunRecord:
+    """Run one job and journal it; never raises for a failing command or worker.
+
+    ``report`` sees each record as it is journalled (a queue worker publishes them, and guards the pid).
+    """
     log = journal.log_path(job.id)
-    record = RunRecord.of(job, start=now(), log=str(log), status="running")
+    record = RunRecord.of(job, start=now(), log=str(log), status="running", host=socket.gethostname(),
+                          attempt=attempt)
+
+    def journalled() -> RunRecord:
+        journal.append(record)
+        if report is not None:
+            report(record)
+        return record
+
     if journal.is_cancelled(job.id):
         record.status, record.end, record.message = "cancelled", now(), "cancelled before it started"
-        journal.append(record)
-        return record
+        return journalled()
+    try:
+        prepare_layout(job)
+    except OSError as exc:
+        record.status, record.end = "failed", now()
+        record.message = f"cannot make the run's directory {exc.filename}: {exc.strerror}"
+        return journalled()
     argv = list(job.argv)
     env = {**os.environ, **job.env, "KAAPCLI_RUN_ID": job.id}
     if job.added_params:
@@ -170,23 +206,32 @@ def run_job(job: Job, journal: Journal) -> RunRecord:
         argv = [sys.executable, "-m", "kaapcli.core.runs", "worker", str(spec)]
         env["PYTHONPATH"] = os.pathsep.join([*job.python_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.monotonic()
-    with _private_open(log, "wb") as out:
+    with _private_open(log, "ab" if attempt > 1 else "wb") as out:
+        if attempt > 1:
+            out.write(f"\n--- attempt {attempt} ---\n".encode())
+            out.flush()
         try:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)  # its own process group: timeout/cancel kill it all
         except OSError as exc:
             record.status, record.end = "failed", now()
             record.message = f"cannot run {argv[0]}: {exc.strerror}"
-            journal.append(record)
-            return record
+            return journalled()
         record.pid = proc.pid
-        journal.append(record)
+        journalled()
         try:
             record.exit_code = proc.wait(timeout=job.timeout)
             record.status = "ok" if record.exit_code == 0 else "failed"
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             record.status, record.message = "timeout", f"killed after {job.timeout:g} s"
+        except BaseException as exc:  # the caller is interrupted: never leave the command running
+            _kill_group(proc)
+            record.status, record.end = "cancelled", now()
+            record.message = f"interrupted ({type(exc).__name__}): the command was killed"
+            with contextlib.suppress(Exception):
+                journalled()
+            raise
     if journal.is_cancelled(job.id):
         record.status, record.message = "cancelled", "cancelled while running"
     if job.worker and result_file.exists():
@@ -197,8 +242,27 @@ def run_job(job: Job, journal: Journal) -> RunRecord:
     record.end = now()
     if not record.message:
         record.message = f"exit {record.exit_code} after {time.monotonic() - start:.1f} s"
-    journal.append(record)
-    return record
+    return journalled()
+
+
+def prepare_layout(job: Job) -> None:
+    """Make the run's private directory and Kaapana's ``<run>/batch/<series>/get-input-data/`` layout (each
+    series' files copied for ``fetch_method: copy``, the run owns them; else linked), where the job runs."""
+    import shutil
+
+    run_dir = job.layout.get("run_dir")
+    if not run_dir:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for series, files in job.layout.get("batch", {}).items():
+        target = Path(run_dir) / "batch" / series / "get-input-data"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            source, dest = Path(name), target / Path(name).name
+            if job.layout.get("copy"):
+                shutil.copy2(source, dest)
+            elif not dest.is_symlink() and not dest.exists():
+                dest.symlink_to(source.absolute())
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -207,8 +271,32 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def retry_interval(job: Job, attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt`` (2, 3, ...): the job's backoff, its last value repeating."""
+    intervals = job.retry_intervals or list(DEFAULT_BACKOFF)
+    return float(intervals[min(attempt - 2, len(intervals) - 1)])
+
+
+def resolve_dependencies(job: Job, deps: list[RunRecord | None]) -> RunRecord | None:
+    """Before a job runs: a ``skipped`` record when a dependency did not succeed (``None``: it left no record),
+    else None after adding the dependencies' results to the job's ``added_params``."""
+    unmet = [d.rule if d is not None else "a dependency that left no record" for d in deps
+             if d is None or d.status != "ok"]
+    if unmet:
+        return RunRecord.of(job, start=now(), end=now(), status="skipped",
+                            message=f"dependency did not succeed: {', '.join(unmet)}")
+    for dep in deps:
+        assert dep is not None
+        if dep.result:  # a dependency's worker result joins what its callback decided
+            job.added_params.setdefault(dep.rule, {}).update(dep.result)
+        for name, values in dep.added_params.items():
+            job.added_params.setdefault(name, values)
+    return None
+
+
 def run_batch(jobs: list[Job], journal: Journal, skipped: Iterable[RunRecord] = ()) -> list[RunRecord]:
-    """Run jobs in the given (dependency) order; a job whose dependency did not succeed is skipped.
+    """Run jobs in the given (dependency) order; a job whose dependency did not succeed is skipped, one that
+    fails with ``retries`` left runs again after its backoff.
 
     Every job is journalled ``queued`` first (so ``runs cancel`` can stop a queued one); ``skipped``
     are records decided before running (a dependency that did not fire, a callback that raised).
@@ -220,19 +308,18 @@ def run_batch(jobs: list[Job], journal: Journal, skipped: Iterable[RunRecord] = 
     for job in jobs:
         journal.append(RunRecord.of(job, start=now(), status="queued"))
     for job in jobs:
-        deps = [results[d] for d in job.depends_on if d in results]
-        unmet = [d.rule for d in deps if d.status != "ok"]
-        if unmet:
-            record = RunRecord.of(job, start=now(), end=now(), status="skipped",
-                                  message=f"dependency did not succeed: {', '.join(unmet)}")
-            journal.append(record)
+        unmet = resolve_dependencies(job, [results[d] for d in job.depends_on if d in results])
+        if unmet is not None:
+            journal.append(unmet)
+            record = unmet
         else:
-            for dep in deps:  # a dependency's worker result joins what its callback decided
-                if dep.result:
-                    job.added_params.setdefault(dep.rule, {}).update(dep.result)
-                for name, values in dep.added_params.items():
-                    job.added_params.setdefault(name, values)
             record = run_job(job, journal)
+            while record.status in ("failed", "timeout") and record.attempt <= job.retries:
+                delay = retry_interval(job, record.attempt + 1)
+                journal.append(replace(record, status="queued", pid=None, end="", message=f"retrying in {delay:g} s "
+                                       f"after attempt {record.attempt}: {record.status}: {record.message}"))
+                time.sleep(delay)
+                record = run_job(job, journal, attempt=record.attempt + 1)
         results[job.id] = record
     return list(results.values())
 
@@ -265,16 +352,18 @@ def _is_our_run(pid: int, run_id: str) -> bool:
     return f"KAAPCLI_RUN_ID={run_id}".encode() in environ.split(b"\0")
 
 
-def retry(journal: Journal, run_id: str) -> list[RunRecord]:
+def retry(journal: Journal, run_id: str, execute: Callable[[list[Job], Journal], list[RunRecord]] | None = None
+          ) -> list[RunRecord]:
     """Run a journalled run again, then the runs of its batch that depended on it (transitively), each
-    linked to the run it repeats (``retry_of``)."""
+    linked to the run it repeats (``retry_of``); ``execute`` runs them (default :func:`run_batch`; a queue's
+    dispatcher hands them to workers)."""
     from kaapcli.exitcodes import UsageError
 
     records = journal.records()
     old = next((r for r in records if r.id == run_id), None)
     if old is None:
         raise UsageError(f"{journal.path}: no run with id {run_id}")
-    if old.status in ("queued", "running"):
+    if old.status in ("pending", "queued", "running"):
         raise UsageError(f"run {run_id} ({old.rule}) is still {old.status}", hint=f"kaapcli runs cancel {run_id}")
     same_batch = [r for r in records if old.batch and r.batch == old.batch and r.id != old.id and not r.retry_of]
     chain, ids = [old], {old.id}
@@ -293,7 +382,7 @@ def retry(journal: Journal, run_id: str) -> list[RunRecord]:
         if r.id != old.id:  # dependents get the fresh results of the rerun, not the stale ones
             job.added_params = {}
         jobs.append(job)
-    return run_batch(jobs, journal)
+    return (execute or run_batch)(jobs, journal)
 
 
 def masked_env(env: dict[str, str]) -> dict[str, str]:
