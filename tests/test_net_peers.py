@@ -80,7 +80,7 @@ def test_silent_peer_times_out(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- send
 
 def test_send_to_storescp_bytes_arrive_unchanged(storescp, mock_ct: Path) -> None:  # noqa: F811
-    proc = kaapcli("send", mock_ct, "--to", storescp.peer, "--associations", "2", "--format", "jsonl")
+    proc = kaapcli("send", mock_ct, "--to", storescp.peer, "--jobs", "2", "--format", "jsonl")
     assert proc.returncode == 0, proc.stderr
     records = jsonl(proc.stdout)
     assert len(records) == 16 and all(r["status"] == "ok" for r in records)
