@@ -512,6 +512,7 @@ class ModifyOperator(BaseOperator):
     name = "modify"
     supports_dry_run = True
     collision_hint = "give their common parent directory as INPUT"
+    outputs_follow_root = True  # the mirrored tree is relative to the INPUT directory
 
     def __init__(self, edits: Edits, roots: Iterable[Path] = (), in_place: bool = False):
         self.edits = edits
