@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv man-db openssl jq time
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium make python3-venv man-db openssl jq time zip unzip
 
 .PHONY: demo test check typecheck venv test-deps system-deps docs docs-check dist bench bench-quick lint clean
 
