@@ -112,9 +112,10 @@ def run_benchmarks(quick: bool, only: list[str]) -> tuple[list[dict[str, object]
     for script in sorted(HERE.glob("bench_*.py")):
         if only and script.stem.removeprefix("bench_") not in only:
             continue
-        print(f"== {script.name}{' --quick' if quick else ''}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(script), *(["--quick"] if quick else [])], stdout=subprocess.PIPE,
-                              text=True)
+        # scripts that print their figures only when asked take --json (the imaging ones); the others always do
+        flags = (["--quick"] if quick else []) + (["--json"] if '"--json"' in script.read_text() else [])
+        print(f"== {script.name} {' '.join(flags)}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(script), *flags], stdout=subprocess.PIPE, text=True)
         found = parse_lines(proc.stdout.splitlines())
         if proc.returncode != 0 or not found:
             failed.append(f"{script.name}: " + (f"exit {proc.returncode}" if proc.returncode else "no figures"))
