@@ -39,10 +39,14 @@ MANIFEST_DIR = ".kaapcli"
 
 @dataclass(frozen=True)
 class Item:
-    """One unit of work: a stable key (used for sharding and the manifest) and its input files."""
+    """One unit of work: a stable key (used for sharding and the manifest) and its input files.
+
+    ``notes``: per path, what the operator's ``scan`` learnt of it while planning (empty: nothing), so
+    ``process`` need not read it again."""
 
     key: str
     paths: tuple[Path, ...]
+    notes: tuple[Any, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str:
@@ -127,6 +131,10 @@ class BaseOperator:
 
     def group_key(self, path: Path) -> str | None:
         return None
+
+    def scan(self, path: Path) -> tuple[str | None, Any]:
+        """The item key of a file and a note for ``process`` (``Item.notes``): by default no note."""
+        return self.group_key(path), None
 
     def process(self, item: Item, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -270,21 +278,24 @@ def _accept(op: Operator, path: Path) -> bool:
         return False
 
 
-def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, str]]:
-    """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error, skip reason)."""
-    out: list[tuple[Path, str | None, str, str]] = []
+def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, str, Any]]:
+    """Group keys (and the operator's notes) for a chunk of files (runs in a worker).  Returns (path, key, error,
+    skip reason, note)."""
+    scan = getattr(op, "scan", None) or (lambda path: (op.group_key(path), None))
+    out: list[tuple[Path, str | None, str, str, Any]] = []
     for path in paths:
         if not _accept(op, path):
-            out.append((path, None, "", ""))
+            out.append((path, None, "", "", None))
             continue
         try:
-            out.append((path, op.group_key(path), "", ""))
+            key, note = scan(path)
+            out.append((path, key, "", "", note))
         except SkipItem as exc:
-            out.append((path, None, "", str(exc)))
+            out.append((path, None, "", str(exc), None))
         except KaapcliError as exc:
-            out.append((path, None, str(exc), ""))
+            out.append((path, None, str(exc), "", None))
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop the scan
-            out.append((path, None, describe_exception(exc), ""))
+            out.append((path, None, describe_exception(exc), "", None))
     return out
 
 
@@ -394,18 +405,23 @@ def plan_items(op: Operator, files: list[Path], pool: _Pool, on_result: ResultHo
                 on_result(ItemResult(str(path), "skipped", message="not an input of this command",
                                      reason="not-input"))
         return items
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, list[tuple[Path, Any]]] = {}
     size = _chunk_size(len(files), pool.workers)
     for chunk in pool.run(_scan_chunk, _chunks(files, size), op):
-        for path, key, error, skip in chunk:
+        for path, key, error, skip, note in chunk:
             if error:
                 on_result(ItemResult(str(path), "failed", message=f"{path}: {error}", code=int(ExitCode.DATAERR)))
             elif key is None:
                 on_result(ItemResult(str(path), "skipped", message=skip or "not an input of this command",
                                      reason="not-input"))
             else:
-                groups.setdefault(key, []).append(path)
-    return [Item(key, tuple(sorted(paths))) for key, paths in groups.items()]
+                groups.setdefault(key, []).append((path, note))
+    items = []
+    for key, members in groups.items():
+        members.sort(key=lambda m: m[0])
+        notes = tuple(note for _, note in members)
+        items.append(Item(key, tuple(path for path, _ in members), notes if any(n is not None for n in notes) else ()))
+    return items
 
 
 def run_batch(
