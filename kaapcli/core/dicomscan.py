@@ -66,6 +66,9 @@ KEYWORDS: dict[str, tuple[int, str]] = {
     "BitsAllocated": (0x00280100, "US"), "BitsStored": (0x00280101, "US"), "HighBit": (0x00280102, "US"),
     "PixelRepresentation": (0x00280103, "US"), "RescaleIntercept": (0x00281052, "DS"),
     "RescaleSlope": (0x00281053, "DS"), "RescaleType": (0x00281054, "LO"), "Units": (0x00541001, "CS"),
+    "WindowCenter": (0x00281050, "DS"), "WindowWidth": (0x00281051, "DS"), "ImagerPixelSpacing": (0x00181164, "DS"),
+    "PixelAspectRatio": (0x00280034, "IS"), "ModalityLUTSequence": (0x00283000, "SQ"),
+    "VOILUTSequence": (0x00283010, "SQ"),
     "DecayCorrection": (0x00541102, "CS"), "GridFrameOffsetVector": (0x3004000C, "DS"),
     "DoseGridScaling": (0x3004000E, "DS"), "SharedFunctionalGroupsSequence": (0x52009229, "SQ"),
     "PerFrameFunctionalGroupsSequence": (0x52009230, "SQ"), "PixelData": (PIXEL_DATA, "OW"),
@@ -134,6 +137,36 @@ class Header:
                 value = self.elements.get(group << 16 | block << 8 | offset)
                 return value[1] if value is not None else None
         return None
+
+
+def pixel_array(header: Header, frame: int | None = None) -> Any:
+    """The stored pixels of a native (uncompressed) monochrome image, as pydicom's ``pixel_array`` gives them:
+    (rows, columns) for one frame (``frame``, or the only one), else (frames, rows, columns); bits above
+    BitsStored masked (signed: sign-extended) as pydicom does.  Raises Unsupported for anything else."""
+    import numpy as np
+
+    bits, stored = header.get("BitsAllocated"), header.get("BitsStored")
+    signed, rows, columns = header.get("PixelRepresentation"), header.get("Rows"), header.get("Columns")
+    frames = header.get("NumberOfFrames") or 1
+    if (header.pixel_offset < 0 or bits not in (8, 16, 32) or signed not in (0, 1) or (header.get("SamplesPerPixel")
+            or 1) != 1 or not all(isinstance(v, int) and v > 0 for v in (rows, columns, frames, stored))
+            or stored > bits):
+        raise Unsupported("not a native monochrome image")
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    plane = rows * columns * dtype.itemsize
+    if header.pixel_length < plane * frames:
+        raise Unsupported("short pixel data: pydicom says why")
+    first, count = (0, frames) if frame is None else (frame, 1)
+    if not 0 <= first < frames:
+        raise Unsupported(f"frame {frame} of {frames}")
+    offset = header.pixel_offset + first * plane
+    arr = np.fromfile(header.path, dtype=dtype, count=rows * columns * count, offset=offset)
+    if arr.size != rows * columns * count:
+        raise Unsupported("truncated pixel data: pydicom says why")
+    if stored < bits:
+        np.left_shift(arr, bits - stored, out=arr)
+        np.right_shift(arr, bits - stored, out=arr)
+    return arr.reshape((rows, columns) if count == 1 else (count, rows, columns))
 
 
 def renders(header: Header, keywords: list[str]) -> bool:
