@@ -30,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-HEAD = 65536  # first read: a CT header is ~2 KiB, a Siemens MR with CSA headers ~20 KiB
+HEAD = 16384  # first read: a CT header is ~2 KiB; a Siemens MR with CSA headers (~20 KiB) takes a second one
 MAX_HEADER = 16 * 2**20  # longer headers (enhanced objects with thousands of frames) go to pydicom
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA = 0x7FE00010, 0x7FE00008, 0x7FE00009

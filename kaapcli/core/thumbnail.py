@@ -37,12 +37,12 @@ HEADER_TAGS = ["SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID", "ImagePosit
 
 def slice_key(ds: Any, path: Path) -> tuple[float, float, str]:
     """Where a file sorts in its series: along the slice normal when the geometry is known, else by InstanceNumber,
-    then file name.  ``ds``: a pydicom Dataset or a dicomscan.Header."""
-    import numpy as np
-
+    then file name.  ``ds``: a pydicom Dataset or a dicomscan.Header.  Plain floats, no numpy: the plan runs this
+    for every file of every series, in processes that need not import numpy."""
     try:
-        o = [float(v) for v in ds.get("ImageOrientationPatient")]
-        pos = float(np.dot(np.cross(o[:3], o[3:]), [float(v) for v in ds.get("ImagePositionPatient")]))
+        r1, r2, r3, c1, c2, c3 = (float(v) for v in ds.get("ImageOrientationPatient"))
+        x, y, z = (float(v) for v in ds.get("ImagePositionPatient"))
+        pos = (r2 * c3 - r3 * c2) * x + (r3 * c1 - r1 * c3) * y + (r1 * c2 - r2 * c1) * z  # (row x column) . position
     except (TypeError, ValueError):
         pos = 0.0
     try:

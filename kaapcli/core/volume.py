@@ -757,9 +757,10 @@ def _stored_dtype(source: PixelSource | np.ndarray) -> np.dtype[Any]:
     return np.dtype(source.dtype) if isinstance(source, PixelSource) else source.dtype
 
 
-def _read_planes(source: PixelSource, first: int, count: int, out: np.ndarray) -> None:
-    """Read ``count`` stored planes from frame ``first`` on straight into ``out`` (count, rows, columns); masks the
-    bits above BitsStored as pydicom does (PS3.5 8.1.1: their values are not to be assumed)."""
+def _read_planes(source: PixelSource, first: int, count: int, out: np.ndarray, *, mask: bool = True) -> None:
+    """Read ``count`` stored planes from frame ``first`` on straight into ``out`` (count, rows, columns); ``mask``:
+    clear (or sign-extend) the bits above BitsStored as pydicom does (PS3.5 8.1.1: their values are not to be
+    assumed)."""
     view = memoryview(out).cast("B")
     fd = os.open(source.path, os.O_RDONLY)
     try:
@@ -771,21 +772,34 @@ def _read_planes(source: PixelSource, first: int, count: int, out: np.ndarray) -
             done += n
     finally:
         os.close(fd)
-    bits = out.dtype.itemsize * 8
-    if source.bits_stored < bits:
-        shift = bits - source.bits_stored
-        np.left_shift(out, shift, out=out)
-        np.right_shift(out, shift, out=out)
+    if mask:
+        _mask_unused_bits(out, source.bits_stored)
 
 
-def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None) -> np.ndarray:
-    """The stack's stored planes in one preallocated (frames, rows, columns) array of ``dtype``, read on threads.
+def _mask_unused_bits(planes: np.ndarray, bits_stored: int) -> None:
+    shift = planes.dtype.itemsize * 8 - bits_stored
+    if shift > 0:
+        np.left_shift(planes, shift, out=planes)
+        np.right_shift(planes, shift, out=planes)
+
+
+def _stored_range(bits_stored: int, dtype: np.dtype[Any]) -> tuple[int, int]:
+    """The values BitsStored bits can hold in ``dtype`` (signed: two's complement)."""
+    if dtype.kind == "i":
+        return -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+    return 0, 2**bits_stored - 1
+
+
+def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None) -> tuple[np.ndarray, list[int]]:
+    """The stack's stored planes in one preallocated (frames, rows, columns) array of ``dtype``, read on threads,
+    and the frames read as they are whose bits above BitsStored are still to be masked (by their BitsStored).
 
     Planes of one file are read straight into the array when their type is ``dtype`` and they are consecutive;
     otherwise (mosaic tiles, mixed types, ``convert``: a per-plane rescale into float) through a per-file buffer.
     """
     first = stack.frames[0]
     out = np.empty((len(stack.frames), first.rows, first.columns), dtype=dtype)
+    unmasked = [0] * len(stack.frames)
     by_file: dict[Path, list[tuple[int, Frame]]] = {}
     for k, f in enumerate(stack.frames):
         by_file.setdefault(f.path, []).append((k, f))
@@ -802,8 +816,10 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
         direct = (convert is None and not first.mosaic and np.dtype(source.dtype) == dtype
                   and ks == list(range(ks[0], ks[0] + len(ks)))
                   and [f.index for _, f in placed] == list(range(placed[0][1].index, placed[0][1].index + len(ks))))
-        if direct:
-            _read_planes(source, placed[0][1].index, len(ks), out[ks[0]:ks[0] + len(ks)])
+        if direct:  # masking waits for the value range: most files leave the unused bits 0 (then it changes nothing)
+            _read_planes(source, placed[0][1].index, len(ks), out[ks[0]:ks[0] + len(ks)], mask=False)
+            for k in ks:
+                unmasked[k] = source.bits_stored if source.bits_stored < dtype.itemsize * 8 else 0
             return
         buffer = np.empty((source.frames, source.rows, source.columns), dtype=source.dtype)
         _read_planes(source, 0, source.frames, buffer)
@@ -813,7 +829,7 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(by_file))) as pool:
         list(pool.map(load, by_file))
-    return out
+    return out, unmasked
 
 
 def _integral(stack: Stack, sources: Sources) -> bool:
@@ -830,11 +846,17 @@ def _stack_values(stack: Stack, sources: Sources) -> np.ndarray:
         def to_float(plane: np.ndarray, f: Frame) -> np.ndarray:
             return plane.astype(np.float64) * f.slope + f.intercept
 
-        return _fill(stack, sources, np.dtype(np.float32), to_float)
+        return _fill(stack, sources, np.dtype(np.float32), to_float)[0]
     stored_type = np.result_type(*{_stored_dtype(sources[f.path]) for f in frames})
-    stored = _fill(stack, sources, stored_type)
+    stored, unmasked = _fill(stack, sources, stored_type)
     flat = stored.reshape(len(frames), -1)
     mins, maxs = flat.min(axis=1).astype(np.int64), flat.max(axis=1).astype(np.int64)
+    for k, bits_stored in enumerate(unmasked):
+        if bits_stored:
+            low, high = _stored_range(bits_stored, stored.dtype)
+            if mins[k] < low or maxs[k] > high:
+                _mask_unused_bits(stored[k], bits_stored)
+                mins[k], maxs[k] = int(stored[k].min()), int(stored[k].max())
     slopes = np.array([int(f.slope) for f in frames], dtype=np.int64)
     intercepts = np.array([int(f.intercept) for f in frames], dtype=np.int64)
     low, high = np.minimum(mins * slopes, maxs * slopes) + intercepts, np.maximum(mins * slopes, maxs * slopes) \
