@@ -28,7 +28,7 @@ EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.ITEMS_FAILED: "finished, but some items failed",
     ExitCode.USAGE: "usage error: bad option, argument or query syntax",
     ExitCode.DATAERR: "bad input data (every item failed on bad data)",
-    ExitCode.NOINPUT: "an input file or directory does not exist",
+    ExitCode.NOINPUT: "no input: an input does not exist or cannot be read, or none was found",
     ExitCode.UNAVAILABLE: "service unavailable: PACS, index or object store unreachable or refusing",
     ExitCode.SOFTWARE: "internal error (a bug: please report it, rerun with --debug)",
     ExitCode.CANTCREAT: "cannot create or write an output",

@@ -37,6 +37,32 @@ def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
     return False
 
 
+def kaapcli_on_terminal(*args: str | os.PathLike[str], columns: int = 100,
+                        timeout: float = 120) -> tuple[int, str, str]:
+    """Run ``python -m kaapcli ARGS`` with stderr on a pseudo-terminal (so a progress bar is drawn) and stdout
+    on a pipe: (exit code, stdout, everything the terminal received)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out, _ = proc.communicate(timeout=timeout)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
 def dcmtk(name: str) -> str:
     path = DCMTK_BIN / name
     if not path.exists():
@@ -89,3 +115,32 @@ def mock_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.dcm") if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="session")
+def distinct_pydicom_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pydicom's test files, one per SOP Instance UID (read-only: copy before modifying).  Its variants of one
+    image (other syntaxes, byte orders) share the UID, so their de-identified outputs would share a name."""
+    import pydicom
+
+    dest = tmp_path_factory.mktemp("pydicom_distinct")
+    seen: set[str] = set()
+    for path in pydicom_test_files():
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SOPInstanceUID", ""))
+        except Exception:  # noqa: BLE001 - broken inputs belong to other tests
+            continue
+        if uid and uid not in seen and not (dest / path.name).exists():
+            seen.add(uid)
+            shutil.copyfile(path, dest / path.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def anonymized_pydicom(distinct_pydicom_files: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``kaapcli anonymize`` of :func:`distinct_pydicom_files` (Basic Profile, burned-in guard off), --format jsonl."""
+    out = tmp_path_factory.mktemp("pydicom_anonymized")
+    proc = kaapcli("anonymize", distinct_pydicom_files, "-o", out, "--key", "test-key-1", "--burned-in", "ignore",
+                   "--format", "jsonl", "-q")
+    return proc, out

@@ -167,8 +167,8 @@ def receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     """Start ``kaapcli receive -o tmp_path/rx`` with extra arguments; stopped at teardown."""
     started: list[Receiver] = []
 
-    def start(*args: str, out: Path | None = None) -> Receiver:
-        port = free_port()
+    def start(*args: str, out: Path | None = None, port: int | None = None) -> Receiver:
+        port = port or free_port()
         dest = out or tmp_path / "rx"
         env = {**os.environ, "NO_COLOR": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "receive", "-o", str(dest), "--port", str(port),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, dicom_files, kaapcli
+from conftest import ROOT, dicom_files, kaapcli, kaapcli_on_terminal
 
 from kaapcli.exitcodes import EXIT_CODES
 
@@ -82,29 +81,12 @@ def test_stdin_paths_and_pipeline(mock_ct: Path, tmp_path: Path) -> None:
 
 def test_stdout_stays_clean_under_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     """stderr is a pseudo-terminal (progress bar drawn there); stdout is a pipe with paths only."""
-    master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "mock", "-o", str(tmp_path / "m"), "--slices", "64",
-                             "--rows", "128", "--columns", "128", "-w", "2"],
-                            stdout=subprocess.PIPE, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    out, _ = proc.communicate(timeout=120)
-    os.close(master)
-    terminal = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0
-    lines = out.decode().splitlines()
+    code, out, terminal = kaapcli_on_terminal("mock", "-o", tmp_path / "m", "--slices", "64", "--rows", "128",
+                                              "--columns", "128", "-w", "2")
+    assert code == 0
+    lines = out.splitlines()
     assert len(lines) == 64 and all(Path(line).is_file() for line in lines)
-    assert "\x1b[" not in out.decode()
+    assert "\x1b[" not in out
     assert "64 files" in terminal  # the summary line went to the terminal, not to stdout
 
 

@@ -114,7 +114,7 @@ def test_dcm2pdf_skips_other_dicom_and_reports_broken_files(tmp_path: Path, mock
     truncated.write_bytes(dcm.read_bytes()[:-40])
     broken = kaapcli("dcm2pdf", truncated, "-o", tmp_path / "out2")
     assert broken.returncode == 65
-    assert f"{truncated}: the encapsulated PDF is truncated" in broken.stderr
+    assert f"{truncated}: truncated file: (0042,0011) EncapsulatedDocument" in broken.stderr
     assert "Traceback" not in broken.stderr
     assert not any((tmp_path / "out2").rglob("*.pdf"))
 

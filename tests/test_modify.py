@@ -345,7 +345,10 @@ def test_single_files_and_stdin(mock_ct: Path, tmp_path: Path) -> None:
     clash.mkdir()
     shutil.copy(a, clash / b.name)
     proc = kaapcli("modify", b, clash / b.name, "-o", tmp_path / "o2", "-i", "PatientID=9")
-    assert proc.returncode == 2 and "would both be written" in proc.stderr
+    # Two inputs, one output name: the engine keeps the first and fails the second (nothing is overwritten).
+    assert proc.returncode == 1 and f"{clash / b.name}: {tmp_path / 'o2' / b.name} is also the output of {b}" \
+        in proc.stderr
+    assert read(tmp_path / "o2" / b.name).SOPInstanceUID == read(b).SOPInstanceUID
 
 
 # --------------------------------------------------------------------------- pixel data and odd inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,9 +269,9 @@ def test_spool_creates_ahead_and_cleans_up(tmp_path: Path) -> None:
     deadline = time.monotonic() + 5
     while len(list(tmp_path.iterdir())) < ul.Spool.AHEAD and time.monotonic() < deadline:
         time.sleep(0.01)
-    path, fh = spool.take()
-    fh.write(b"data")
-    fh.close()
+    path, fd = spool.take()
+    os.write(fd, b"data")
+    os.close(fd)
     spool.close()
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"data"
 
@@ -286,3 +287,74 @@ def test_writer_remakes_a_series_directory_moved_away(mock_ct: Path, tmp_path: P
         dest, _ = writer.place(tmp_path / "spooled")
         assert dest.read_bytes() == src.read_bytes()
         shutil.rmtree(dest.parent)
+
+
+# --------------------------------------------------------------------------- the receiver's structure check
+
+# pydicom test files whose structure is broken (truncated, an item longer than its sequence, a dataset in implicit
+# VR behind an explicit transfer syntax): the check refuses them, as a receiver must
+BROKEN = {"MR_truncated.dcm", "rtplan_truncated.dcm", "DICOMDIR-nooffset", "SC_rgb_jpeg.dcm"}
+
+
+def _dataset_of(path: Path) -> tuple[str, bytes] | None:
+    from kaapcli.core.net import ul
+
+    try:
+        meta, offset = ul.read_meta(path)
+    except (ValueError, OSError, IndexError):
+        return None
+    return (meta["00020010"], path.read_bytes()[offset:]) if meta.get("00020010") else None
+
+
+def test_structure_check_of_every_pydicom_test_file() -> None:
+    """Every well-formed file passes in any transfer syntax (implicit/explicit LE, big endian, deflated,
+    encapsulated), the broken ones fail; fed in odd-sized fragments, the values found are those of one piece."""
+    from conftest import pydicom_test_files
+
+    from kaapcli.core.net import ul
+    from kaapcli.core.net.scp import _sequence_tags
+
+    wanted = {0x00080016, 0x00080018, 0x0020000E}
+    refused, syntaxes = set(), set()
+    for path in pydicom_test_files():
+        found = _dataset_of(path)
+        if found is None:
+            continue
+        syntax, data = found
+        whole = ul.DatasetChecker(syntax, wanted, _sequence_tags())
+        pieces = ul.DatasetChecker(syntax, wanted, _sequence_tags())
+        try:
+            whole.feed(data)
+            values = whole.finish()
+        except ul.Malformed:
+            refused.add(path.name)
+            continue
+        view = memoryview(data)
+        for start in range(0, len(data), 4093):
+            pieces.feed(view[start:start + 4093])
+        assert pieces.finish() == values, path.name
+        syntaxes.add(syntax)
+    assert refused == BROKEN
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+            "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= syntaxes
+
+
+def test_structure_check_byte_by_byte_and_its_messages() -> None:
+    import pydicom.data
+
+    from kaapcli.core.net import ul
+
+    syntax, data = _dataset_of(Path(pydicom.data.get_testdata_file("CT_small.dcm")))  # type: ignore[misc]
+    checker = ul.DatasetChecker(syntax, {0x00080018})
+    for i in range(len(data)):  # every header cut at every place
+        checker.feed(data[i:i + 1])
+    assert checker.finish()[0x00080018].rstrip(b"\0") == b"1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    for cut, message in ((len(data) - 3, "claims"), (len(data) + 1, None)):
+        checker = ul.DatasetChecker(syntax)
+        checker.feed((data + b"\x10")[:cut])
+        if message is None:
+            with pytest.raises(ul.Malformed, match="ends inside an element header"):
+                checker.finish()
+        else:
+            with pytest.raises(ul.Malformed, match=message):
+                checker.finish()

@@ -153,7 +153,7 @@ def test_dicomnode_petct_node_end_to_end(receiver, storescp, tmp_path: Path, kaa
     assert time.monotonic() - start < series_timeout  # complete by count, not by timeout
     code, _, stderr = rx.finish(signal.SIGTERM)
     assert code == 0, stderr
-    assert "matches no rule: not stored" in stderr
+    assert "matches no rule (--reject-unmatched): not stored" in stderr
     assert not [p for p in rx.out.rglob("*.dcm") if "MR" in str(pydicom.dcmread(p, stop_before_pixels=True).Modality)]
     replied = dicom_files(storescp.out) or sorted(storescp.out.rglob("*"))
     assert len(replied) == 4

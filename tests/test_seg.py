@@ -241,5 +241,5 @@ def test_non_segmentation_inputs(tmp_path: Path) -> None:
         shutil.copy(get_testdata_file(name), src / name)
     (src / "notes.txt").write_text("hello")
     proc = kaapcli("seg2itk", src, "-o", tmp_path / "out")
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
-    assert proc.stdout == "" and "4 not DICOM/not an input" in proc.stderr
+    assert proc.returncode == 66 and "Traceback" not in proc.stderr  # no input at all (as dcm2niix): 66
+    assert proc.stdout == "" and f"no DICOM SEG or RTSTRUCT found in {src}" in proc.stderr

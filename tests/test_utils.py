@@ -152,9 +152,9 @@ def test_unzip_reports_corrupt_archives(tmp_path: Path) -> None:
     proc = kaapcli("unzip", archive, "-o", tmp_path / "out")
     assert proc.returncode == 65
     assert "corrupt zip archive: Bad CRC-32 for file 'second.txt'" in proc.stderr
-    assert (tmp_path / "out" / "first.txt").read_bytes() == b"intact"
-    assert not (tmp_path / "out" / "second.txt").exists()
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".second")]
+    # A failed archive extracts nothing, not even the intact entries before the damage (no half-done item).
+    assert not (tmp_path / "out" / "first.txt").exists() and not (tmp_path / "out" / "second.txt").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(bytes(data[: len(data) // 2]))

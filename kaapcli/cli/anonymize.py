@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, fail, run_batch
+from kaapcli.cli.common import Inputs, RunOptions, batch_command, fail, run_batch
 
 
 class ProfileChoice(str, Enum):
@@ -26,6 +26,16 @@ class BurnedInChoice(str, Enum):
     warn = "warn"
     fail = "fail"
     ignore = "ignore"
+
+
+class PseudonymChoice(str, Enum):
+    hex = "hex"
+    realistic = "realistic"
+
+
+class ModeChoice(str, Enum):
+    bulk = "bulk"
+    single_slice = "single-slice"
 
 
 PROFILE = "Profile options (PS3.15 Table E.1-1)"
@@ -54,14 +64,19 @@ def _read_key(key: str | None, key_file: Path | None) -> bytes:
 @batch_command
 def anonymize(
     inputs: Inputs,
-    out: OutDir,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output directory (or --in-place).", show_default=False)] = None,
+    in_place: Annotated[bool, typer.Option(
+        "--in-place", help="Overwrite each input file with its de-identified version (atomically, one by one; "
+        "file names are kept). Without it, anonymize never writes over an input.")] = False,
     key: Annotated[str | None, typer.Option(
         "--key", help="Secret key for pseudonyms, UIDs and date shifts (or KAAPCLI_ANON_KEY).",
         show_default=False)] = None,
     key_file: Annotated[Path | None, typer.Option(
         "--key-file", help="Read the secret key from this file.", show_default=False)] = None,
     profile: Annotated[ProfileChoice, typer.Option(
-        help="basic: PS3.15 Basic Profile + options; kaapana: Kaapana's 45-tag dcmodify erase, nothing else.",
+        help="basic: PS3.15 Basic Profile + options; kaapana: Kaapana's 45 tags only (UIDs among them keyed, "
+        "Type 2 ones emptied, the rest erased; the Basic Profile options do not apply).",
         rich_help_panel=PROFILE)] = ProfileChoice.basic,
     retain_dates: Annotated[DatesChoice | None, typer.Option(
         "--retain-dates", help="full: keep dates; shift: move them back by one keyed offset per patient "
@@ -81,6 +96,9 @@ def anonymize(
     clean_descriptors: Annotated[bool, typer.Option(
         "--clean-descriptors", help="Keep descriptions unless they hold the file's identifying strings.",
         rich_help_panel=PROFILE)] = False,
+    clean_structured_content: Annotated[bool, typer.Option(
+        "--clean-structured-content", help="Keep SR and waveform free text unless it holds identifying strings "
+        "or patterns (default: a dummy).", rich_help_panel=PROFILE)] = False,
     keep: Annotated[list[str] | None, typer.Option(
         "--keep", metavar="TAG", help="Keep this attribute unchanged (keyword or (gggg,eeee); repeatable).",
         show_default=False, rich_help_panel=PROFILE)] = None,
@@ -89,25 +107,37 @@ def anonymize(
         show_default=False, rich_help_panel=PROFILE)] = None,
     id_prefix: Annotated[str, typer.Option(
         help="Prefix of the PatientID/PatientName pseudonym.")] = "ANON-",
+    pseudonyms: Annotated[PseudonymChoice, typer.Option(
+        help="hex: PatientName = PatientID = <prefix><hex>; realistic: a keyed fake name of the recorded sex and "
+        "a birth date moved like the patient's other dates (as DIANA's GUIDMint).")] = PseudonymChoice.hex,
+    mode: Annotated[ModeChoice, typer.Option(
+        help="bulk: every file; single-slice: only the first file (in path order) of each series, for quick "
+        "checks (Kaapana's anonymizer modes).")] = ModeChoice.bulk,
     burned_in: Annotated[BurnedInChoice, typer.Option(
         help="Pixels that may carry burned-in text: warn, fail the file, or ignore.")] = BurnedInChoice.warn,
     map_file: Annotated[Path | None, typer.Option(
-        "--map", help="Record original -> pseudonym (patient, accession, study) in this SQLite file, for "
-        "authorized re-identification.", show_default=False)] = None,
+        "--map", help="Record original -> pseudonym (patient, accession, study) in this SQLite file (mode 0600, "
+        "outside OUT and the inputs), for authorized re-identification.", show_default=False)] = None,
     name: Annotated[str, typer.Option(
         "--name", help="Output name template of {DICOM keywords} of the de-identified file.")]
     = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
     *,
     run: RunOptions,
 ) -> None:
-    """De-identify DICOM files (PS3.15 Annex E Basic Profile): keyed pseudonyms and UIDs, markers set.
+    """De-identify DICOM files (PS3.15 2026c Annex E Basic Profile): keyed pseudonyms and UIDs, markers set.
 
     The same key gives the same output on any machine and run; keep it secret. Pixel data passes through
-    byte for byte. Files go to OUT/<new StudyInstanceUID>/<new SeriesInstanceUID>/<new SOPInstanceUID>.dcm.
+    byte for byte. Files go to OUT/<new StudyInstanceUID>/<new SeriesInstanceUID>/<new SOPInstanceUID>.dcm,
+    or over the inputs with --in-place. Check the result with kaapcli phi-scan OUT --originals INPUT.
     """
     from kaapcli.core import dicom
-    from kaapcli.core.anonymize import AnonymizeOperator, Options, parse_replace
+    from kaapcli.core.anonymize import DEFAULT_NAME, AnonymizeOperator, Options, check_destinations, parse_replace
 
+    if in_place == (out is not None):
+        fail("give either -o DIR or --in-place" if not in_place else "-o cannot be used with --in-place",
+             hint="--in-place overwrites the inputs; -o writes a new tree and never touches them")
+    if in_place and name != DEFAULT_NAME:
+        fail("--name cannot be used with --in-place (the files keep their names)")
     dicom.import_pydicom(pixels=False)  # pixel data passes through as bytes: this process never needs numpy
     secret = _read_key(key, key_file)
     if len(id_prefix) > 40:
@@ -116,10 +146,12 @@ def anonymize(
         profile=profile.value, dates=retain_dates.value if retain_dates else "profile",
         retain_uids=retain_uids, retain_device=retain_device, retain_institution=retain_institution,
         retain_patient_characteristics=retain_patient_characteristics, retain_safe_private=retain_safe_private,
-        clean_descriptors=clean_descriptors, keep=tuple(dicom.parse_tag(t) for t in keep or ()),
-        replace=tuple(parse_replace(r) for r in replace or ()), id_prefix=id_prefix,
-        burned_in=burned_in.value, name=name)
-    run_batch(AnonymizeOperator(secret, options, map_file), inputs, out, run)
+        clean_descriptors=clean_descriptors, clean_structured_content=clean_structured_content,
+        keep=tuple(dicom.parse_tag(t) for t in keep or ()), replace=tuple(parse_replace(r) for r in replace or ()),
+        id_prefix=id_prefix, pseudonyms=pseudonyms.value, burned_in=burned_in.value, name=name)
+    check_destinations(out, map_file, [Path(a) for a in inputs if a != "-"])
+    op = AnonymizeOperator(secret, options, map_file, in_place=in_place, single_slice=mode is ModeChoice.single_slice)
+    run_batch(op, inputs, out, run, "anonymize")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,13 +7,13 @@ mean the same everywhere) and hands the command a :class:`RunOptions`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-import json
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -123,6 +123,7 @@ class Reporter:
         self.progress: Any = None
         self.task: Any = None
         self.label = label
+        self.files = self.nbytes = 0  # done so far, for the rate column
 
     def __enter__(self) -> Reporter:
         if self.live:
@@ -137,11 +138,11 @@ class Reporter:
             )
 
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=self.console, transient=True,
+                                     MofNCompleteColumn(), _rate_column(), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=self.console, transient=True,
                                      redirect_stdout=False, redirect_stderr=False)
             self.progress.start()
-            self.task = self.progress.add_task(self.label, total=None)
+            self.task = self.progress.add_task(self.label, total=None, files=0, nbytes=0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,9 +153,12 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, total=n)
 
-    def advance(self) -> None:
+    def advance(self, nfiles: int = 1, nbytes: int = 0) -> None:
+        """One item done, holding ``nfiles`` input files of ``nbytes`` bytes (for the rate column)."""
+        self.files += nfiles
+        self.nbytes += nbytes
         if self.progress is not None:
-            self.progress.advance(self.task)
+            self.progress.update(self.task, advance=1, files=self.files, nbytes=self.nbytes)
 
     def line(self, text: str, style: str = "") -> None:
         if self.live:
@@ -175,10 +179,32 @@ class Reporter:
             self.line(text)
 
 
+def _rate_column() -> Any:
+    """A progress column: files/s and MB/s since the start (rates of the work, not of the items: a
+    per-series command advances the bar once per series)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            elapsed = task.elapsed
+            if not elapsed:
+                return Text("")
+            files, nbytes = task.fields.get("files", 0), task.fields.get("nbytes", 0)
+            rate = f"{files / elapsed:.0f} files/s" + (f", {nbytes / 1e6 / elapsed:.1f} MB/s" if nbytes else "")
+            return Text(rate, style="progress.data.speed")
+
+    return RateColumn()
+
+
 # --------------------------------------------------------------------------- stdout
 
 class Sink:
-    """The one place data goes to stdout: output paths, or JSON records."""
+    """The one place data goes to stdout: output paths, or JSON records.
+
+    Lines are written as bytes: a file name that is not UTF-8 goes out as the bytes it has on disk, so the next
+    command of a pipe opens the same file.  A reader that goes away (``| head``) ends the run quietly (exit 141).
+    """
 
     def __init__(self, fmt: Format, reporter: Reporter | None = None):
         self.fmt = fmt
@@ -189,13 +215,28 @@ class Sink:
 
     def write_line(self, text: str) -> None:
         if self.via_console and self.reporter is not None:
-            self.reporter.console.print(text, markup=False, highlight=False, soft_wrap=True)
-        else:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            self.reporter.console.print(shown, markup=False, highlight=False, soft_wrap=True)
+            return
+        try:
+            raw = getattr(sys.stdout, "buffer", None)
+            if raw is not None:
+                sys.stdout.flush()
+                raw.write(os.fsencode(text) + b"\n")
+                raw.flush()
+            else:
+                sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # Nobody reads any more: point stdout at /dev/null so the interpreter's final flush stays quiet too.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise
 
     def record(self, obj: dict[str, Any]) -> None:
-        self.write_line(json.dumps(obj, ensure_ascii=False, default=str))
+        from kaapcli.core.fsio import dumps
+
+        self.write_line(dumps(obj))
 
     def result(self, result: ItemResult) -> None:
         if self.fmt is Format.jsonl:
@@ -215,37 +256,63 @@ def fail(message: str, code: ExitCode = ExitCode.USAGE, hint: str = "") -> NoRet
 
 def run_batch(op: Operator, inputs: Sequence[str], out: Path | None, run: RunOptions,
               label: str | None = None) -> NoReturn:
-    """Collect inputs, run ``op`` through the batch engine, render, and exit with its code."""
-    from kaapcli.core import fsio
-
-    summary = execute(op, fsio.collect_inputs(inputs), out, run, label or op.name)
+    """Stream ``inputs`` through the batch engine with ``op``, render, and exit with its code."""
+    summary = execute(op, batch_inputs(inputs, out), out, run, label or op.name, sources=inputs)
     raise typer.Exit(int(summary.exit_code))
 
 
-def execute(op: Operator, files: list[Path], out: Path | None, run: RunOptions, label: str,
-            items: list[Any] | None = None) -> BatchSummary:
+def batch_inputs(inputs: Sequence[str], out: Path | None) -> Iterator[Any]:
+    """The input entries of a batch command: named inputs checked first (missing or not a regular file or
+    directory: exit 66; inside OUT: exit 2), then walked lazily, OUT and its run state left out."""
+    from kaapcli.core import fsio
+
+    fsio.check_named(inputs)
+    prune: list[Path] = []
+    if out is not None:
+        fsio.check_not_inside(inputs, out)
+        prune = [out, fsio.state_dir(out)]
+    return fsio.iter_inputs(inputs, prune=prune)
+
+
+def execute(op: Operator, files: Iterable[Any], out: Path | None, run: RunOptions, label: str,
+            items: Iterable[Any] | None = None, sources: Sequence[str] = ()) -> BatchSummary:
     from kaapcli.core import batch
 
     if run.shard:
         batch.parse_shard(run.shard)  # validate before any work
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"{out}: output exists and is not a directory")
+    detailed = [0]  # dry-run plans shown in full: the first (and with --debug every) one, the others one line each
     with Reporter(label, run.quiet) as reporter:
         sink = Sink(run.format, reporter)
 
         def on_result(result: ItemResult) -> None:
-            reporter.advance()
+            reporter.advance(0 if result.reason == "not-input" else result.nfiles, result.nbytes)
             if result.status == "failed":
                 reporter.error(result.message)
             for warning in result.warnings:
                 reporter.warning(f"{result.input}: {warning}")
             if run.dry_run and result.message and result.status != "failed":
-                reporter.info(f"{result.input}: {result.message}")
+                first, *rest = result.message.splitlines()
+                if rest and (run.debug or not detailed[0]):
+                    detailed[0] += 1
+                    reporter.info(f"{result.input}: {first}\n" + "\n".join(rest))
+                else:
+                    reporter.info(f"{result.input}: {first}" + (f" ({len(rest)} more lines: --debug or --format "
+                                                                 "jsonl)" if rest else ""))
             sink.result(result)
 
         summary = batch.run_batch(op, files, out, run.batch(), items=items,
                                   on_total=reporter.total, on_result=on_result)
     if summary.interrupted:
-        reporter.error("interrupted")
+        done = summary.count("ok") + summary.count("failed")
+        rolled = f"; {summary.rolled_back} in flight were not written" if summary.rolled_back else ""
+        reporter.error(f"interrupted after {done} items{rolled}: everything reported is on disk and recorded, "
+                       "a re-run continues from there")
+    if summary.no_input:
+        where = ", ".join(("stdin" if s == "-" else s) for s in sources) or "the inputs"
+        skipped = summary.count("skipped", "not-input") + summary.count("skipped", "not-regular")
+        reporter.error(f"no {getattr(op, 'input_kind', 'DICOM input')} found in {where}"
+                       + (f" ({skipped} other file{'s' if skipped != 1 else ''} skipped)" if skipped else ""))
     reporter.info(summary.line())
     return summary

@@ -30,8 +30,10 @@ def dcm2json(
     A series' document comes from its first instance (lowest InstanceNumber), read headers-only.
     Malformed values are kept as text and reported as warnings.
     """
+    from kaapcli.core import dicom
     from kaapcli.core.meta import Dcm2JsonOperator
 
+    dicom.import_pydicom(pixels=False)  # headers only: no pixel value is decoded, so neither numpy nor requests
     op = Dcm2JsonOperator(per_instance=per_instance, legacy=legacy_names,
                           tags=tuple(t.strip() for t in tags.split(",") if t.strip()))
     run_batch(op, inputs, out, run)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kaapcli.cli.common import Inputs, RunOptions, batch_command, execute
+from kaapcli.cli.common import Inputs, RunOptions, batch_command, batch_inputs, execute
 
 TAGS = "TAG: keyword (PatientName), (gggg,eeee), gggg,eeee, gggg|eeee, or a path like Seq[0].Tag ([*] = all items)."
 
@@ -56,8 +55,7 @@ def modify(
     inserted as TAG=VR:value, e.g. -i "(0009,1001)=LO:x". Edits apply in this order: --new-uids,
     --erase-private, --erase-all, -e, -m, -i.
     """
-    from kaapcli.core import fsio
-    from kaapcli.core.modify import ModifyOperator, expand_stdin, parse_edits, plan_outputs
+    from kaapcli.core.modify import ModifyOperator, parse_edits
     from kaapcli.exitcodes import UsageError
 
     if in_place == (out is not None):
@@ -68,14 +66,8 @@ def modify(
     if edits.is_empty():
         raise UsageError("nothing to do", hint="give at least one of -i, -m, -e, --erase-all, --erase-private, "
                                                "--new-uids, --kaapana-tags")
-    args = expand_stdin(inputs, sys.stdin) if "-" in inputs else list(inputs)
-    files = fsio.collect_inputs(args)
-    roots = [Path(a) for a in args if Path(a).is_dir()]
-    if out is not None:
-        files = fsio.outside_output(args, files, out)
-        plan_outputs(files, roots, out)
-    op = ModifyOperator(edits, roots, in_place=in_place)
-    summary = execute(op, files, out, run, "modify")
+    op = ModifyOperator(edits, in_place=in_place)
+    summary = execute(op, batch_inputs(inputs, out), out, run, "modify", sources=inputs)
     raise typer.Exit(int(summary.exit_code))
 
 

@@ -48,6 +48,35 @@ Layout = Annotated[str, typer.Option(
     "--layout", help="Path template of received files under OUT ({Keyword} fields of the dataset).")]
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
+TLS_PANEL = "TLS options (PS3.15 B.1)"
+TlsOn = Annotated[bool | None, typer.Option(
+    "--tls/--no-tls", show_default="off, or the profile's tls", rich_help_panel=TLS_PANEL,
+    help="DICOM over TLS. The peer's certificate is verified (--tls-ca, else the system's trust store).")]
+TlsCert = Annotated[Path | None, typer.Option(
+    "--tls-cert", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="Our certificate (chain): required to receive; sent to a peer that asks for one.")]
+TlsKey = Annotated[Path | None, typer.Option(
+    "--tls-key", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="The private key of --tls-cert (encrypted: its password in KAAPCLI_TLS_KEY_PASSWORD).")]
+TlsCa = Annotated[Path | None, typer.Option(
+    "--tls-ca", metavar="PEM", show_default=False, rich_help_panel=TLS_PANEL,
+    help="CA certificates to verify the peer with; a receiver given them requires client certificates "
+         "signed by them (mutual authentication).")]
+
+
+class TlsVerify(str, Enum):
+    host = "host"
+    chain = "chain"
+
+
+TlsCheck = Annotated[TlsVerify, typer.Option(
+    "--tls-verify", rich_help_panel=TLS_PANEL,
+    help="host: the peer's certificate must be trusted and name the host connected to; chain: trusted only "
+         "(what DCMTK and Orthanc check).")]
+AllowHost = Annotated[list[str] | None, typer.Option(
+    "--allow-host", metavar="HOST|CIDR", show_default=False, rich_help_panel=PANEL,
+    help="Accept connections only from these hosts or networks (repeatable; names are resolved at start).")]
+
 
 class Level(str, Enum):
     patient = "patient"
@@ -90,16 +119,51 @@ def _aet(value: str, what: str) -> str:
     return check_aet(value, what)
 
 
+def _tls(ctx: typer.Context, enabled: bool | None, cert: Path | None, key: Path | None, ca: Path | None,
+         verify: TlsVerify, base: Any = None) -> Any:
+    """TLS settings from the options over ``base`` (a profile's); None for plain TCP.  A --tls-* option given on
+    the command line without TLS is a usage error rather than a silently unencrypted connection."""
+    import os
+
+    from click.core import ParameterSource
+
+    from kaapcli.core.net.tls import TLS
+    from kaapcli.exitcodes import UsageError
+
+    def source(name: str) -> Any:
+        return ctx.get_parameter_source(name)
+
+    if not (base is not None if enabled is None else enabled):
+        named = [f"--{name.replace('_', '-')}" for name, value in (("tls_cert", cert), ("tls_key", key),
+                                                                    ("tls_ca", ca))
+                 if value and source(name) is ParameterSource.COMMANDLINE]
+        if named:
+            raise UsageError(f"{named[0]} without --tls", hint="add --tls (or tls = true in the profile)")
+        return None
+    base = base or TLS()
+    return TLS(cert=str(cert or base.cert), key=str(key or base.key), ca=str(ca or base.ca),
+               verify=verify.value if source("tls_verify") not in (None, ParameterSource.DEFAULT) else base.verify,
+               key_password=base.key_password or os.environ.get("KAAPCLI_TLS_KEY_PASSWORD", ""), where=base.where)
+
+
 def _route_logs(reporter: Reporter) -> None:
-    """Errors the receiver logs from its threads become ``error:`` lines on stderr."""
+    """What the receiver logs from its threads becomes lines on stderr: ``error:`` (failed C-STOREs),
+    ``warning:`` (refused connections and associations, aborted ones) and plain lines."""
     import logging
 
     class ToReporter(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            reporter.error(record.getMessage())
+            text = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                reporter.error(text)
+            elif record.levelno >= logging.WARNING:
+                reporter.warning(text)
+            else:
+                reporter.info(text)
 
     logger = logging.getLogger("kaapcli.net")
-    logger.handlers[:] = [ToReporter(logging.ERROR)]
+    logger.handlers[:] = [ToReporter(logging.INFO)]
+    logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
@@ -112,11 +176,17 @@ def echo(
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
     token: Token = None,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Check a peer: C-ECHO for DIMSE, a QIDO-RS probe for DICOMweb. Prints {"peer", "ok", "ms", "status"}."""
     from kaapcli.core.net import dicomweb, dimse
 
     target = _peer(ctx, peer, token)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     timeouts = _timeouts(timeout, connect_timeout)
     if target.web:
         record = dicomweb.echo(target, timeouts)
@@ -159,6 +229,11 @@ def send(
     fmt: Annotated[Format, typer.Option("--format", help="stdout: sent file paths, or one JSON record per file.")
                    ] = Format.paths,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Send DICOM files (C-STORE, or STOW-RS for http peers) as they are encoded, without decoding them.
 
@@ -176,6 +251,7 @@ def send(
     from kaapcli.core.net.ledger import Ledger
 
     target = _peer(ctx, to, token)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     calling = _aet(f"kp-{dataset}" if dataset else calling_aet, "calling AE title")
     if project:
         target = target.with_aet(_aet(f"kp-{project}", "called AE title"))
@@ -184,13 +260,17 @@ def send(
     ledger = Ledger(resume) if resume else None
     summary = BatchSummary()
     start = time.perf_counter()
+    lost: dict[str, int] = {}  # why an association broke -> files it took with it
     with Reporter(f"send → {target.address}", quiet) as reporter:
         sink = Sink(fmt, reporter)
 
         def on_result(result: ItemResult) -> None:
             summary.results.append(result)
             reporter.advance()
-            if result.status == "failed":
+            if result.status == "failed" and result.reason == dimse.ASSOCIATION_LOST:
+                cause = result.message.split(": not stored: ", 1)[-1]
+                lost[cause] = lost.get(cause, 0) + 1  # said once below, not once per file
+            elif result.status == "failed":
                 reporter.error(result.message)
             for warning in result.warnings:
                 reporter.warning(f"{result.input}: {warning}")
@@ -242,6 +322,8 @@ def send(
                     ledger.close()
             if verify and not summary.interrupted:
                 _verify(summary, target, calling, timeouts, reporter)
+    for cause, count in lost.items():
+        reporter.error(f"{cause}: {count} file{'s' if count > 1 else ''} not stored")
     summary.seconds = time.perf_counter() - start
     if summary.interrupted:
         reporter.error("interrupted")
@@ -280,6 +362,12 @@ def receive(
     allow_aet: Annotated[list[str] | None, typer.Option(
         "--allow-aet", help="Accept associations only from these calling AE titles (repeatable).",
         show_default=False)] = None,
+    allow_host: AllowHost = None,
+    max_associations: Annotated[int, typer.Option(
+        "--max-associations", min=1, max=1024, help="Associations served at once; more are rejected "
+        "(local limit exceeded).")] = 64,
+    max_per_host: Annotated[int, typer.Option(
+        "--max-per-host", min=1, max=1024, help="Associations served at once from one host.")] = 32,
     series_timeout: Annotated[float, typer.Option(
         "--series-timeout", min=0.0, help="A series is complete after this many seconds without new instances."
     )] = 10.0,
@@ -299,6 +387,10 @@ def receive(
     project: LiveProject = None,
     timeout: Timeout = None,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Receive DICOM (Storage SCP) until SIGINT/SIGTERM: every dataset written to disk as sent, atomically.
 
@@ -307,20 +399,35 @@ def receive(
     written to OUT/.kaapcli/series/<SeriesInstanceUID>.json, then it is indexed (--index; a calling AE
     kp-<dataset> also adds it to that dataset), its rules run (--rules, at most --jobs at once, each
     run journalled) and --on-complete runs. A failing rule never stops the receiver.
+
+    Every dataset's structure is checked as it arrives; one that is malformed, does not match its command or
+    cannot be written is answered with a failure status (0xC000, 0xA900, 0xA700) and not kept. Connections
+    are bounded (--max-associations, --max-per-host, --allow-host, --allow-aet, --timeout); refusals are
+    warning lines. See docs/networking.md for the security model.
     """
     import time
 
     from kaapcli.core.net.peers import Timeouts
     from kaapcli.core.net.scp import Receiver, SeriesReceipt
+    from kaapcli.exitcodes import UsageError
 
+    settings = _tls(ctx, tls, tls_cert, tls_key, tls_ca, TlsVerify.host)
+    if settings is not None and not (settings.cert and settings.key):
+        raise UsageError("receive --tls needs --tls-cert and --tls-key (our certificate and its key)")
     reporter = Reporter("receive", quiet)
     _route_logs(reporter)
     sink = Sink(Format.paths)
     lock = threading.Lock()
+    stdout_closed = threading.Event()
 
     def on_stored(path: Path) -> None:
         with lock:
-            sink.write_line(str(path))
+            if stdout_closed.is_set():
+                return
+            try:
+                sink.write_line(str(path))
+            except BrokenPipeError:  # `kaapcli receive | head`: the file is stored; the receiver ends (141)
+                stdout_closed.set()
 
     def announce(receipt: SeriesReceipt) -> None:
         reporter.info(f"series complete: {receipt.series_uid} ({receipt.instances} instances, "
@@ -343,13 +450,16 @@ def receive(
         hooks.append(command_hook)
     allowed = [_aet(a, "--allow-aet") for a in allow_aet or []]
     receiver = Receiver(out, aet=_aet(aet, "--aet"), bind=bind, port=port, layout=layout, allow_aets=allowed,
-                        series_timeout=series_timeout, timeouts=Timeouts.of(timeout), on_stored=on_stored,
-                        hooks=hooks, accept=rules_hook.accept if rules_hook and reject_unmatched else None,
-                        ready=rules_hook.ready if rules_hook else None)
+                        allow_hosts=allow_host or [], series_timeout=series_timeout, timeouts=Timeouts.of(timeout),
+                        on_stored=on_stored, hooks=hooks,
+                        accept=rules_hook.accept if rules_hook and reject_unmatched else None,
+                        ready=rules_hook.ready if rules_hook else None, max_associations=max_associations,
+                        max_per_host=max_per_host, tls=settings)
     receiver.start()
-    reporter.info(f"receiving as {receiver.aet} on {bind}:{receiver.port} into {out} (Ctrl-C to stop)")
+    reporter.info(f"receiving as {receiver.aet} on {bind}:{receiver.port}{' (TLS)' if settings else ''} into "
+                  f"{out} (Ctrl-C to stop)")
     try:
-        while True:
+        while not stdout_closed.is_set():
             time.sleep(0.2)
             receiver.poll()
     except KeyboardInterrupt:  # SIGINT, and SIGTERM (cli/app.py turns it into KeyboardInterrupt)
@@ -357,8 +467,11 @@ def receive(
     receiver.stop()
     if rules_hook is not None:
         rules_hook.close()  # let running rules finish
-    reporter.info(f"{receiver.stored} files received, {receiver.failed} failed")
-    raise typer.Exit(0)
+    failures = ", ".join(f"{n} x {status}" for status, n in sorted(receiver.failures.items()))
+    refused = sum(receiver.refused.values())
+    reporter.info(f"{receiver.stored} files received, {receiver.failed} failed" + (f" ({failures})" if failures else "")
+                  + (f", {refused} connections refused" if refused else ""))
+    raise typer.Exit(141 if stdout_closed.is_set() else 0)
 
 
 # --------------------------------------------------------------------------- query
@@ -384,16 +497,24 @@ def query(
     timeout: Timeout = None,
     connect_timeout: ConnectTimeout = None,
     token: Token = None,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Query a PACS (C-FIND study root, QIDO-RS for http) or a worklist: one DICOM JSON (PS3.18) object per match.
 
     `kaapcli query WLM@ris:104 --worklist -k ScheduledProcedureStepStartDate=20260101 > wl.jsonl` makes a
     list `kaapcli collect wl.jsonl` takes (its AccessionNumber, PatientID and StudyInstanceUID).
+    A peer that breaks off after some matches were printed: exit 1 (none printed: 69) and one error line.
     """
     from kaapcli.core.net import dicomweb, dimse
     from kaapcli.core.net.query import Query
+    from kaapcli.exitcodes import KaapcliError
 
     target = _peer(ctx, peer, token)
+    target = target.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, target.tls))
     q = Query.parse("worklist" if worklist else level.value, key or [], ret or [], limit)
     timeouts = _timeouts(timeout, connect_timeout)
     sink = Sink(Format.jsonl)
@@ -401,8 +522,16 @@ def query(
         matches = dicomweb.query(target, q, timeouts)
     else:
         matches = dimse.find(target, q, calling_aet=_aet(calling_aet, "--calling-aet"), timeouts=timeouts)
-    for record in matches:
-        sink.record(record)
+    printed = 0
+    try:
+        for record in matches:
+            sink.record(record)
+            printed += 1
+    except KaapcliError as exc:
+        if not printed:
+            raise
+        sys.stderr.write(f"kaapcli: error: {exc.message} (after {printed} matches)\n")
+        raise typer.Exit(1) from None
 
 
 # --------------------------------------------------------------------------- retrieve
@@ -440,7 +569,14 @@ def retrieve(
         "receiver; the peer's sub-operation counters are checked. Implies --method move.", show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
                                       help="C-MOVE: port of the built-in receiver.")] = 11112,
-    bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver.")] = "0.0.0.0",
+    bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver (a remote PACS "
+                                      "needs one it can reach).")] = "127.0.0.1",
+    allow_aet: Annotated[list[str] | None, typer.Option(
+        "--allow-aet", show_default="the PEER's AE title", rich_help_panel=PANEL,
+        help="C-MOVE: calling AE titles the built-in receiver accepts (repeatable).")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", metavar="HOST|CIDR", show_default="the PEER's host", rich_help_panel=PANEL,
+        help="C-MOVE: hosts or networks the built-in receiver accepts (repeatable).")] = None,
     layout: Layout = DEFAULT_LAYOUT,
     calling_aet: CallingAet = "KAAPCLI",
     timeout: Timeout = None,
@@ -449,6 +585,11 @@ def retrieve(
     fmt: Annotated[Format, typer.Option("--format", help="stdout: received file paths, or one JSON record per "
                                         "request with its sub-operation counts.")] = Format.paths,
     quiet: Quiet = False,
+    tls: TlsOn = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_verify: TlsCheck = TlsVerify.host,
 ) -> None:
     """Retrieve studies, series or instances (C-GET, C-MOVE, or WADO-RS) into OUT.
 
@@ -458,15 +599,21 @@ def retrieve(
     `kaapcli query PEER -l series ... | kaapcli retrieve PEER --from-query - -o DIR` works, and so do
     `kaapcli search Q | kaapcli retrieve --from-query - -o DIR` and `kaapcli retrieve --dataset NAME -o DIR`:
     each series comes from the PACS the index recorded (a configured [pacs.NAME] profile), or from PEER.
+    A peer that breaks off: exit 69, or 1 when some requests were done, and one error line.
+
+    The C-MOVE receiver listens on --bind (default 127.0.0.1) and accepts only the PEER (its AE title and
+    host, or --allow-aet / --allow-host): anything else pushing files is refused and reported.
     """
     from kaapcli.core.net import fetch
     from kaapcli.core.net.fetch import Fetcher
-    from kaapcli.exitcodes import ExitCode, NoInputError, UsageError
+    from kaapcli.exitcodes import ExitCode, NoInputError, UnavailableError, UsageError
 
     if peer and from_peer and peer != from_peer:
         raise UsageError("give the peer once: PEER or --from PEER")
     given = peer or from_peer
     fallback = _peer(ctx, given, token) if given else None
+    if fallback is not None:
+        fallback = fallback.with_tls(_tls(ctx, tls, tls_cert, tls_key, tls_ca, tls_verify, fallback.tls))
     timeouts = _timeouts(timeout, connect_timeout)
     calling = _aet(calling_aet, "--calling-aet")
     requests = _retrieve_requests(key or [], from_query, reference_of)
@@ -494,20 +641,31 @@ def retrieve(
     for line in unplaced:
         reporter.error(line)
     destination = _aet(dest, "--dest") if dest else None
+    done = 0
     for target, batch in plan:
         with Fetcher(target, out, method="move" if destination else method.value, calling_aet=calling,
                      timeouts=timeouts, layout=layout, move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port,
-                     on_stored=on_stored, destination=destination) as fetcher:
+                     on_stored=on_stored, destination=destination,
+                     allow_aets=[_aet(a, "--allow-aet") for a in allow_aet or []], allow_hosts=allow_host or []
+                     ) as fetcher:
             for request in batch:
                 try:
                     outcome = fetcher.fetch(request.uids)
                 except NoInputError as exc:  # not on the peer: this request failed, the others go on
-                    failed, missing = failed + 1, missing + 1
+                    done, failed, missing = done + 1, failed + 1, missing + 1
                     reporter.error(exc.message)
                     if fmt is Format.jsonl:
                         sink.record({"request": " ".join(f"{k}={v}" for k, v in request.uids.items()), "ok": False,
                                      "received": 0, "message": exc.message})
                     continue
+                except UnavailableError as exc:  # the peer broke off: the rest of its batch is not done
+                    if not done and not files and len(plan) == 1:
+                        raise
+                    left = len(batch) - batch.index(request)
+                    reporter.error(f"{exc.message} ({left} of {len(batch)} requests to {target} not done)")
+                    failed += left
+                    break
+                done += 1
                 files += outcome.arrived
                 if fmt is Format.jsonl:
                     sink.record(outcome.record())
@@ -516,6 +674,8 @@ def retrieve(
                     why = outcome.message or outcome.shortfall() or "failed"
                     reporter.error(f"{outcome.request}: {why} ({outcome.completed} completed, {outcome.failed} "
                                    f"failed, {outcome.warning} warning, {len(outcome.files)} received)")
+        if fetcher.receiver is not None and fetcher.receiver.refused:
+            reporter.warning(f"the C-MOVE receiver refused {sum(fetcher.receiver.refused.values())} connections")
     where = f"instances stored at {destination} (the peer's count)" if destination else "files received"
     reporter.info(f"{len(requests)} requests, {files} {where}, {failed} requests failed")
     if missing == len(requests):

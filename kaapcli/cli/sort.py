@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, execute
+from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, batch_inputs, execute
 
 DEFAULT_TEMPLATE = ("{PatientID}/{StudyDate}_{StudyInstanceUID}/{Modality}_{SeriesNumber}_{SeriesInstanceUID}/"
                     "{SOPInstanceUID}.dcm")  # kept equal to kaapcli.core.sort.DEFAULT_TEMPLATE (a test checks)
@@ -30,15 +30,15 @@ def sort(
     Two different files that map to the same name: the second fails (nothing is overwritten);
     identical content is fine, so re-runs are safe.
     """
-    from kaapcli.core import fsio
+    from kaapcli.core import dicom
     from kaapcli.core.sort import SortOperator
     from kaapcli.exitcodes import UsageError
 
     if link and copy:
         raise UsageError("--link and --copy exclude each other")
+    dicom.import_pydicom(pixels=False)  # files are copied or linked as they are: no pixel value is decoded
     op = SortOperator(template, link=link)
-    files = fsio.outside_output(inputs, fsio.collect_inputs(inputs), out)
-    summary = execute(op, files, out, run, "sort")
+    summary = execute(op, batch_inputs(inputs, out), out, run, "sort", sources=inputs)
     raise typer.Exit(int(summary.exit_code))
 
 

@@ -47,7 +47,8 @@ def concat_json(
 
 def zip_command(
     inputs: Annotated[list[Path], typer.Argument(
-        help="Directories (stored relative to themselves) or files (stored by name).", show_default=False)],
+        help="Directories (stored relative to themselves) or files (stored by name).", show_default=False,
+        readable=False)],  # checked by plan_entries/zip_files, which name what cannot be read (exit 66)
     out: Annotated[Path, typer.Option("--out", "-o", help="The archive to write.", show_default=False)],
     include: Annotated[list[str] | None, typer.Option(
         help="Only entries matching these globs (comma-separated, repeatable), e.g. '*.dcm,*.json'.",
@@ -58,15 +59,19 @@ def zip_command(
 ) -> None:
     """Write a deterministic zip: sorted entries, fixed timestamps and modes; the same tree gives the same bytes.
 
-    Hidden files (names starting with '.') are not stored.  The archive is written atomically.
+    Only regular files are stored (symlinks to files as the file; FIFOs, sockets, devices and broken links are
+    left out with a warning); hidden files (names starting with '.') are not stored.  The archive is written
+    atomically: an input or directory that cannot be read stops it, and nothing is written.
     """
     from kaapcli.core.archive import plan_entries, split_patterns, zip_files
 
-    entries = plan_entries(inputs, out, split_patterns(include), split_patterns(exclude))
+    plan = plan_entries(inputs, out, split_patterns(include), split_patterns(exclude))
     reporter = Reporter("zip", quiet)
-    if not entries:
+    for unusable in plan.skipped:
+        reporter.warning(f"{unusable.path}: {unusable.reason}: not stored")
+    if not plan.entries:
         reporter.warning("no files selected: writing an empty archive")
-    result = zip_files(entries, out)
+    result = zip_files(plan.entries, out)
     Sink(Format.paths).write_line(str(out))
     reporter.info(f"{result.entries} entries, {result.nbytes / 1e6:.0f} MB")
 
@@ -123,7 +128,11 @@ def split(
     from kaapcli.exitcodes import NoInputError
 
     reporter = Reporter("split", quiet)
-    found = scan(fsio.collect_inputs(inputs))
+    unusable: list[str] = []
+    files = fsio.collect_inputs(inputs, on_unusable=lambda u: unusable.append(f"{u.path}: {u.reason}") if u.failed
+                                else None)
+    found = scan(files)
+    found.failures[:0] = unusable
     for failure in found.failures:
         reporter.error(failure)
     for warning in found.warnings:
@@ -168,7 +177,15 @@ def clean(
     Prints each removed (or, with --dry-run, removable) folder on stdout.  Symlinks are never
     followed; ROOT may not be / or the home directory.
     """
-    from kaapcli.core.clean import check_root, expired_runs, parse_period, remove_run
+    from kaapcli.core.clean import (
+        Unknown,
+        check_root,
+        expired_runs,
+        leftovers,
+        parse_period,
+        remove_leftover,
+        remove_run,
+    )
     from kaapcli.exitcodes import KaapcliError
 
     period = parse_period(older_than)
@@ -176,7 +193,18 @@ def clean(
     reporter = Reporter("clean", quiet)
     sink = Sink(Format.paths)
     removed = failed = 0
+    for trash in [] if dry_run else leftovers(root):
+        try:
+            remove_leftover(trash)
+            reporter.info(f"{trash}: removed the rest of an interrupted clean")
+        except KaapcliError as exc:
+            reporter.error(exc.message)
+            failed += 1
     for run in expired_runs(root, period):
+        if isinstance(run, Unknown):
+            reporter.error(run.reason)
+            failed += 1
+            continue
         if not dry_run:
             try:
                 remove_run(run.path)

@@ -41,6 +41,7 @@ from kaapcli.exitcodes import ConfigError
 
 PROFILE_KINDS = ("pacs", "index", "s3")
 SECRET_WORDS = ("password", "secret", "token", "key")
+PATH_KEYS = ("tls_key",)  # where a secret is, not the secret: shown, so that a wrong path can be seen
 
 
 def config_paths() -> list[Path]:
@@ -92,7 +93,7 @@ class Config:
 
 def is_secret(key: str) -> bool:
     low = key.lower()
-    return any(word in low for word in SECRET_WORDS) and not low.endswith("_env")
+    return any(word in low for word in SECRET_WORDS) and not low.endswith("_env") and low not in PATH_KEYS
 
 
 def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +103,13 @@ def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: Path | None = None) -> Config:
     candidates = [path] if path else config_paths()
     for candidate in candidates:
-        if candidate.is_file():
+        try:
+            found = candidate.is_file()
+        except OSError as exc:  # e.g. another user's home: a default location we may not look into is no config
+            if path is not None:
+                raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+            continue
+        if found:
             return _parse(candidate)
     if path is not None:
         raise ConfigError(f"{path}: config file not found")

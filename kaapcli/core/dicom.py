@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import string
 import struct
 import sys
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,25 +38,157 @@ def import_pydicom(*, pixels: bool = True) -> None:
 
 
 def read(path: Path | IO[bytes], *, stop_before_pixels: bool = False, specific_tags: Iterable[Any] | None = None,
-         defer_size: int | None = None) -> Any:
-    """``pydicom.dcmread`` that turns every read failure into a one-line DataError."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+         defer_size: int | None = None, complete: bool = True) -> Any:
+    """``pydicom.dcmread`` that turns every read failure into a one-line DataError.
 
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True,
-                             specific_tags=list(specific_tags) if specific_tags else None, defer_size=defer_size)
-    except InvalidDicomError as exc:
-        raise DataError(f"not a valid DICOM file: {exc}") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, OverflowError,
-            AttributeError, IndexError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, EOFError) or "end of file" in reason.lower():
-            reason = f"truncated or damaged file ({reason})"
-        raise DataError(f"cannot read DICOM: {reason}") from exc
-    if len(ds) == 0 and not getattr(ds, "file_meta", None):
-        raise DataError("not a DICOM file: no data elements")
+    With ``complete`` (the default) the file must also parse to its end: pydicom reads a file cut inside an
+    element header or value silently, short; here that is a DataError naming where it ends (see
+    :func:`check_parsed_to_end`; DCMTK refuses such files too).  ``complete=False`` is for reads that only
+    pick a grouping key, where the later full read reports the damage.
+    """
+    import pydicom
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    tags = list(specific_tags) if specific_tags else None
+    with contextlib.ExitStack() as stack:
+        fp: Any = path
+        if isinstance(path, str | os.PathLike):
+            fp = stack.enter_context(open(path, "rb")) if complete else path
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True, specific_tags=tags,
+                                 defer_size=defer_size)
+        except InvalidDicomError as exc:
+            raise DataError(f"not a valid DICOM file: {exc}") from exc
+        except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, OverflowError,
+                AttributeError, IndexError, struct.error, zlib.error, BytesLengthException) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, EOFError | struct.error | zlib.error) or "end of file" in reason.lower():
+                reason = f"truncated or damaged file ({reason})"
+            raise DataError(f"cannot read DICOM: {reason}") from exc
+        if len(ds) == 0 and not (getattr(ds, "file_meta", None) and (tags or not complete)):
+            raise DataError("not a DICOM file: no data elements" if not getattr(ds, "file_meta", None)
+                            else "truncated file: nothing after the file meta information")
+        if complete and hasattr(fp, "tell"):
+            check_parsed_to_end(ds, fp, subset=tags is not None)
     return ds
+
+
+_DEFLATED = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})  # positions are in the inflated stream
+
+
+def check_parsed_to_end(ds: Any, fp: IO[bytes], *, subset: bool = False) -> None:
+    """Raise DataError when the file ``ds`` was just read from does not end where its last element ends.
+
+    Cheap on the common paths: after a full read, the last element's offset and length (pydicom keeps both
+    for elements not yet decoded) must meet the file size; after a read stopped before Pixel Data, only
+    the element headers from there to the end are walked (usually one: Pixel Data).  A read of a few tags
+    (``subset``) that went to the end of the file walks every element header.  A file cut exactly between two
+    elements cannot be told from a shorter whole one (by DCMTK neither).
+    """
+    parsed = fp.tell()
+    pos = parsed
+    size = fp.seek(0, 2)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) in _DEFLATED:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    try:
+        if parsed < size:  # stopped before Pixel Data: the elements before it were whole
+            _walk_elements(fp, parsed, size, bool(implicit), bool(little))
+            return
+        end = None if subset else _last_element_end(ds)
+        if end is None:
+            _walk_elements(fp, 0, size, bool(implicit), bool(little), from_start=True)
+        elif end > size:
+            last = next(reversed(ds._dict.values()))
+            raise DataError(f"truncated file: {tag_label(int(last.tag))} needs {end - size} more bytes "
+                            f"than the file has ({size} bytes)")
+        elif end < size:
+            raise DataError(f"truncated or damaged file: {size - end} bytes after the last complete element "
+                            f"(at byte {end}) do not form an element")
+    finally:
+        fp.seek(pos)
+
+
+def _last_element_end(ds: Any) -> int | None:
+    """Where the last top-level element of a freshly read dataset ends in its file (None: not known)."""
+    if not ds._dict:
+        return None
+    last = next(reversed(ds._dict.values()))
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None:
+        return None  # already decoded: no offsets left
+    if length != UNDEFINED:
+        return int(tell) + int(length)
+    value = getattr(last, "value", None)
+    return int(tell) + len(value) + 8 if isinstance(value, bytes) else None  # content, then its delimiter
+
+
+_ITEM_TAGS = (0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD)
+
+
+def _walk_elements(fp: IO[bytes], pos: int, size: int, implicit: bool, little: bool, *,
+                   from_start: bool = False) -> None:
+    """Walk element headers from ``pos`` to the end of the file, seeking over values; raise DataError when the
+    file ends inside a header or value, or inside an undefined-length sequence."""
+    if from_start:
+        fp.seek(128)
+        pos = 132 if fp.read(4) == b"DICM" else 0
+    order = "<" if little else ">"
+    encodings = [(implicit, order)]  # per undefined-length level: the content of an undefined-length UN is implicit LE
+    in_meta = from_start
+    if from_start and pos >= size:
+        raise DataError("truncated file: nothing after the preamble")
+    while pos < size:
+        if size - pos < 8:
+            raise DataError(f"truncated file: ends inside an element header at byte {pos}")
+        fp.seek(pos)
+        head = fp.read(12)
+        group_le = struct.unpack_from("<H", head)[0]
+        if in_meta and group_le != 0x0002:
+            in_meta = False
+        elem_implicit, elem_order = (False, "<") if in_meta else encodings[-1]
+        group, element = struct.unpack_from(elem_order + "HH", head)
+        tag = group << 16 | element
+        if tag in _ITEM_TAGS:
+            length = struct.unpack_from(elem_order + "L", head, 4)[0]
+            start = pos + 8
+            if tag != 0xFFFEE000:  # a delimiter closes the innermost undefined-length level
+                if len(encodings) > 1:
+                    encodings.pop()
+                pos = start
+                continue
+            if length == UNDEFINED:
+                encodings.append(encodings[-1])
+                pos = start
+                continue
+        elif elem_implicit or head[4:6] not in KNOWN_VR_BYTES:  # no VR: implicit, as pydicom reads a bad one
+            length, start = struct.unpack_from(elem_order + "L", head, 4)[0], pos + 8
+            if length == UNDEFINED:
+                encodings.append(encodings[-1])
+                pos = start
+                continue
+        else:
+            vr = head[4:6]
+            if vr in LONG_LENGTH_VR_BYTES:
+                if len(head) < 12:
+                    raise DataError(f"truncated file: ends inside the header of {tag_label(tag)}")
+                length, start = struct.unpack_from(elem_order + "L", head, 8)[0], pos + 12
+                if length == UNDEFINED:
+                    encodings.append((True, "<") if vr == b"UN" else encodings[-1])
+                    pos = start
+                    continue
+            else:
+                length, start = struct.unpack_from(elem_order + "H", head, 6)[0], pos + 8
+        if start + length > size:
+            raise DataError(f"truncated file: {tag_label(tag)} has {size - start} of {length} bytes")
+        pos = start + length
+    if len(encodings) > 1:
+        raise DataError("truncated file: ends inside a sequence (no delimiter)")
+    if in_meta:
+        raise DataError("truncated file: ends inside the file meta information")
 
 
 @contextlib.contextmanager
@@ -118,6 +252,10 @@ def file_meta(sop_class: str, sop_uid: str, syntax: str | None = None) -> Any:
 # Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 Table 7.1-1).
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)  # as they appear in a header
+# Explicit VR elements with a 2-byte length field (PS3.5 7.1.2).
+SHORT_LENGTH_VR_BYTES = frozenset(
+    vr.encode() for vr in "AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+KNOWN_VR_BYTES = LONG_LENGTH_VR_BYTES | SHORT_LENGTH_VR_BYTES
 UNDEFINED = 0xFFFFFFFF  # the undefined length (PS3.5 7.1.1)
 
 
@@ -344,8 +482,6 @@ def peek(path: Path, tags: Iterable[int], head: int = 16384) -> dict[int, str] |
 
 
 _ITEM_END, _SEQUENCE_END = 0xFFFEE00D, 0xFFFEE0DD
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _HEADER, _LENGTH = struct.Struct("<HH2sH"), struct.Struct("<I")
 
 
@@ -380,7 +516,7 @@ def peek_bytes(buf: bytes, tags: Iterable[int], *, whole: bool = False) -> dict[
             if pos + 12 > size:
                 break
             length, start = _LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
-        elif vr in _SHORT_VRS:
+        elif vr in SHORT_LENGTH_VR_BYTES:
             start = pos + 8
         else:
             return None  # not explicit VR: pydicom will tell

@@ -78,15 +78,12 @@ class RulesHook:
 
     def accept(self, incoming: Any) -> bool:
         """``--reject-unmatched``: whether a received instance could feed any rule (read from its header)."""
-        import io
-
         import pydicom
 
         from kaapcli.core.rules import header_of
 
-        source: Any = io.BytesIO(incoming.head) if len(incoming.head) < incoming.HEAD else incoming.path
-        try:
-            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=sorted(self.runner.tags))
+        try:  # the spool file holds the whole instance (file meta first) by the time the receiver asks
+            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True, specific_tags=sorted(self.runner.tags))
         except Exception:  # noqa: BLE001 - unreadable: let the store step report it
             return True
         return self.runner.accepts(header_of(ds, self.runner.tags))

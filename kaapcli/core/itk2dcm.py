@@ -271,6 +271,7 @@ class Itk2DcmOperator(BaseOperator):
             outputs += series[-1]
         warnings: list[str] = []
         if case.mask is not None:
-            seg, warnings = masks_to_seg([case.mask], series[0], out, info=self.dataset.seg_info)
+            reference = [fsio.staged(p) for p in series[0]]  # written above, committed by the engine with the SEG
+            seg, warnings = masks_to_seg([case.mask], reference, out, info=self.dataset.seg_info)
             outputs.append(seg)
         return Outcome(outputs=outputs, warnings=warnings)

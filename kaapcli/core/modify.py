@@ -33,9 +33,14 @@ INT_VRS = {"US", "SS", "UL", "SL", "SV", "UV"}
 FLOAT_VRS = {"FL", "FD"}
 ALL_VRS = BINARY_VRS | SINGLE_TEXT_VRS | INT_VRS | FLOAT_VRS | {
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "SQ", "TM", "UC", "UI"}
+# Binary numbers: the range of each VR (PS3.5 Table 6.2-1).
+INT_RANGES = {"US": (0, 2**16 - 1), "SS": (-2**15, 2**15 - 1), "UL": (0, 2**32 - 1), "SL": (-2**31, 2**31 - 1),
+              "UV": (0, 2**64 - 1), "SV": (-2**63, 2**63 - 1)}
 FORMATS = {"DA": "YYYYMMDD", "TM": "HHMMSS[.FFFFFF]", "DT": "YYYYMMDDHHMMSS[.FFFFFF][+ZZZZ]",
            "AS": "nnnD, nnnW, nnnM or nnnY", "IS": "an integer", "DS": "a decimal number",
-           "UI": "digits and dots, no leading zeros", "CS": "A-Z 0-9 space _, up to 16 characters"}
+           "UI": "digits and dots, no leading zeros", "CS": "A-Z 0-9 space _, up to 16 characters",
+           "FL": "a number", "FD": "a number", "AT": "a tag like (0010,0010)",
+           **{vr: f"an integer from {low} to {high}" for vr, (low, high) in INT_RANGES.items()}}
 UID_LEVELS = ("study", "series", "instance")
 # Which UID attributes each --new-uids level replaces, at any depth (references follow their target).
 UID_KEYWORDS = {"study": ("StudyInstanceUID",), "series": ("SeriesInstanceUID",),
@@ -242,6 +247,9 @@ def convert_value(vr: str, text: str, tag: int) -> Any:
         try:
             if vr in INT_VRS:
                 value: Any = int(part)
+                low_value, high_value = INT_RANGES[vr]
+                if not low_value <= value <= high_value:
+                    raise ValueError(f"{part!r} is out of range for {vr} (expected {FORMATS[vr]})")
             elif vr in FLOAT_VRS:
                 value = float(part)
             elif vr == "AT":
@@ -251,9 +259,9 @@ def convert_value(vr: str, text: str, tag: int) -> Any:
                 if vr in ("DA", "DT", "TM"):
                     {"DA": DA, "DT": DT, "TM": TM}[vr](part)  # a real date/time, not a query range
             validate_value(vr, value, config.RAISE)
-        except (ValueError, UsageError) as exc:
+        except (ValueError, UsageError, OverflowError) as exc:
             reason = str(exc).split(" Please see")[0]
-            if vr in FORMATS or not reason:
+            if not (vr in INT_RANGES and "out of range for" in reason) and (vr in FORMATS or not reason):
                 reason = f"{part!r} is not a valid {vr} value{fmt}"
             raise ValueError(reason) from None
         values.append(value)
@@ -351,22 +359,29 @@ def _assign(a: Assignment, container: Any) -> None:
 
 
 def _charset_for(ds: Any, texts: Iterable[str]) -> list[str]:
-    """Switch the dataset to UTF-8 when a new value cannot be encoded in its character set."""
-    from pydicom.charset import convert_encodings
+    """Keep new text values encodable: when the dataset's Specific Character Set (its code extensions included,
+    ISO 2022) cannot hold one, decode every value with the old set and switch the dataset to UTF-8 (PS3.5 6.1.2.3:
+    ISO_IR 192 stands alone, without code extensions)."""
+    from pydicom import config
+    from pydicom.charset import convert_encodings, encode_string
 
     extended = [t for t in texts if not t.isascii()]
     if not extended:
         return []
-    encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
-    if len(encodings) > 1:
-        return []  # ISO 2022 code extensions: pydicom picks the escape sequences
+    # pydicom writes the default repertoire (ISO-IR 6, ASCII) as Latin-1: check against what the set declares
+    encodings = ["ascii" if e == "iso8859" else e for e in convert_encodings(ds.get("SpecificCharacterSet") or "")]
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.RAISE  # encode_string then raises instead of writing "?"
     try:
         for text in extended:
-            text.encode(encodings[0])
+            encode_string(text, encodings)
         return []
-    except (UnicodeEncodeError, LookupError):
+    except (UnicodeError, LookupError, ValueError):
         pass
-    original = ds.get("SpecificCharacterSet") or "ISO_IR 6 (default)"
+    finally:
+        config.settings.writing_validation_mode = mode
+    original = "\\".join(ds.SpecificCharacterSet) if isinstance(ds.get("SpecificCharacterSet"), list | tuple) \
+        else ds.get("SpecificCharacterSet") or "ISO_IR 6 (default)"
     ds.decode()  # decode every text with the old character set before it changes
     ds.SpecificCharacterSet = UTF8
     return [f"SpecificCharacterSet {original} cannot hold the new value(s): changed to {UTF8} (UTF-8)"]
@@ -491,35 +506,12 @@ def output_path(src: Path, roots: Iterable[Path]) -> Path:
     return Path(src.name)
 
 
-def expand_stdin(args: Iterable[str], stdin: Iterable[str]) -> list[str]:
-    """INPUT arguments with ``-`` replaced by the paths read from stdin (so their roots are known)."""
-    out: list[str] = []
-    for arg in args:
-        if arg == "-":
-            out.extend(line.strip() for line in stdin if line.strip())
-        else:
-            out.append(arg)
-    return out
-
-
-def plan_outputs(files: list[Path], roots: list[Path], out: Path) -> None:
-    """Refuse, before any work, a run where two inputs would write one output or an output is its input."""
-    seen: dict[Path, Path] = {}
-    for src in files:
-        dest = out / output_path(src, roots)
-        if dest.resolve() == src.resolve():
-            raise UsageError(f"{src}: the output would overwrite the input", hint="use --in-place to edit files")
-        if dest in seen:
-            raise UsageError(f"{seen[dest]} and {src} would both be written to {dest}",
-                             hint="give their common parent directory as INPUT")
-        seen[dest] = src
-
-
 class ModifyOperator(BaseOperator):
     """Edits the header of one file per item; writes it to the mirrored tree under OUT, or in place."""
 
     name = "modify"
     supports_dry_run = True
+    collision_hint = "give their common parent directory as INPUT"
 
     def __init__(self, edits: Edits, roots: Iterable[Path] = (), in_place: bool = False):
         self.edits = edits
@@ -532,8 +524,7 @@ class ModifyOperator(BaseOperator):
     def process(self, item: Item, ctx: Context) -> Outcome:
         src = item.paths[0]
         with dicom.collect_warnings() as read_notes:
-            ds = dicom.read(src)
-        dicom.check_complete(ds, read_notes)  # never write a truncated file back as if it were whole
+            ds = dicom.read(src)  # a file that does not parse to its end fails: never written back as if whole
         if "DirectoryRecordSequence" in ds:
             note = "a DICOMDIR is not modified (its record offsets would no longer match)"
             return Outcome(skipped=True, message=note, warnings=[note])
@@ -546,7 +537,7 @@ class ModifyOperator(BaseOperator):
                 dest = src
             else:
                 assert ctx.out is not None
-                dest = ctx.out / output_path(src, self.roots)
+                dest = ctx.out / output_path(src, (item.root,) if item.root is not None else self.roots)
             if ctx.dry_run:
                 return Outcome(skipped=True, message=f"would write {dest}", warnings=notes)
             write(ds, dest)

@@ -734,6 +734,7 @@ class Seg2ItkOperator(BaseOperator):
 
     name = "seg2itk"
     supports_dry_run = True
+    input_kind = "DICOM SEG or RTSTRUCT"
 
     def options(self) -> dict[str, Any]:
         return {"labelmap": self.labelmap, "only": list(self.only),

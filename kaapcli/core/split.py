@@ -51,7 +51,12 @@ def scan(files: list[Path]) -> Scan:
     result = Scan()
     no_patient: set[str] = set()
     for path in files:
-        if not fsio.is_dicom(path):
+        try:
+            dicom_file = fsio.looks_like_dicom(fsio.read_head(path))
+        except OSError as exc:
+            result.failures.append(f"{path}: cannot read: {exc.strerror}")
+            continue
+        if not dicom_file:
             result.skipped += 1
             continue
         try:

@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import secrets
 import struct
 import warnings
 from collections.abc import Sequence
@@ -1211,14 +1210,15 @@ def write_nifti(head: bytes, voxels: np.ndarray, dest: Path, *, level: int = 1) 
     Lets callers writing many volumes on one grid (masks) skip building a SimpleITK image each time.
     """
     voxels = np.ascontiguousarray(voxels)
-    with fsio.atomic_write(dest) as fh:
+    written = 0
+    with fsio.atomic_write(dest) as fh:  # inside a batch item the engine renames it later: count, do not stat
         if dest.name.endswith(".gz"):
             for chunk in gzip_members(head, voxels, level):
-                fh.write(chunk)
+                written += fh.write(chunk)
         else:
-            fh.write(head)
-            fh.write(memoryview(voxels.reshape(-1)).cast("B"))
-    return dest.stat().st_size
+            written += fh.write(head)
+            written += fh.write(memoryview(voxels.reshape(-1)).cast("B"))
+    return written
 
 
 def write_volume(vol: Volume, dest: Path, *, level: int = 1) -> int:
@@ -1240,16 +1240,15 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
         voxels = sitk.GetArrayViewFromImage(image)
         return write_nifti(nifti_header(image, voxels.dtype), voxels, dest, level=level)
     # Other formats through ITK: a hidden temporary name (keeping the suffix ITK picks the format by).
-    fsio.ensure_dir(dest.parent)
-    suffix = "".join(dest.suffixes[-1:])
-    tmp = dest.parent / f".{dest.stem}.{secrets.token_hex(4)}{fsio.TMP_SUFFIX}{suffix}"
+    tmp = fsio.temp_beside(dest, "".join(dest.suffixes[-1:]))
     try:
         sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, dest)
+        size = tmp.stat().st_size
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fsio.discard(tmp)
         raise
-    return dest.stat().st_size
+    fsio.commit(tmp, dest)
+    return size
 
 
 __all__ = ["Frame", "Geometry", "PixelSource", "Scanned", "Stack", "Volume", "as_written", "csa_values", "fg_attr",

@@ -12,16 +12,15 @@ are added to every document.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import json
-import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kaapcli.core import dicom, fsio
+from kaapcli.core.batch import process_pool
 from kaapcli.core.index.base import Index, SeriesFiles, Stored, loads
 from kaapcli.exitcodes import DataError, KaapcliError
 
@@ -121,7 +120,7 @@ def series_source(uid: str, paths: Sequence[Path], extra: dict[str, Any] | None 
         doc = dict(sorted({**doc, **origin(sorted(paths)[0]), **(extra or {})}.items()))
         source.docs.append(Stored.of(doc))
         source.files.append(SeriesFiles.of(uid, paths))
-        source.warnings.extend(notes)
+        source.warnings.extend(notes if len(paths) > 1 else [f"{paths[0]}: {n}" for n in notes])  # name the file
     except KaapcliError as exc:
         source.errors.append(f"series {uid}: {exc.message}")
     except Exception as exc:  # noqa: BLE001
@@ -148,7 +147,7 @@ def read_sources(files: list[Path], workers: int = 1, extra: dict[str, Any] | No
     documents arrive ready to write (:class:`Stored`), so the writing process only writes."""
     json_files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in JSON_SUFFIXES + JSONL_SUFFIXES]
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
         reader = functools.partial(read_json, extra=extra)
         yield from pool.map(reader, json_files, chunksize=64) if pool and len(json_files) > 64 \

@@ -40,6 +40,7 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
 
 ResultHook = Callable[[ItemResult], None]
+ASSOCIATION_LOST = "association-lost"  # ItemResult.reason of the files an association that broke took with it
 
 
 # --------------------------------------------------------------------------- pynetdicom plumbing
@@ -88,6 +89,12 @@ def make_ae(calling_aet: str, timeouts: Timeouts) -> Any:
 def _why(lines: list[str]) -> str:
     text = " ".join(lines)
     low = text.lower()
+    if "certificate verify failed" in low:
+        why = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip(" :")
+        what = "not for that host" if "mismatch" in why else "not trusted"
+        return f"TLS: the peer's certificate is {what} ({why or 'certificate verify failed'})"
+    if "[ssl" in low:
+        return "TLS handshake failed: " + next(line for line in lines if "[SSL" in line).split(":", 1)[-1].strip()
     if "connection refused" in low:
         return "connection refused"
     if "timed out" in low or "timeout" in low:
@@ -131,6 +138,8 @@ def associate(ae: Any, peer: Peer, contexts: list[Any] | None = None, *,
             rejection.append(event.pdu)
 
     handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_PDU_RECV, on_pdu), *(evt_handlers or [])]
+    if peer.tls is not None:  # PS3.15 B.1; pynetdicom wraps the socket before it connects
+        kwargs["tls_args"] = (peer.tls.client_context(), peer.host)
     try:
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, evt_handlers=handlers, **kwargs)
     except OSError as exc:  # e.g. the host name does not resolve
@@ -295,9 +304,16 @@ class SendJob:
         self.results.append(result)
         self.on_result(result)
 
-    def fail_rest(self, rest: list[Instance], message: str, code: ExitCode) -> None:
+    def fail_rest(self, rest: list[Instance], message: str, code: ExitCode, reason: str = "") -> None:
         for inst in rest:
-            self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code)))
+            self.emit(ItemResult(str(inst.path), "failed", message=f"{inst.path}: {message}", code=int(code),
+                                 reason=reason))
+
+    def lost(self, rest: list[Instance], exc: Exception) -> None:
+        """The association broke: the files in flight and those not sent yet fail, marked ``association-lost`` so
+        that the CLI says it in one line, not one per file."""
+        self.fail_rest(rest, f"not stored: {self.peer}: association lost ({exc})", ExitCode.UNAVAILABLE,
+                       ASSOCIATION_LOST)
 
     def run(self, scu: ul.StoreSCU) -> None:
         """Send every instance on an established association, as many ahead of their responses as the peer
@@ -324,8 +340,7 @@ class SendJob:
                 try:
                     message_id, responses = scu.store(inst.sop_class, inst.sop_instance, syntax, dataset)
                 except ul.AssociationLost as exc:
-                    self.fail_rest([*pending.values(), *self.instances[i:]],
-                                   f"no C-STORE response from {self.peer} ({exc})", ExitCode.UNAVAILABLE)
+                    self.lost([*pending.values(), *self.instances[i:]], exc)
                     return
                 pending[message_id] = inst
                 if note:
@@ -334,8 +349,7 @@ class SendJob:
             try:
                 answered(scu.drain())
             except ul.AssociationLost as exc:
-                self.fail_rest(list(pending.values()), f"no C-STORE response from {self.peer} ({exc})",
-                               ExitCode.UNAVAILABLE)
+                self.lost(list(pending.values()), exc)
         finally:
             scu.release()
 

@@ -22,8 +22,9 @@ class Fetcher:
 
     def __init__(self, peer: Peer, out: Path, *, method: str = "get", calling_aet: str = "KAAPCLI",
                  timeouts: Timeouts | None = None, layout: str = DEFAULT_LAYOUT, move_aet: str | None = None,
-                 bind: str = "0.0.0.0", port: int = 11112, on_stored: Callable[[Path], None] | None = None,
-                 destination: str | None = None):
+                 bind: str = "127.0.0.1", port: int = 11112, on_stored: Callable[[Path], None] | None = None,
+                 destination: str | None = None, allow_aets: list[str] | None = None,
+                 allow_hosts: list[str] | None = None):
         from kaapcli.core.net.scp import Receiver, StoreWriter
 
         self.peer, self.method, self.calling_aet = peer, method, calling_aet
@@ -33,8 +34,12 @@ class Fetcher:
         self.receiver: Any = None
         self.destination = destination  # C-MOVE to this third AE instead of a receiver of ours
         if not peer.web and method == "move" and destination is None:
+            # The C-MOVE receiver takes files only from the peer being asked (its AE title and host) unless told
+            # otherwise: anyone else pushing into OUT while it listens is refused and reported.
             self.receiver = Receiver(out, aet=move_aet or calling_aet, bind=bind, port=port, layout=layout,
-                                     series_timeout=3600, timeouts=self.timeouts, on_stored=on_stored)
+                                     series_timeout=3600, timeouts=self.timeouts, on_stored=on_stored,
+                                     allow_aets=allow_aets or [peer.aet], allow_hosts=allow_hosts or [peer.host],
+                                     tls=peer.tls)
 
     def __enter__(self) -> Fetcher:
         if self.receiver is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from kaapcli.core.net.tls import TLS
 from kaapcli.exitcodes import ConfigError, UsageError
 
 _DIMSE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
@@ -44,6 +45,7 @@ class Peer:
     kind: str = ""  # server type for `delete`: orthanc | dcm4chee
     rest: str = ""  # REST root for `delete` (default: derived from url)
     prefer_web: bool = False
+    tls: TLS | None = None  # DIMSE over TLS (PS3.15 B.1); None: plain TCP
 
     @property
     def has_dimse(self) -> bool:
@@ -73,6 +75,9 @@ class Peer:
 
     def with_token(self, token: str | None) -> Peer:
         return replace(self, token=token) if token else self
+
+    def with_tls(self, tls: TLS | None) -> Peer:
+        return replace(self, tls=tls)
 
 
 def check_aet(aet: str, what: str = "AE title") -> str:
@@ -122,9 +127,28 @@ def _from_profile(name: str, profile: dict[str, Any]) -> Peer:
                 url=str(profile.get("dicomweb", "")).rstrip("/"), username=str(profile.get("username", "")),
                 password=str(profile.get("password", "")), token=str(profile.get("token", "") or ""), kind=kind,
                 rest=str(profile.get("rest", "")).rstrip("/"),
-                prefer_web=str(profile.get("prefer", "")).lower() == "dicomweb")
+                prefer_web=str(profile.get("prefer", "")).lower() == "dicomweb", tls=tls_of_profile(where, profile))
     if not peer.has_dimse and not peer.url:
         raise ConfigError(f"{where}: needs aet, host and port, or dicomweb")
     if peer.aet:
         check_aet(peer.aet, f"{where} aet")
     return peer
+
+
+TLS_KEYS = ("tls_cert", "tls_key", "tls_ca", "tls_verify")
+
+
+def tls_of_profile(where: str, profile: dict[str, Any]) -> TLS | None:
+    """The TLS settings of a profile: ``tls = true`` plus ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_verify``
+    (``host`` or ``chain``) and ``tls_key_password`` (usually ``tls_key_password_env``)."""
+    enabled = profile.get("tls", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where} tls: must be true or false, not {enabled!r}")
+    if not enabled:
+        given = [key for key in TLS_KEYS if profile.get(key)]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} without tls = true")
+        return None
+    return TLS(cert=str(profile.get("tls_cert", "")), key=str(profile.get("tls_key", "")),
+               ca=str(profile.get("tls_ca", "")), verify=str(profile.get("tls_verify", "host")),
+               key_password=str(profile.get("tls_key_password", "")), where=where)
