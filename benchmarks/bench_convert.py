@@ -62,7 +62,7 @@ def pairs(cases: list[tuple[str, list[str], list[str]]], work: Path, repeat: int
         times: dict[str, list[float]] = {"dcm2niix": [], "kaapcli": []}
         rss: dict[str, int] = {"dcm2niix": 0, "kaapcli": 0}
         sizes: dict[str, float] = {}
-        for i in range(repeat):
+        for _ in range(repeat):
             for tool, cmd in (("dcm2niix", anchor), ("kaapcli", ours)):
                 out = work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)

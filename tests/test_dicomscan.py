@@ -48,7 +48,7 @@ def test_values_equal_pydicom_on_its_test_files_and_real_scanner_files(mock_ct: 
     assert len(checked) > 60  # most of pydicom's native little endian files, the mock, the Siemens files
     compared = 0
     for path, header, ds in checked:
-        for keyword, (tag, vr) in dicomscan.KEYWORDS.items():
+        for keyword, (_tag, vr) in dicomscan.KEYWORDS.items():
             if keyword.endswith("PixelData"):
                 continue
             if vr == "SQ":

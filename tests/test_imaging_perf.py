@@ -4,7 +4,9 @@ volume in memory, one file decoded for a thumbnail, no per-segment volumes for a
 from __future__ import annotations
 
 import collections
+import gzip
 import os
+import subprocess
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,10 @@ def test_itk2seg_holds_no_volume_per_segment(ct40: Path, tmp_path: Path) -> None
     mask = sitk.GetImageFromArray(labels)
     mask.CopyInformation(reference)
     sitk.WriteImage(mask, str(tmp_path / "labels.nii.gz"))
+    one = sitk.GetImageFromArray((labels == 1).astype(np.uint8))
+    one.CopyInformation(reference)
+    sitk.WriteImage(one, str(tmp_path / "one.nii.gz"))
+    masks_to_seg([tmp_path / "one.nii.gz"], files, tmp_path / "warm")  # highdicom's tables load once per process
     tracemalloc.start()
     try:
         dest, warnings = masks_to_seg([tmp_path / "labels.nii.gz"], files, tmp_path / "seg")
@@ -135,3 +141,29 @@ def test_itk2seg_holds_no_volume_per_segment(ct40: Path, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(next((tmp_path / "back").glob("*.nii.gz")))))
     np.testing.assert_array_equal(back, labels)
+
+
+def test_uncompressed_nifti_is_the_mapped_volume_and_equals_the_gzip_one(ct40: Path, tmp_path: Path) -> None:
+    """--to nii reads the pixels into the mapped output file itself: its bytes are the .nii.gz's, decompressed."""
+    assert kaapcli("convert", ct40, "-o", tmp_path / "plain", "--to", "nii", "-q").returncode == 0
+    assert kaapcli("convert", ct40, "-o", tmp_path / "gz", "-q").returncode == 0
+    (plain,) = (tmp_path / "plain").glob("*.nii")
+    (packed,) = (tmp_path / "gz").glob("*.nii.gz")
+    assert plain.read_bytes() == gzip.decompress(packed.read_bytes())
+    assert not list((tmp_path / "plain").glob(".*"))  # no temporary file left
+
+
+def test_uncompressed_nifti_on_a_full_disk_fails_cleanly(ct40: Path, tmp_path: Path) -> None:
+    """The mapped file's blocks are reserved before a pixel is read: a full disk is exit 73 naming the file and
+    nothing is left behind (a store into a mapping the file system cannot back would be a SIGBUS instead)."""
+    from tests.test_net_hostile import _mount_tmpfs
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        proc = kaapcli("convert", ct40, "-o", disk / "out", "--to", "nii", "-q")
+        assert proc.returncode == 73, proc.stderr
+        assert "cannot write" in proc.stderr and ".nii" in proc.stderr and "Traceback" not in proc.stderr
+        assert not [p for p in (disk / "out").rglob("*") if p.suffix == ".nii" or "kaapcli-part" in p.name]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -253,9 +253,25 @@ class ConvertOperator(BaseOperator):
                 header = dicom.read(stack.frames[0].path, stop_before_pixels=True)
                 planned.append(str(self.destination(ctx.out, header, stack.suffix)))
             return Outcome(message="would write " + ", ".join(planned))
+        mapped: dict[str, volume.MappedNifti] = {}  # per stack suffix: its .nii, the array its voxels are read into
+
+        def allocate(stack: Any, header: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+            assert ctx.out is not None
+            mapped[stack.suffix] = volume.MappedNifti(self.destination(ctx.out, header, stack.suffix))
+            return mapped[stack.suffix].allocate(shape, dtype)
+
+        try:
+            return self._write(item, ctx.out, allocate if self.fmt == "nii" else None, mapped)
+        finally:
+            for mapping in mapped.values():
+                mapping.discard()  # those not committed (a failure, or voxels that became another array)
+
+    def _write(self, item: Item, out: Path, allocate: Any, mapped: dict[str, Any]) -> Outcome:
+        from kaapcli.core import volume
+
         try:
             volumes = volume.load_series(item.paths, resample=self.resample, four_d=not self.split,
-                                         scanned=item.notes or None)
+                                         scanned=item.notes or None, allocate=allocate)
         except DataError as exc:  # the engine names a one-file item already
             if len(item.paths) == 1:
                 exc.message = exc.message.removeprefix(f"{item.paths[0]}: ")
@@ -263,8 +279,8 @@ class ConvertOperator(BaseOperator):
         outputs: list[Path] = []
         warnings: list[str] = []
         for vol in volumes:
-            dest = self.destination(ctx.out, vol.header, vol.suffix)
-            volume.write_volume(vol, dest, level=self.level)
+            dest = self.destination(out, vol.header, vol.suffix)
+            volume.write_volume(vol, dest, level=self.level, mapped=mapped.get(vol.suffix))
             stem = dest.name[: -len(self.fmt) - 1]
             meta = dest.with_name(stem + ".json")
             fsio.write_json(meta, sidecar(vol))

@@ -247,7 +247,7 @@ def scan(path: Path) -> Header | None:
         buf = fh.read(min(size, HEAD))
         while True:
             header = parse(path, buf, complete=len(buf) >= size)
-            if header is not False:
+            if header is None or isinstance(header, Header):
                 return header
             if len(buf) >= min(size, MAX_HEADER):
                 return None

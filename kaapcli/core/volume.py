@@ -41,7 +41,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from kaapcli.core import dicom, fsio
-from kaapcli.exitcodes import DataError
+from kaapcli.exitcodes import CantCreateError, DataError
 
 MAX_MOSAIC_TILES = 1024  # Siemens mosaics hold at most a few hundred slices: more is a hostile or broken header
 ORIENTATION_TOL = 1e-3  # direction cosines closer than this are the same orientation
@@ -496,7 +496,7 @@ def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame
 
 # --------------------------------------------------------------------------- stacks
 
-def _orientation_label(orientation: Sequence[float]) -> str:
+def _orientation_label(orientation: Sequence[float] | np.ndarray) -> str:
     normal = np.abs(np.cross(orientation[:3], orientation[3:]))
     axis = int(np.argmax(normal))
     if normal[axis] < 0.999:
@@ -760,7 +760,7 @@ def _read_planes(source: PixelSource, first: int, count: int, out: np.ndarray, *
     """Read ``count`` stored planes from frame ``first`` on straight into ``out`` (count, rows, columns); ``mask``:
     clear (or sign-extend) the bits above BitsStored as pydicom does (PS3.5 8.1.1: their values are not to be
     assumed)."""
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     fd = os.open(source.path, os.O_RDONLY)
     try:
         done, offset = 0, source.offset + first * source.plane_bytes
@@ -789,15 +789,22 @@ def _stored_range(bits_stored: int, dtype: np.dtype[Any]) -> tuple[int, int]:
     return 0, 2**bits_stored - 1
 
 
-def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None) -> tuple[np.ndarray, list[int]]:
-    """The stack's stored planes in one preallocated (frames, rows, columns) array of ``dtype``, read on threads,
-    and the frames read as they are whose bits above BitsStored are still to be masked (by their BitsStored).
+Allocate = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]  # the array a stack's voxels are read into
+StackAllocate = Callable[["Stack", Any, tuple[int, ...], np.dtype[Any]], np.ndarray]  # per stack and its header
+
+
+def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None, allocate: Allocate | None = None
+          ) -> tuple[np.ndarray, list[int]]:
+    """The stack's stored planes in one preallocated (frames, rows, columns) array of ``dtype`` (from ``allocate``
+    when given, e.g. the mapped output file), read on threads, and the frames read as they are whose bits above
+    BitsStored are still to be masked (by their BitsStored).
 
     Planes of one file are read straight into the array when their type is ``dtype`` and they are consecutive;
     otherwise (mosaic tiles, mixed types, ``convert``: a per-plane rescale into float) through a per-file buffer.
     """
     first = stack.frames[0]
-    out = np.empty((len(stack.frames), first.rows, first.columns), dtype=dtype)
+    shape = (len(stack.frames), first.rows, first.columns)
+    out = np.empty(shape, dtype=dtype) if allocate is None else allocate(shape, dtype)
     unmasked = [0] * len(stack.frames)
     by_file: dict[Path, list[tuple[int, Frame]]] = {}
     for k, f in enumerate(stack.frames):
@@ -836,18 +843,19 @@ def _integral(stack: Stack, sources: Sources) -> bool:
             and all(np.issubdtype(_stored_dtype(sources[f.path]), np.integer) for f in stack.frames))
 
 
-def _stack_values(stack: Stack, sources: Sources) -> np.ndarray:
+def _stack_values(stack: Stack, sources: Sources, allocate: Allocate | None = None) -> np.ndarray:
     """Decode and rescale a stack: each frame's slope/intercept applied; integral results as int16 (uint16 or
-    int32 if the range needs it), others as float32.  One preallocated array; it is rescaled in place when the
-    result has the stored type's size (a CT's uint16 with intercept -1024 becomes int16 where it lies)."""
+    int32 if the range needs it), others as float32.  One preallocated array (``allocate``'s); it is rescaled in
+    place when the result has the stored type's size (a CT's uint16 with intercept -1024 becomes int16 where it
+    lies), else the result is a new array."""
     frames = stack.frames
     if not _integral(stack, sources):
         def to_float(plane: np.ndarray, f: Frame) -> np.ndarray:
             return plane.astype(np.float64) * f.slope + f.intercept
 
-        return _fill(stack, sources, np.dtype(np.float32), to_float)[0]
+        return _fill(stack, sources, np.dtype(np.float32), to_float, allocate)[0]
     stored_type = np.result_type(*{_stored_dtype(sources[f.path]) for f in frames})
-    stored, unmasked = _fill(stack, sources, stored_type)
+    stored, unmasked = _fill(stack, sources, stored_type, allocate=allocate)
     flat = stored.reshape(len(frames), -1)
     mins, maxs = flat.min(axis=1).astype(np.int64), flat.max(axis=1).astype(np.int64)
     for k, bits_stored in enumerate(unmasked):
@@ -861,18 +869,15 @@ def _stack_values(stack: Stack, sources: Sources) -> np.ndarray:
     low, high = np.minimum(mins * slopes, maxs * slopes) + intercepts, np.maximum(mins * slopes, maxs * slopes) \
         + intercepts
     lo, hi = int(low.min()), int(high.max())
-    for dtype in (np.int16, np.uint16, np.int32):
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            break
-    else:
-        dtype = np.float32
-    target = np.dtype(dtype)
+    fits = [(np.dtype(t), np.iinfo(t)) for t in (np.int16, np.uint16, np.int32)
+            if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max]
+    target, limits = fits[0] if fits else (np.dtype(np.float32), None)
     identity = bool(np.all(slopes == 1) and np.all(intercepts == 0))
     if target.itemsize == stored.dtype.itemsize and target.kind in "iu":
         # same size: reinterpret where the stored values mean the same in the target type, then rescale in place
-        same_bits = int(mins.min()) >= 0 and int(maxs.max()) <= np.iinfo(target).max if stored.dtype.kind == "u" \
-            else int(mins.min()) >= np.iinfo(target).min and (target.kind == "i" or int(mins.min()) >= 0)
+        assert limits is not None
+        same_bits = int(mins.min()) >= 0 and int(maxs.max()) <= limits.max if stored.dtype.kind == "u" \
+            else int(mins.min()) >= limits.min and (target.kind == "i" or int(mins.min()) >= 0)
         if same_bits:
             out = stored.view(target)
             if identity:
@@ -929,11 +934,12 @@ def header_of(path: Path) -> Any:
 
 
 def load_stack(stack: Stack, *, resample: bool = False, pixels: Sources | Pixels | None = None,
-               headers: dict[Path, Any] | None = None) -> Volume:
+               headers: dict[Path, Any] | None = None, allocate: StackAllocate | None = None) -> Volume:
     """Decode and rescale one stack into a :class:`Volume` (see the module docstring for the layout).
 
     ``pixels``: per file, a :class:`PixelSource`, decoded stored pixels, or (header, pixels) as :func:`read_pixels`
     returns them; files missing from it are read here.  ``headers``: pydicom headers already read, by path.
+    ``allocate(stack, header, shape, dtype)``: the array to read the voxels into (None: a new one).
     """
     geometry = stack_geometry(stack)
     if geometry.problem and not resample:
@@ -952,16 +958,17 @@ def load_stack(stack: Stack, *, resample: bool = False, pixels: Sources | Pixels
         decoded, notes = read_pixels(missing)
         for path, (ds, arr) in decoded.items():
             headers[path], sources[path] = ds, arr
-    values = _stack_values(stack, sources)
+    first = stack.frames[0].path
+    header = headers.get(first)
+    if header is None:
+        header = header_of(first)
+    values = _stack_values(stack, sources, None if allocate is None or geometry.problem else
+                           lambda shape, dtype: allocate(stack, header, shape, dtype))
     if geometry.problem:
         per_volume = values.reshape(stack.volumes, -1, *values.shape[1:])
         regular = [_regularize(v, geometry) for v in per_volume]
         values, geometry = np.concatenate([v for v, _g in regular]), regular[0][1]
         notes.append(f"{geometry.problem}: resampled onto a regular {geometry.spacing[2]:.3f} mm grid")
-    first = stack.frames[0].path
-    header = headers.get(first)
-    if header is None:
-        header = header_of(first)
     tr = (repetition_time(header) or 1.0) if stack.volumes > 1 else 1.0
     if stack.volumes > 1:
         values = values.reshape(stack.volumes, -1, *values.shape[1:])
@@ -970,12 +977,13 @@ def load_stack(stack: Stack, *, resample: bool = False, pixels: Sources | Pixels
 
 
 def load_series(paths: Sequence[Path], *, resample: bool = False, four_d: bool = False,
-                scanned: Sequence[Scanned | None] | None = None) -> list[Volume]:
+                scanned: Sequence[Scanned | None] | None = None, allocate: StackAllocate | None = None
+                ) -> list[Volume]:
     """Every stack of the series in ``paths`` as a :class:`Volume`, each file read once.
 
     ``scanned``: per path, what :func:`scan_file` returned during planning (None: not known); files the fast
     reader handles are read with it, the others through pydicom.  ``four_d``: volumes repeating the same slice
-    positions become one 4-D volume (see :func:`group_frames`).
+    positions become one 4-D volume (see :func:`group_frames`).  ``allocate``: as for :func:`load_stack`.
     """
     known = list(scanned) if scanned is not None else [None] * len(paths)
     notes_by_path: dict[Path, Scanned] = {}
@@ -1001,7 +1009,7 @@ def load_series(paths: Sequence[Path], *, resample: bool = False, four_d: bool =
         by_series.setdefault(uid, []).extend(frames_of(ds, path))
         headers[path], sources[path] = ds, arr
     stacks = [s for uid, frames in by_series.items() for s in group_frames(uid, frames, four_d=four_d)]
-    volumes = [load_stack(s, resample=resample, pixels=sources, headers=headers) for s in stacks]
+    volumes = [load_stack(s, resample=resample, pixels=sources, headers=headers, allocate=allocate) for s in stacks]
     if volumes:
         volumes[0].warnings[:0] = notes
     return volumes
@@ -1060,10 +1068,12 @@ def _regularize(values: np.ndarray, g: Geometry) -> tuple[np.ndarray, Geometry]:
 NIFTI_TYPES = {"uint8": (2, 8), "int16": (4, 16), "int32": (8, 32), "float32": (16, 32), "float64": (64, 64),
                "int8": (256, 8), "uint16": (512, 16), "uint32": (768, 32), "int64": (1024, 64),
                "uint64": (1280, 64)}  # numpy type -> NIfTI-1 datatype code, bitpix
+NIFTI1_HEAD = 352  # bytes before the voxels of a single-file NIfTI-1: the header and an empty extension flag
 _NIFTI1 = struct.Struct("<i10s18sihcB8h3f4h8f3fhBB2f2f2i80s24s2h6f12f16s4s")  # the 348-byte header
 
 
-def ras_affine(direction: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+def ras_affine(direction: np.ndarray, spacing: Sequence[float] | np.ndarray, origin: Sequence[float] | np.ndarray
+               ) -> np.ndarray:
     """The 4x4 RAS voxel-to-world affine of an LPS grid (ITK is LPS: x and y flip sign)."""
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(direction, dtype=float) * np.asarray(spacing[:3], dtype=float)
@@ -1190,7 +1200,7 @@ def gzip_members(head: bytes, voxels: np.ndarray, level: int = 1) -> Any:
 
     def member(k: int) -> bytes:
         plane = planes[k]
-        return compress(memoryview(plane).cast("B")) if plane.any() else empty
+        return compress(plane.data.cast("B")) if plane.any() else empty
 
     yield compress(head)
     workers = os.cpu_count() or 1
@@ -1217,12 +1227,69 @@ def write_nifti(head: bytes, voxels: np.ndarray, dest: Path, *, level: int = 1) 
                 written += fh.write(chunk)
         else:
             written += fh.write(head)
-            written += fh.write(memoryview(voxels.reshape(-1)).cast("B"))
+            written += fh.write(voxels.reshape(-1).data.cast("B"))
     return written
 
 
-def write_volume(vol: Volume, dest: Path, *, level: int = 1) -> int:
-    """Write a :class:`Volume` atomically: NIfTI straight from its array, other formats through ITK."""
+class MappedNifti:
+    """An uncompressed ``.nii`` whose voxels are the volume itself: a temporary file beside ``dest`` is sized, its
+    blocks reserved (posix_fallocate: a full disk fails here with ENOSPC, never as a SIGBUS on a later store) and
+    mapped; the pixels are read straight into the page cache that becomes the file, so the voxels are neither
+    held twice nor copied by a write.  :func:`write_volume` writes the header into it and commits it when the
+    volume's voxels are still this mapping (else, e.g. after a rescale into a wider type, it is discarded)."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.tmp: Path | None = None
+        self.array: np.ndarray | None = None
+        self._map: Any = None
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        import mmap
+
+        self.discard()
+        size = NIFTI1_HEAD + math.prod(shape) * dtype.itemsize
+        self.tmp = fsio.temp_beside(self.dest)
+        try:
+            fd = os.open(self.tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.posix_fallocate(fd, 0, size)
+                self._map = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.discard()
+            raise CantCreateError(f"{self.dest}: cannot write: {exc.strerror or exc}") from None
+        self.array = np.frombuffer(self._map, dtype, math.prod(shape), NIFTI1_HEAD).reshape(shape)
+        return self.array
+
+    def holds(self, voxels: np.ndarray) -> bool:
+        return (self.array is not None and voxels.flags.c_contiguous and voxels.nbytes == self.array.nbytes
+                and voxels.__array_interface__["data"][0] == self.array.__array_interface__["data"][0])
+
+    def commit(self, head: bytes) -> int:
+        """Write the header, hand the file to :func:`fsio.commit`; the mapping lives on while the volume does (its
+        pages are the file's page cache: nothing more to flush before the rename)."""
+        assert self.tmp is not None and len(head) == NIFTI1_HEAD
+        self._map[:NIFTI1_HEAD] = head
+        size = len(self._map)
+        fsio.commit(self.tmp, self.dest)
+        self.tmp = self.array = None
+        return size
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            fsio.discard(self.tmp)
+        self.tmp = self.array = None
+
+
+def write_volume(vol: Volume, dest: Path, *, level: int = 1, mapped: MappedNifti | None = None) -> int:
+    """Write a :class:`Volume` atomically: NIfTI straight from its array (an uncompressed one that ``mapped``
+    holds by committing that file), other formats through ITK."""
+    if mapped is not None:
+        if mapped.dest == dest and mapped.holds(vol.voxels):
+            return mapped.commit(volume_header(vol))
+        mapped.discard()
     if dest.name.endswith((".nii.gz", ".nii")):
         return write_nifti(volume_header(vol), vol.voxels, dest, level=level)
     return write_image(vol.image, dest, level=level)
@@ -1253,6 +1320,6 @@ def write_image(image: Any, dest: Path, *, level: int = 1) -> int:
 
 __all__ = ["Frame", "Geometry", "PixelSource", "Scanned", "Stack", "Volume", "as_written", "csa_values", "fg_attr",
            "frames_of", "functional_groups", "group_frames", "gzip_members", "header_of", "load_series",
-           "load_stack", "nifti1_header", "nifti_affine", "nifti_header", "parse_csa", "ras_affine",
+           "load_stack", "MappedNifti", "nifti1_header", "nifti_affine", "nifti_header", "parse_csa", "ras_affine",
            "repetition_time", "scan_file", "siemens_csa", "split_stacks", "stack_geometry", "volume_header",
            "write_image", "write_nifti", "write_volume"]
