@@ -625,6 +625,7 @@ def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemRe
 
 ResultHook = Callable[[ItemResult], None]
 TotalHook = Callable[[int], None]
+SCAN_INLINE_SECONDS = 0.25  # group-key scanning done in the parent before a pool is worth its start (see feed_grouped)
 CHUNK_SECONDS = 0.1  # a chunk's target duration: IPC amortised, interrupts and progress still prompt
 MAX_CHUNK = 64
 
@@ -753,10 +754,17 @@ class _Runner:
                 self._drain(block=False)
                 block = False
 
+        inline = [0.0]  # seconds spent scanning in this process before the pool starts
+
         def submit(final: bool = False) -> None:
             if batch:
-                scans.append((self._submit(_scan_chunk, list(batch), alone=final and self.executor is None
-                                           and len(batch) <= 4), list(batch)))
+                # cheap scans (a fast header reader: ~0.2 ms a file) stay here until they have cost SCAN_INLINE_SECONDS:
+                # one series of a few hundred files never pays for forking workers and shipping its notes twice
+                alone = self.executor is None and (inline[0] < SCAN_INLINE_SECONDS or (final and len(batch) <= 4))
+                started = time.monotonic()
+                scans.append((self._submit(_scan_chunk, list(batch), alone=alone), list(batch)))
+                if alone:
+                    inline[0] += time.monotonic() - started
                 batch.clear()
 
         for entry in entries:
