@@ -11,7 +11,9 @@
   handed the middle file only (no header reading at all).
 - itk2seg (targets: peak RSS <= 2 GiB for --segments labels on the CT; not slower than before): a label map of
   ellipsoid blobs, ``kaapcli itk2seg`` against dcmqi's ``itkimage2segimage`` writing the same binary SEG (same
-  segments, same frames) from the same files, for information.
+  segments, same frames) from the same files, for information; with ``--baseline REF`` also against the kaapcli
+  of git revision REF (``git archive``'d into the work directory, run with it first on PYTHONPATH): the
+  "not slower" figure.  The code before this round needs ~11 GiB for 50 labels.
 - resample (for information): the series onto a 2 mm grid, kaapcli (DICOM in, NIfTI out) against the same
   SimpleITK calls in a bare script.
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compile_kaapcli  # noqa: E402
 
 KAAPCLI = [sys.executable, "-m", "kaapcli"]
+REPO = Path(__file__).resolve().parent.parent
 # DCMTK for a series: headers of every file (no pixel data), middle along the normal, render it (argv: out.png files)
 DCMTK_SERIES = r"""
 out=$1; shift
@@ -53,10 +56,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes, largest process of its tree) of one command; exits on failure."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -121,7 +124,22 @@ def label_map(reference: Path, dest: Path, segments: int) -> None:
     sitk.WriteImage(mask, str(dest), True)
 
 
-def bench_itk2seg(series: Path, work: Path, segments: int) -> list[dict[str, object]]:
+def baseline_env(work: Path, ref: str) -> dict[str, str]:
+    """An environment whose ``python -m kaapcli`` is the kaapcli of git revision ``ref``."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    dest = work / f"baseline-{commit}"
+    if not (dest / "kaapcli").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "kaapcli"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest / "kaapcli")], check=True,
+                       stdout=subprocess.DEVNULL)
+    return {**os.environ, "PYTHONPATH": str(dest)}
+
+
+def bench_itk2seg(series: Path, work: Path, segments: int, baseline: str | None) -> list[dict[str, object]]:
     nii = work / "nii"
     if not nii.exists():
         subprocess.run([*KAAPCLI, "convert", str(series), "-o", str(nii), "-q"], check=True, stdout=subprocess.DEVNULL)
@@ -154,7 +172,15 @@ def bench_itk2seg(series: Path, work: Path, segments: int) -> list[dict[str, obj
     if frames[0] != frames[1]:
         sys.exit("itk2seg: kaapcli and dcmqi wrote different frame counts: not equal work")
     name = f"itk2seg, {segments} labels x {slices} slices"
-    return [figure(f"{name}: peak RSS", ours_rss / 2**30, 2.0, " GiB"),
+    before: list[dict[str, object]] = []
+    if baseline:
+        shutil.rmtree(work / "seg-before", ignore_errors=True)
+        old, old_rss = run([*KAAPCLI, "itk2seg", str(labels), "-r", str(series), "-o", str(work / "seg-before"), "-q"],
+                           env=baseline_env(work, baseline))
+        say(f"itk2seg before ({baseline}): {old:.2f} s {old_rss / 2**30:.2f} GiB")
+        before = [figure(f"{name}: time kaapcli / kaapcli before ({baseline})", ours / old, 1.0),
+                  figure(f"{name}: peak RSS kaapcli before ({baseline})", old_rss / 2**30, None, " GiB")]
+    return [*before, figure(f"{name}: peak RSS", ours_rss / 2**30, 2.0, " GiB"),
             figure(f"{name}: time kaapcli / dcmqi itkimage2segimage", ours / theirs, None),
             figure(f"{name}: peak RSS kaapcli / dcmqi itkimage2segimage", ours_rss / theirs_rss, None)]
 
@@ -188,6 +214,8 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=None, help="itk2seg labels (default 50, --quick 10)")
     parser.add_argument("--repeat", type=int, default=None, help="thumbnail pairs (default 5, --quick 3)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--baseline", default=None, metavar="REF",
+                        help="also run itk2seg with the kaapcli of this git revision (e.g. main)")
     args = parser.parse_args()
     for tool in ("dcmdump", "dcmj2pnm"):
         if shutil.which(tool) is None:
@@ -206,7 +234,7 @@ def main() -> None:
     if args.only in (None, "thumbnail"):
         figures += bench_thumbnail(series, work, args.repeat or (3 if args.quick else 5))
     if args.only in (None, "itk2seg"):
-        figures += bench_itk2seg(series, work, args.segments or (10 if args.quick else 50))
+        figures += bench_itk2seg(series, work, args.segments or (10 if args.quick else 50), args.baseline)
     if args.only in (None, "resample") and not args.quick:
         figures += bench_resample(series, work)
     if args.json:

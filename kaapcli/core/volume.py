@@ -36,7 +36,6 @@ Public API (stable; other operators import it):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import struct
@@ -484,13 +483,16 @@ def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame
              + col_step * (frame.rows - frame.rows / m.per_row) / 2)
     times = csa_values(csa, "MosaicRefAcqTimes")
     frames = []
+    common = {**vars(frame), "rows": m.rows, "columns": m.columns, "mosaic": m.per_row}  # 4x dataclasses.replace
+    for per_tile in ("index", "position", "slice_time"):
+        del common[per_tile]
+    step = m.spacing * m.normal
     for k in range(m.count):
-        x, y, z = (float(v) for v in first + k * m.spacing * m.normal)
+        x, y, z = (float(v) for v in first + k * step)
         slice_time = None
         with contextlib.suppress(TypeError, ValueError, IndexError):
             slice_time = float(times[k]) if len(times) >= m.count and math.isfinite(float(times[k])) else None
-        frames.append(dataclasses.replace(frame, index=k, position=(x, y, z), rows=m.rows, columns=m.columns,
-                                          mosaic=m.per_row, slice_time=slice_time))
+        frames.append(Frame(**common, index=k, position=(x, y, z), slice_time=slice_time))
     return frames
 
 
