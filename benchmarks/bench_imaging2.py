@@ -56,10 +56,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes, largest process of its tree) of one command; exits on failure."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -124,8 +124,9 @@ def label_map(reference: Path, dest: Path, segments: int) -> None:
     sitk.WriteImage(mask, str(dest), True)
 
 
-def baseline_env(work: Path, ref: str) -> dict[str, str]:
-    """An environment whose ``python -m kaapcli`` is the kaapcli of git revision ``ref``."""
+def baseline(work: Path, ref: str) -> tuple[dict[str, str], Path]:
+    """An environment and working directory (``-m`` puts it first on sys.path) whose ``python -m kaapcli`` is the
+    kaapcli of git revision ``ref``."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True,
                             text=True).stdout.strip()
     dest = work / f"baseline-{commit}"
@@ -136,10 +137,10 @@ def baseline_env(work: Path, ref: str) -> dict[str, str]:
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest / "kaapcli")], check=True,
                        stdout=subprocess.DEVNULL)
-    return {**os.environ, "PYTHONPATH": str(dest)}
+    return {**os.environ, "PYTHONPATH": str(dest)}, dest
 
 
-def bench_itk2seg(series: Path, work: Path, segments: int, baseline: str | None) -> list[dict[str, object]]:
+def bench_itk2seg(series: Path, work: Path, segments: int, before_ref: str | None) -> list[dict[str, object]]:
     nii = work / "nii"
     if not nii.exists():
         subprocess.run([*KAAPCLI, "convert", str(series), "-o", str(nii), "-q"], check=True, stdout=subprocess.DEVNULL)
@@ -173,13 +174,18 @@ def bench_itk2seg(series: Path, work: Path, segments: int, baseline: str | None)
         sys.exit("itk2seg: kaapcli and dcmqi wrote different frame counts: not equal work")
     name = f"itk2seg, {segments} labels x {slices} slices"
     before: list[dict[str, object]] = []
-    if baseline:
+    if before_ref:
         shutil.rmtree(work / "seg-before", ignore_errors=True)
+        env, cwd = baseline(work, before_ref)
+        probe = subprocess.run([sys.executable, "-c", "import kaapcli; print(kaapcli.__file__)"], env=env, cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if not probe.startswith(str(cwd)):
+            sys.exit(f"--baseline: python -m kaapcli would import {probe}, not the baseline in {cwd}")
         old, old_rss = run([*KAAPCLI, "itk2seg", str(labels), "-r", str(series), "-o", str(work / "seg-before"), "-q"],
-                           env=baseline_env(work, baseline))
-        say(f"itk2seg before ({baseline}): {old:.2f} s {old_rss / 2**30:.2f} GiB")
-        before = [figure(f"{name}: time kaapcli / kaapcli before ({baseline})", ours / old, 1.0),
-                  figure(f"{name}: peak RSS kaapcli before ({baseline})", old_rss / 2**30, None, " GiB")]
+                           env=env, cwd=cwd)
+        say(f"itk2seg before ({before_ref}): {old:.2f} s {old_rss / 2**30:.2f} GiB")
+        before = [figure(f"{name}: time kaapcli / kaapcli before ({before_ref})", ours / old, 1.0),
+                  figure(f"{name}: peak RSS kaapcli before ({before_ref})", old_rss / 2**30, None, " GiB")]
     return [*before, figure(f"{name}: peak RSS", ours_rss / 2**30, 2.0, " GiB"),
             figure(f"{name}: time kaapcli / dcmqi itkimage2segimage", ours / theirs, None),
             figure(f"{name}: peak RSS kaapcli / dcmqi itkimage2segimage", ours_rss / theirs_rss, None)]
@@ -221,7 +227,7 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not installed (apt-get install dcmtk)")
     compile_kaapcli()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-imaging-"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-imaging-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"ct-{args.slices}-{args.size}"
     if not data.exists():
