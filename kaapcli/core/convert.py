@@ -5,6 +5,8 @@ volume per stack, the stack suffix appended to the name; volumes repeating one g
 diffusion) are one 4-D volume, as dcm2niix writes them (``split``: one file per volume), with
 ``.bval``/``.bvec`` (FSL convention) when the headers carry diffusion weighting.  Every stack is
 loaded and checked before anything is written, so a refused series leaves no partial output.
+Each file is read once: the plan's header parse (``scan``, ``Item.notes``) gives where its pixels are,
+and ``--to nii`` reads them into the mapped temporary output file itself (``volume.MappedNifti``).
 
 Non-image objects met among the files (SEG, RTSTRUCT, SR, PDF, RT Plan, waveforms...) are
 skipped with their SOP class as the reason; they never fail the batch.

@@ -26,10 +26,13 @@ checked against the pixel matrix.
 Public API (stable; other operators import it):
 
 - ``split_stacks(paths, *, four_d=False) -> list[Stack]``: headers only, no pixel decoding.
-- ``load_series(paths, *, resample=False, four_d=False) -> list[Volume]``: every stack of a series.
+- ``load_series(paths, *, resample=False, four_d=False, scanned=None, allocate=None) -> list[Volume]``: every
+  stack of a series, each file read once (``scanned``: the plan's :func:`scan_file` notes; ``allocate``: the
+  array each stack's voxels are read into, e.g. a :class:`MappedNifti`'s).
 - ``load_stack(stack, *, resample=False) -> Volume``.
 - ``write_image(image, dest, *, level=1) -> int``: atomic ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` writer;
-  ``write_nifti(nifti_header(image), array, dest)`` writes arrays on one grid without SimpleITK images.
+  ``write_nifti(nifti_header(image), array, dest)`` writes arrays on one grid without SimpleITK images;
+  ``write_volume(vol, dest, mapped=...)`` commits an uncompressed NIfTI its voxels were read into.
 - ``to_nifti(image)`` / ``nifti_affine(image)``: the NIfTI view (RAS affine) of a SimpleITK image.
 """
 
