@@ -167,3 +167,15 @@ def test_uncompressed_nifti_on_a_full_disk_fails_cleanly(ct40: Path, tmp_path: P
         assert not [p for p in (disk / "out").rglob("*") if p.suffix == ".nii" or "kaapcli-part" in p.name]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_convert_output_is_byte_stable_across_runs_and_worker_counts(ct40: Path, tmp_path: Path) -> None:
+    """Slices are deflated on threads but written in order: the .nii.gz and its sidecar do not depend on the run
+    or on --workers."""
+    runs = []
+    for n, workers in enumerate(("1", "2")):
+        out = tmp_path / f"run{n}"
+        proc = kaapcli("convert", ct40, "-o", out, "-q", "--workers", workers)
+        assert proc.returncode == 0, proc.stderr
+        runs.append({p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")})
+    assert runs[0] == runs[1] and len(runs[0]) == 2
