@@ -641,10 +641,15 @@ def test_query_and_retrieve_cut_short_after_some_items_exit_1(tmp_path: Path) ->
 
 def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
     """`kaapcli mock ... | head -1`: like a Unix tool killed by SIGPIPE, without its default action."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, 4096)  # one page: the 60 lines cannot all fit before the reader goes
     proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "mock", "-o", str(tmp_path / "m"), "--slices", "60",
-                             "--rows", "16", "--columns", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline()
-    proc.stdout.close()
+                             "--rows", "16", "--columns", "16"], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.readline()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 141 and b"Traceback" not in stderr and b"Broken pipe" not in stderr, stderr
 

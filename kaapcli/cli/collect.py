@@ -33,6 +33,8 @@ def collect(
     aet: Annotated[str | None, typer.Option("--aet", help="C-MOVE destination AE title (default: calling AE).",
                                             show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="C-MOVE receiver port.")] = 11112,
+    bind: Annotated[str, typer.Option("--bind", help="C-MOVE: address of the built-in receiver (a remote PACS "
+                                      "needs one it can reach; it accepts only the --from peer).")] = "127.0.0.1",
     results: Annotated[Path | None, typer.Option(
         "--results", show_default=False, help="Result CSV, also the resume point (default: OUT/collect-results.csv).")
     ] = None,
@@ -64,7 +66,7 @@ def collect(
     forwarder = _forwarder(target, calling, timeouts) if target else None
     by_key = {row.key: done.get(row.key) for row in rows}
     with Fetcher(peer, out / "studies", method=method.value, calling_aet=calling, timeouts=timeouts,
-                 move_aet=_aet(aet or calling, "--aet"), port=port) as fetcher, reporter:
+                 move_aet=_aet(aet or calling, "--aet"), bind=bind, port=port) as fetcher, reporter:
         todo = list(c.pending(rows, done))
         reporter.total(len(todo))
         for row in todo:

@@ -7,7 +7,6 @@ mean the same everywhere) and hands the command a :class:`RunOptions`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -218,20 +217,15 @@ class Sink:
             shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             self.reporter.console.print(shown, markup=False, highlight=False, soft_wrap=True)
             return
-        try:
-            raw = getattr(sys.stdout, "buffer", None)
-            if raw is not None:
-                sys.stdout.flush()
-                raw.write(os.fsencode(text) + b"\n")
-                raw.flush()
-            else:
-                sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
-                sys.stdout.flush()
-        except BrokenPipeError:
-            # Nobody reads any more: point stdout at /dev/null so the interpreter's final flush stays quiet too.
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise
+        # A reader that went away raises BrokenPipeError here; main() ends the run quietly with 141
+        raw = getattr(sys.stdout, "buffer", None)
+        if raw is not None:
+            sys.stdout.flush()
+            raw.write(os.fsencode(text) + b"\n")
+            raw.flush()
+        else:
+            sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
 
     def record(self, obj: dict[str, Any]) -> None:
         from kaapcli.core.fsio import dumps

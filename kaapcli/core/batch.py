@@ -1071,8 +1071,11 @@ def run_batch(
     """Run ``op`` over ``files`` (paths, or the entries of :func:`fsio.iter_inputs`, consumed as they come), or
     over ready-made ``items``, and return the summary."""
     opts = options or BatchOptions()
+    created: list[Path] = []  # directories this run made: removed at the end if it wrote nothing into them
     if out is not None and not opts.dry_run:
-        fsio.ensure_dir(out)
+        created += [] if out.exists() else [out]
+        fsio.ensure_dir(out)  # now: an OUT that cannot be created fails before any input is read
+        created += [] if fsio.state_dir(out).exists() else [fsio.state_dir(out)]
     runner = _Runner(op, out, opts, on_total, on_result)
     if isinstance(items, Sequence) and on_total is not None:
         on_total(len(items))
@@ -1101,5 +1104,8 @@ def run_batch(
             fsio.remove_temps_of(out, [fsio.RUN_TOKEN])  # staged outputs whose results never reached this process
         if runner.manifest is not None:
             runner.manifest.close()
+        for made in created:  # a run that wrote nothing (a usage error on stdin, no input) leaves no empty OUT
+            with contextlib.suppress(OSError):
+                made.rmdir()
         runner.summary.seconds = time.perf_counter() - start
     return runner.summary
