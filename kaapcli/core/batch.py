@@ -64,11 +64,14 @@ class Item:
     """One unit of work: a stable key (used for sharding and the manifest) and its input files.
 
     ``root`` is the directory INPUT the file was found in (None when the file was named itself).
+    ``notes``: per path, what the operator's ``scan`` learnt of it while planning (empty: nothing), so
+    ``process`` need not read it again.
     """
 
     key: str
     paths: tuple[Path, ...]
     root: Path | None = None
+    notes: tuple[Any, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str:
@@ -158,6 +161,10 @@ class BaseOperator:
 
     def group_key(self, path: Path) -> str | None:
         return None
+
+    def scan(self, path: Path) -> tuple[str | None, Any]:
+        """The item key of a file and a note for ``process`` (``Item.notes``): by default no note."""
+        return self.group_key(path), None
 
     def process(self, item: Item, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -597,24 +604,27 @@ def _accept(op: Operator, path: Path) -> tuple[bool, str, int]:
             return False, "", 0
 
 
-def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, int]]:
-    """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error or skip reason, code)."""
-    out: list[tuple[Path, str | None, str, int]] = []
+def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, int, Any]]:
+    """Group keys (and the operator's notes) for a chunk of files (runs in a worker).  Returns (path, key,
+    error or skip reason, code, note)."""
+    scan = getattr(op, "scan", None) or (lambda path: (op.group_key(path), None))
+    out: list[tuple[Path, str | None, str, int, Any]] = []
     for path in paths:
         if _stopped():
             break
         accepted, error, code = _accept(op, path)
         if error or not accepted:
-            out.append((path, None, error, code))
+            out.append((path, None, error, code, None))
             continue
         try:
-            out.append((path, op.group_key(path), "", 0))
+            key, note = scan(path)
+            out.append((path, key, "", 0, note))
         except SkipItem as exc:  # recognised, not processed: skipped with its reason (code 0)
-            out.append((path, None, str(exc), 0))
+            out.append((path, None, str(exc), 0, None))
         except KaapcliError as exc:
-            out.append((path, None, exc.message, int(exc.code)))
+            out.append((path, None, exc.message, int(exc.code), None))
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop the scan
-            out.append((path, None, describe_exception(exc), int(ExitCode.DATAERR)))
+            out.append((path, None, describe_exception(exc), int(ExitCode.DATAERR), None))
     return out
 
 
@@ -681,6 +691,7 @@ def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemRe
 
 ResultHook = Callable[[ItemResult], None]
 TotalHook = Callable[[int], None]
+SCAN_INLINE_SECONDS = 0.25  # group-key scanning done in the parent before a pool is worth its start (see feed_grouped)
 CHUNK_SECONDS = 0.1  # a chunk's target duration: IPC amortised, interrupts and progress still prompt
 MAX_CHUNK = 64
 CLAIM_NAMES = 4096  # the latest outputs whose writer a collision message can still name
@@ -797,7 +808,7 @@ class _Runner:
 
     def feed_grouped(self, entries: Iterable[Any]) -> None:
         """Group keys are read in the pool as files arrive; items are formed when the input ends."""
-        groups: dict[str, list[Path]] = {}
+        groups: dict[str, list[tuple[Path, Any]]] = {}
         batch: list[Path] = []
         scans: deque[Any] = deque()
 
@@ -811,23 +822,30 @@ class _Runner:
                     self.shutdown(kill=True)
                     paths += [p for _, lost in scans for p in lost]
                     scans.clear()
-                    found = [(p, None, "a worker process died while reading group keys", int(ExitCode.SOFTWARE))
-                             for p in paths]
-                for path, key, error, code in found:
+                    found = [(p, None, "a worker process died while reading group keys", int(ExitCode.SOFTWARE),
+                              None) for p in paths]
+                for path, key, error, code, note in found:
                     if error and code:
                         self._ready([ItemResult(str(path), "failed", message=f"{path}: {error}", code=code)])
                     elif key is None:
                         self._ready([ItemResult(str(path), "skipped", message=error or "not an input of this command",
                                                 reason="not-input")])
                     else:
-                        groups.setdefault(key, []).append(path)
+                        groups.setdefault(key, []).append((path, note))
                 self._drain(block=False)
                 block = False
 
+        inline = [0.0]  # seconds spent scanning in this process before the pool starts
+
         def submit(final: bool = False) -> None:
             if batch:
-                scans.append((self._submit(_scan_chunk, list(batch), alone=final and self.executor is None
-                                           and len(batch) <= 4), list(batch)))
+                # cheap scans (a fast header reader: ~0.2 ms a file) stay here until they have cost SCAN_INLINE_SECONDS:
+                # one series of a few hundred files never pays for forking workers and shipping its notes twice
+                alone = self.executor is None and (inline[0] < SCAN_INLINE_SECONDS or (final and len(batch) <= 4))
+                started = time.monotonic()
+                scans.append((self._submit(_scan_chunk, list(batch), alone=alone), list(batch)))
+                if alone:
+                    inline[0] += time.monotonic() - started
                 batch.clear()
 
         for entry in entries:
@@ -851,7 +869,10 @@ class _Runner:
             return
         self.accepted += len(groups)
         for key in groups:
-            self.plan(Item(key, tuple(sorted(groups[key]))), counted=True)
+            members = sorted(groups[key], key=lambda member: member[0])
+            notes = tuple(note for _, note in members)
+            self.plan(Item(key, tuple(path for path, _ in members),
+                           notes=notes if any(note is not None for note in notes) else ()), counted=True)
             if self._check_stop():
                 return
 
