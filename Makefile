@@ -2,12 +2,13 @@
 #   make demo   venv + kaapcli, then the examples pipeline on mock data (embedded defaults, no servers)
 #   make test   system packages (as root, apt), venv + test extras, then `make check`
 #   make check  ruff, mypy (clean), the generated-docs drift check, the whole test suite (in the existing venv)
+#   make bench  every benchmark against its anchor tool; the README's performance table from the figures
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium redis-server make python3-venv man-db openssl
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb dcm2niix chromium redis-server make python3-venv man-db openssl jq time zip unzip
 
-.PHONY: demo test check typecheck venv test-deps system-deps docs docs-check dist bench lint clean
+.PHONY: demo test check typecheck venv test-deps system-deps docs docs-check dist bench bench-quick lint clean
 
 # editable_mode=compat puts the repository on sys.path with a plain .pth file: setuptools' default editable
 # finder costs ~15 ms of every start (of kaapcli and of each test's subprocess); the plain mode is the fallback.
@@ -53,8 +54,16 @@ docs-check: venv
 dist: venv
 	$(BIN)/python -m build --outdir dist .
 
-bench: venv
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+# Every benchmark (the bench extras install what they run against: dicognito), each figure printed next to its
+# target, the figures saved to benchmarks/out/figures.jsonl and the README's performance table regenerated from
+# them.  bench-quick: the same on small data (a smoke run; the README is left alone).
+bench: system-deps venv
+	$(BIN)/pip install -q -e ".[bench]" --config-settings editable_mode=compat
+	$(BIN)/python benchmarks/report.py --readme README.md
+
+bench-quick: system-deps venv
+	$(BIN)/pip install -q -e ".[bench]" --config-settings editable_mode=compat
+	$(BIN)/python benchmarks/report.py --quick
 
 clean:
 	rm -rf $(VENV) examples/out benchmarks/out .pytest_cache dist build kaapcli.egg-info

@@ -9,11 +9,12 @@ kaapcli / dicognito (target: <= 0.5).  ``--repeat N`` runs kaapcli and dicognito
 the kaapcli checkout in DIR, e.g. an unpacked ``git archive`` of main) N times, interleaved, and reports the
 medians.  ``--phi-files N`` then de-identifies N small CT slices and times ``phi-scan OUT --originals IN`` over
 them, against DCMTK's ``dcmdump`` reading every header of the same tree once (equal reading, much less work).
+dicognito comes with the bench extras (``pip install -e '.[bench]'``, which ``make bench`` runs).
+Figures: one JSON object per line on stdout (benchmarks/report.py reads them); text on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
@@ -24,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import compile_kaapcli
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compile_kaapcli, figure, quick_parser, say  # noqa: E402
 
 KAAPANA_TAGS = Path(__file__).resolve().parent.parent / "kaapcli" / "data" / "kaapana_anonymize_tags.tsv"
 
@@ -83,16 +85,16 @@ def bench_phi_scan(root: Path, nfiles: int, workers: list[str], cwd: Path) -> No
                             *workers], None, cwd=cwd)
     t_tree, c_tree = timed([sys.executable, "-m", "kaapcli", "phi-scan", str(out), "-q", *workers], None, cwd=cwd)
     t_dump, c_dump = timed(["dcmdump", "-q", "+sd", "+r", "-M", str(out)], None)
-    print(f"phi-scan, {len(files)} files of {nfiles} x 16x16 CT")
-    print(f"  phi-scan OUT --originals IN {t_scan:7.2f} s  ({c_scan:.2f} CPU s, {len(files) / t_scan:.0f} files/s; "
+    say(f"phi-scan, {len(files)} files of {nfiles} x 16x16 CT")
+    say(f"  phi-scan OUT --originals IN {t_scan:7.2f} s  ({c_scan:.2f} CPU s, {len(files) / t_scan:.0f} files/s; "
           "reads both trees)")
-    print(f"  phi-scan OUT                {t_tree:7.2f} s  ({c_tree:.2f} CPU s, {len(files) / t_tree:.0f} files/s)")
-    print(f"  dcmdump +sd +r OUT          {t_dump:7.2f} s  ({c_dump:.2f} CPU s)")
-    print(f"  ratio phi-scan OUT / dcmdump  {t_tree / t_dump:5.2f}")
+    say(f"  phi-scan OUT                {t_tree:7.2f} s  ({c_tree:.2f} CPU s, {len(files) / t_tree:.0f} files/s)")
+    say(f"  dcmdump +sd +r OUT          {t_dump:7.2f} s  ({c_dump:.2f} CPU s)")
+    figure("phi-scan", "phi-scan OUT / dcmdump +sd +r OUT time", t_tree / t_dump)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=None, help="kaapcli workers (default: all cores)")
@@ -100,6 +102,12 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="another kaapcli checkout to time as well")
     parser.add_argument("--phi-files", type=int, default=0, help="also time phi-scan over this many small files")
     args = parser.parse_args()
+    if args.quick:
+        args.slices, args.size, args.repeat = 40, 256, 1
+    try:
+        import dicognito  # noqa: F401
+    except ImportError:
+        raise SystemExit("dicognito is not installed: pip install -e '.[bench]' (make bench does)") from None
     compile_kaapcli()
     with tempfile.TemporaryDirectory(prefix="bench-anon-") as tmp:
         root = Path(tmp)
@@ -107,7 +115,7 @@ def main() -> int:
         src = root / "ct"
         files = mock(src, args.slices, args.size)
         mb = sum(p.stat().st_size for p in files) / 1e6
-        print(f"data: {len(files)} files, {mb:.0f} MB ({args.slices} x {args.size}x{args.size} CT)")
+        say(f"data: {len(files)} files, {mb:.0f} MB ({args.slices} x {args.size}x{args.size} CT)")
 
         workers = ["--workers", str(args.workers)] if args.workers else []
         kaapcli = [sys.executable, "-m", "kaapcli", "anonymize", str(src), "-o", str(root / "k"),
@@ -129,19 +137,22 @@ def main() -> int:
         (root / "kp").mkdir()
         t_kaapana = kaapana_way(src, root / "kp")
         n = max(1, args.repeat)
-        print(f"medians of {n} interleaved runs")
-        print(f"kaapcli anonymize        {t_kaapcli:7.2f} s  ({c_kaapcli:.2f} CPU s)")
+        say(f"medians of {n} interleaved runs")
+        say(f"kaapcli anonymize        {t_kaapcli:7.2f} s  ({c_kaapcli:.2f} CPU s)")
         if runs["baseline"]:
             t_base, c_base = median(runs["baseline"])
-            print(f"baseline {args.baseline}  {t_base:7.2f} s  ({c_base:.2f} CPU s)")
-        print(f"dicognito                {t_dicognito:7.2f} s  ({c_dicognito:.2f} CPU s)")
-        print(f"kaapana (dcmodify/file)  {t_kaapana:7.2f} s")
-        print(f"ratio kaapcli/dicognito  {t_kaapcli / t_dicognito:7.2f}  (target <= 0.5; CPU ratio "
-              f"{c_kaapcli / c_dicognito:.2f})")
+            say(f"baseline {args.baseline}  {t_base:7.2f} s  ({c_base:.2f} CPU s)")
+        say(f"dicognito                {t_dicognito:7.2f} s  ({c_dicognito:.2f} CPU s)")
+        say(f"kaapana (dcmodify/file)  {t_kaapana:7.2f} s")
+        say(f"ratio kaapcli/dicognito  {t_kaapcli / t_dicognito:7.2f}  (target <= 0.5; CPU ratio "
+            f"{c_kaapcli / c_dicognito:.2f})")
+        figure("anonymize", "anonymize: kaapcli / dicognito time", t_kaapcli / t_dicognito, "<= 0.5",
+               note=f"{len(files)} files, CPU ratio {c_kaapcli / c_dicognito:.2f}")
+        figure("anonymize", "anonymize: kaapcli / Kaapana's dcmodify per file", t_kaapcli / t_kaapana)
         if runs["baseline"]:
-            print(f"ratio baseline/dicognito {t_base / t_dicognito:7.2f}  (CPU ratio {c_base / c_dicognito:.2f})")
-            print(f"ratio kaapcli/baseline   {t_kaapcli / t_base:7.2f}")
-        print(f"ratio kaapcli/kaapana    {t_kaapcli / t_kaapana:7.2f}")
+            say(f"ratio baseline/dicognito {t_base / t_dicognito:7.2f}  (CPU ratio {c_base / c_dicognito:.2f})")
+            say(f"ratio kaapcli/baseline   {t_kaapcli / t_base:7.2f}")
+        say(f"ratio kaapcli/kaapana    {t_kaapcli / t_kaapana:7.2f}")
         if args.phi_files:
             bench_phi_scan(root, args.phi_files, workers, cwd)
     return 0

@@ -14,7 +14,9 @@ their start-up:
 Prints the best of ``--repeat`` runs (wall and CPU seconds, CPU summed over all processes) and the
 ratios kaapcli / anchor (< 1 = kaapcli faster).  On a busy machine trust the CPU column more.
 
-    python benchmarks/bench_dcm2json.py [--series 10] [--slices 300] [--repeat 3] [--dcmtk-files N]
+    python benchmarks/bench_dcm2json.py [--series 10] [--slices 300] [--repeat 3] [--dcmtk-files N] [--quick]
+
+Figures: one JSON object per line on stdout (benchmarks/report.py reads them); text on stderr.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "dcm2json"
+sys.path.insert(0, str(HERE))
+from common import compile_kaapcli, figure, quick_parser, say  # noqa: E402
+
 DCMTK_DCM2JSON = "/usr/bin/dcm2json"  # pynetdicom's scripts shadow some DCMTK names on PATH: be explicit
 
 
@@ -67,12 +72,12 @@ def dcmtk_loop(files: list[Path], out: Path) -> tuple[float, float]:
     out.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     for i, path in enumerate(files):
-        subprocess.run([DCMTK_DCM2JSON, str(path), str(out / f"{i}.json")], check=True)
+        subprocess.run([DCMTK_DCM2JSON, str(path), str(out / f"{i}.json")], check=True, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=10)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3, help="best of N for (b) and (c)")
@@ -83,16 +88,19 @@ def main() -> None:
     if args.plain:
         plain_loop(Path(args.plain[0]), Path(args.plain[1]))
         return
+    if args.quick:
+        args.series, args.slices, args.repeat = 2, 30, 1
+    compile_kaapcli()
 
     data = OUT / f"data-{args.series}x{args.slices}"
     if not data.is_dir():
-        print(f"generating {args.series} x {args.slices} slices of 512x512 CT into {data} ...", file=sys.stderr)
+        say(f"generating {args.series} x {args.slices} slices of 512x512 CT into {data} ...")
         subprocess.run([sys.executable, "-m", "kaapcli", "mock", "-o", str(data) + ".part", "--series",
                         str(args.series), "--slices", str(args.slices), "--seed", "1", "-q"],
                        check=True, stdout=subprocess.DEVNULL)
         (Path(str(data) + ".part")).rename(data)
     files = sorted(data.rglob("*.dcm"))
-    print(f"{len(files)} files in {len(list(data.glob('*/*/*')))} series, "
+    say(f"{len(files)} files in {len(list(data.glob('*/*/*')))} series, "
           f"{sum(f.stat().st_size for f in files) / 1e6:.0f} MB")
 
     for f in files:  # warm the page cache so every contender reads from memory
@@ -111,14 +119,16 @@ def main() -> None:
                          "--force", "-q"]) for _ in range(args.repeat))
 
     scaled = "" if dcmtk_files is files else f" (scaled from {len(dcmtk_files)} files)"
-    print(f"load average before the runs: {load:.1f} on {os.cpu_count()} cores")
-    print("                                          wall s    CPU s")
-    print(f"(a) DCMTK dcm2json, one process per file: {dcmtk[0]:7.2f}  {dcmtk[1]:7.2f}{scaled}")
-    print(f"(b) plain pydicom loop, 1 process:        {plain[0]:7.2f}  {plain[1]:7.2f}")
-    print(f"(c) kaapcli dcm2json, default workers:    {kaapcli[0]:7.2f}  {kaapcli[1]:7.2f}")
+    say(f"load average before the runs: {load:.1f} on {os.cpu_count()} cores")
+    say("                                          wall s    CPU s")
+    say(f"(a) DCMTK dcm2json, one process per file: {dcmtk[0]:7.2f}  {dcmtk[1]:7.2f}{scaled}")
+    say(f"(b) plain pydicom loop, 1 process:        {plain[0]:7.2f}  {plain[1]:7.2f}")
+    say(f"(c) kaapcli dcm2json, default workers:    {kaapcli[0]:7.2f}  {kaapcli[1]:7.2f}")
     for name, anchor, target in (("DCMTK", dcmtk, 5), ("plain", plain, 1.5)):
-        print(f"ratio kaapcli/{name} = {kaapcli[0] / anchor[0]:.3f} wall ({anchor[0] / kaapcli[0]:.1f}x faster, "
-              f"target >= {target}x), {kaapcli[1] / anchor[1]:.3f} CPU")
+        say(f"ratio kaapcli/{name} = {kaapcli[0] / anchor[0]:.3f} wall ({anchor[0] / kaapcli[0]:.1f}x faster, "
+            f"target >= {target}x), {kaapcli[1] / anchor[1]:.3f} CPU")
+        figure("dcm2json", f"speed-up over {'a DCMTK dcm2json loop' if name == 'DCMTK' else 'a plain pydicom loop'}",
+               anchor[0] / kaapcli[0], f">= {target}", note=f"{len(files)} files{scaled if name == 'DCMTK' else ''}")
 
 
 if __name__ == "__main__":

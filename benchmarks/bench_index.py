@@ -12,12 +12,17 @@ documents with distinct UIDs and varied Modality/Rows/StudyDate/SeriesDescriptio
    end to end (``kaapcli search``, including Python start-up).  Anchor: ``jq`` selecting the same
    documents from a JSONL file of the 100,000 documents.
 
-Usage: python benchmarks/bench_index.py [--docs 10000] [--big 100000] [--repeat 3] [--keep DIR]
+3. Linearity: per-instance documents (``dcm2json --per-instance``: 100 per series, so most writes merge into a
+   stored series document) at ``--docs`` and 5x as many; the cost per 1,000 documents at 5x must stay within
+   1.2x of the cost at 1x, and the peak RSS flat (GNU time, largest process).
+
+Figures: one JSON object per line on stdout (benchmarks/report.py reads them); text on stderr.
+
+Usage: python benchmarks/bench_index.py [--docs 10000] [--big 100000] [--repeat 3] [--keep DIR] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -28,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compile_kaapcli, figure, peak_rss_kib, quick_parser, say  # noqa: E402
 
 SERIES, MOD, ROWS, DATE, DESC = ("0020000E SeriesInstanceUID_keyword", "00080060 Modality_keyword",
                                  "00280010 Rows_integer", "00080020 StudyDate_date",
@@ -72,18 +80,47 @@ def timed(fn: Any, repeat: int) -> list[float]:
     return times
 
 
+def linearity(base: dict[str, Any], work: Path, docs: int, per_series: int = 100) -> None:
+    """Index ``docs`` and 5x ``docs`` per-instance documents (fresh index each); cost per 1,000 and peak RSS."""
+    per_1000, rss = {}, {}
+    for n in (docs, 5 * docs):
+        src = work / f"instances-{n}"
+        src.mkdir(exist_ok=True)
+        for i in range(n):
+            doc = dict(base)
+            doc[SERIES] = f"1.2.826.0.1.3680043.12.{i // per_series}"
+            doc["00080018 SOPInstanceUID_keyword"] = f"1.2.826.0.1.3680043.13.{i}"
+            doc["00200013 InstanceNumber_integer"] = i % per_series
+            (src / f"{doc['00080018 SOPInstanceUID_keyword']}.json").write_text(json.dumps(doc))
+        db = work / f"instances-{n}.db"
+        db.unlink(missing_ok=True)
+        wall, kib = peak_rss_kib([sys.executable, "-m", "kaapcli", "index", str(src), "--index", str(db), "-q"])
+        per_1000[n], rss[n] = 1000 * wall / n, kib / 1024
+        say(f"index {n} per-instance documents ({per_series} per series): {wall:.2f} s = {per_1000[n]:.3f} s "
+              f"per 1,000, peak RSS {rss[n]:.0f} MiB")
+        shutil.rmtree(src)
+    big, small = 5 * docs, docs
+    figure("index", f"per-1,000 cost at {big} / at {small} per-instance documents", per_1000[big] / per_1000[small],
+           "<= 1.2")
+    figure("index", f"peak RSS at {big} / at {small} per-instance documents", rss[big] / rss[small], "<= 1.2",
+           note=f"{rss[small]:.0f} -> {rss[big]:.0f} MiB")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3, help="runs of the indexing step (the median counts)")
     parser.add_argument("--keep", type=Path)
     args = parser.parse_args()
+    if args.quick:
+        args.docs, args.big, args.repeat = 2_000, 10_000, 1
+    compile_kaapcli()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_index-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         base = template(work)
-        print(f"document template: {len(base)} keys, {len(json.dumps(base))} bytes (from kaapcli mock + dcm2json)")
+        say(f"document template: {len(base)} keys, {len(json.dumps(base))} bytes (from kaapcli mock + dcm2json)")
 
         # 1. indexing throughput, end to end through the CLI
         src = work / "json"
@@ -100,7 +137,7 @@ def main() -> None:
             run(sys.executable, "-m", "kaapcli", "index", src, "--index", db, "-q")
             runs.append((time.perf_counter() - start, _child_cpu() - cpu0))
         t_index, cpu_index = statistics.median(runs)
-        print("  runs: " + ", ".join(f"{t:.2f} s" for t, _ in runs))
+        say("  runs: " + ", ".join(f"{t:.2f} s" for t, _ in runs))
         jq = shutil.which("jq")
         t_jq = None
         if jq:
@@ -109,10 +146,15 @@ def main() -> None:
             subprocess.run([jq, "-c", "."] + files, check=True, stdout=subprocess.DEVNULL)
             t_jq = time.perf_counter() - start
         rate = args.docs / t_index
-        print(f"index {args.docs} JSON files: {t_index:.2f} s = {rate:,.0f} documents/s (target >= 5,000), "
+        say(f"index {args.docs} JSON files: {t_index:.2f} s = {rate:,.0f} documents/s (target >= 5,000), "
               f"CPU {cpu_index:.2f} s = {args.docs / cpu_index:,.0f} documents per CPU second"
               + (f"; jq -c . over the same files: {t_jq:.2f} s; ratio kaapcli/jq = {t_index / t_jq:.2f}"
                  if t_jq else ""))
+
+        figure("index", f"index {args.docs} series documents: documents/s", rate, ">= 5000")
+        if t_jq:
+            figure("index", "index speed / jq -c . speed (same files)", t_jq / t_index, ">= 2.5")
+        linearity(base, work, args.docs)
 
         # 2. search latency over a big index (built through the library: the CLI path is timed above)
         from kaapcli.core.index.base import Sort, open_index
@@ -133,7 +175,7 @@ def main() -> None:
                     batch.clear()
             ix.write(batch, replace=False)
         t_build = time.perf_counter() - start
-        print(f"built {args.big:,} document index in {t_build:.1f} s ({args.big / t_build:,.0f} documents/s, "
+        say(f"built {args.big:,} document index in {t_build:.1f} s ({args.big / t_build:,.0f} documents/s, "
               f"{big.stat().st_size / 1e6:.0f} MB)")
         with open_index(str(big)) as ix:
             hits = 0
@@ -145,19 +187,21 @@ def main() -> None:
             lib = timed(query, 21)
             ranged = timed(lambda: ix.count(parse("Modality:XA AND Rows:>=512 AND StudyDate:[2015-01-01 TO *]")), 21)
             by_rows = timed(lambda: list(ix.search(parse("Modality:XA"), sort=Sort(field_keys("Rows")))), 5)
-        print(f"search Modality:XA over {args.big:,} documents ({hits} hits): library median "
+        say(f"search Modality:XA over {args.big:,} documents ({hits} hits): library median "
               f"{statistics.median(lib) * 1000:.1f} ms (target < 50 ms); combined term+range count median "
               f"{statistics.median(ranged) * 1000:.1f} ms")
-        print(f"  Modality:XA sorted by Rows: median {statistics.median(by_rows) * 1000:.1f} ms")
+        say(f"  Modality:XA sorted by Rows: median {statistics.median(by_rows) * 1000:.1f} ms")
         cli = timed(lambda: run(sys.executable, "-m", "kaapcli", "search", "Modality:XA", "--index", big), 5)
         floor = timed(lambda: run(sys.executable, "-m", "kaapcli", "--version"), 5)
-        print(f"  kaapcli search CLI end to end (incl. Python start-up): median {statistics.median(cli) * 1000:.0f} "
+        say(f"  kaapcli search CLI end to end (incl. Python start-up): median {statistics.median(cli) * 1000:.0f} "
               f"ms; kaapcli --version (start-up alone): median {statistics.median(floor) * 1000:.0f} ms")
+        figure("search", f"search Modality:XA over {args.big} documents: library ms", statistics.median(lib) * 1000,
+               "<= 50")
         if jq:
             anchor = timed(lambda: subprocess.run(
                 [jq, "-c", 'select(.["00080060 Modality_keyword"] == "XA")', str(jsonl)], check=True,
                 stdout=subprocess.DEVNULL), 3)
-            print(f"  anchor jq select over the JSONL: median {statistics.median(anchor) * 1000:.0f} ms; "
+            say(f"  anchor jq select over the JSONL: median {statistics.median(anchor) * 1000:.0f} ms; "
                   f"ratio library/jq = {statistics.median(lib) / statistics.median(anchor):.4f}, "
                   f"CLI/jq = {statistics.median(cli) / statistics.median(anchor):.3f}")
     finally:

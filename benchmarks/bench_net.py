@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Send → receive of a CT series on loopback: DCMTK vs pynetdicom's apps vs kaapcli, in one run, plain and over TLS.
 
-    python benchmarks/bench_net.py [--slices 300] [--size 512] [--repeat 3] [--keep DIR] [--no-tls]
+    python benchmarks/bench_net.py [--slices 300] [--size 512] [--repeat 3] [--keep DIR] [--no-tls] [--quick]
 
 (a) DCMTK ``storescu`` → ``storescp`` (both with TCP_NODELAY=1), (b) ``python -m pynetdicom storescu`` →
 ``storescp``, (c) ``kaapcli send`` → ``kaapcli receive``, (d) 4 concurrent ``kaapcli send`` (one series
@@ -10,11 +10,11 @@ for the run: a CA, a server and a client certificate, RSA 2048): (e) DCMTK ``sto
 (f) ``kaapcli send --tls`` → ``kaapcli receive --tls``. Each time is from starting the sender(s) to their exit, the
 receiver already listening; every run checks that all files arrived. Prints times, the CPU seconds the senders and
 the receiver used for the transfer (receiver start-up excluded; Linux /proc), and ratios of the median times.
+Figures: one JSON object per line on stdout (benchmarks/report.py reads them); text on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import compile_kaapcli
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compile_kaapcli, figure, quick_parser, say  # noqa: E402
 
 KAAPCLI = [sys.executable, "-m", "kaapcli"]
 
@@ -94,8 +95,8 @@ def run(name: str, receiver: list[str], senders: list[list[str]], port: int, out
         rx.terminate()
         rx.wait(30)
     got = count(out)
-    print(f"{name:<44} {seconds:7.2f} s  {got}/{expected} files  cpu: senders {tx_cpu:5.2f} s, "
-          f"receiver {rx_cpu:5.2f} s", flush=True)
+    say(f"{name:<44} {seconds:7.2f} s  {got}/{expected} files  cpu: senders {tx_cpu:5.2f} s, "
+          f"receiver {rx_cpu:5.2f} s")
     shutil.rmtree(out, ignore_errors=True)
     if got != expected:
         raise FilesLost(f"{name}: {expected - got} files lost")
@@ -124,13 +125,15 @@ def make_certificates(root: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each case (ratios use the medians)")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS cases (e) and (f)")
     args = parser.parse_args()
+    if args.quick:
+        args.slices, args.size, args.repeat = 40, 256, 1
     compile_kaapcli()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_net_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,7 @@ def main() -> None:
                         "--seed", "4", "-q"], check=True, stdout=subprocess.DEVNULL)
     n = args.slices
     mb = sum(p.stat().st_size for p in data.rglob("*.dcm")) / 1e6
-    print(f"{n} slices {args.size}x{args.size}, {mb:.0f} MB, loopback\n")
+    say(f"{n} slices {args.size}x{args.size}, {mb:.0f} MB, loopback\n")
     times: dict[str, list[float]] = {"dcmtk": [], "pynetdicom": [], "kaapcli": [], "kaapcli4": []}
     pem = {} if args.no_tls else make_certificates(work / "pki")
     if pem:
@@ -165,7 +168,7 @@ def main() -> None:
                     [[sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port), str(data), "-r", "-cx",
                       "-q"]], port, work / "b", n))
             except FilesLost as lost:
-                print(f"{lost}: this run is not counted", flush=True)
+                say(f"{lost}: this run is not counted")
             port = free_port()
             times["kaapcli"].append(run(
                 "(c) kaapcli send -> kaapcli receive",
@@ -203,15 +206,16 @@ def main() -> None:
             for sub in "abcdef":
                 shutil.rmtree(work / sub, ignore_errors=True)
     median = {case: statistics.median(values) if values else float("nan") for case, values in times.items()}
-    print()
+    say("")
     if args.repeat > 1:
-        print("medians: " + ", ".join(f"{case} {value:.2f} s" for case, value in median.items()))
-    print(f"kaapcli / DCMTK time:       {median['kaapcli'] / median['dcmtk']:.2f}x  (target <= 1.0)")
-    print(f"pynetdicom apps / kaapcli:  {median['pynetdicom'] / median['kaapcli']:.2f}x faster  (target >= 3)")
+        say("medians: " + ", ".join(f"{case} {value:.2f} s" for case, value in median.items()))
+    figure("net", "send -> receive: kaapcli / DCMTK time", median["kaapcli"] / median["dcmtk"], "<= 1.0")
+    figure("net", "send -> receive: pynetdicom apps / kaapcli time", median["pynetdicom"] / median["kaapcli"], ">= 3")
     if pem:
-        print(f"kaapcli / DCMTK over TLS:   {median['kaapcli_tls'] / median['dcmtk_tls']:.2f}x  (target <= 1.0)")
+        figure("net", "send -> receive over TLS: kaapcli / DCMTK time", median["kaapcli_tls"] / median["dcmtk_tls"],
+               "<= 1.0")
     files4 = 4 * (n // 4)
-    print(f"receiver, 4 senders:        {mb / median['kaapcli4']:.0f} MB/s, {files4 / median['kaapcli4']:.0f} files/s")
+    say(f"receiver, 4 senders:        {mb / median['kaapcli4']:.0f} MB/s, {files4 / median['kaapcli4']:.0f} files/s")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Starts its own redis-server (Debian's, no persistence) on 127.0.0.1 and a free p
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -31,7 +30,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import compile_kaapcli
+from common import compile_kaapcli, figure, quick_parser, say
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -145,17 +144,19 @@ def fmt(times: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200, help="trivial runs for the overhead (a)")
     parser.add_argument("--cpu-jobs", type=int, default=16, help="CPU-bound runs for the scale-out (b)")
     parser.add_argument("--cpu-seconds", type=float, default=0.4, help="CPU seconds of one CPU-bound run")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.cpu_jobs, args.repeat = 40, 4, 1
     if shutil.which("redis-server") is None:
         raise SystemExit("needs redis-server (apt-get install redis-server)")
     compile_kaapcli()
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f} at start")
+    say(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="kaapcli-bench-queue-") as tmp:
         root = Path(tmp)
         redis, url = start_redis(root)
@@ -170,12 +171,13 @@ def main() -> None:
                 queue_t.append(total)
                 submit_t.append(submitted)
             lo, qu, su = (statistics.median(x) for x in (local_t, queue_t, submit_t))
-            print(f"(a) {args.jobs} trivial runs, median of {args.repeat}:")
-            print(f"    local runner      {lo:7.2f} s  {lo / args.jobs * 1000:6.1f} ms/job")
-            print(f"    queue, 1 worker   {qu:7.2f} s  {qu / args.jobs * 1000:6.1f} ms/job "
+            say(f"(a) {args.jobs} trivial runs, median of {args.repeat}:")
+            say(f"    local runner      {lo:7.2f} s  {lo / args.jobs * 1000:6.1f} ms/job")
+            say(f"    queue, 1 worker   {qu:7.2f} s  {qu / args.jobs * 1000:6.1f} ms/job "
                   f"(submitting: {su / args.jobs * 1000:.1f} ms/job)")
-            print(f"    ratio queue/local {qu / lo:7.2f}    overhead {(qu - lo) / args.jobs * 1000:.1f} ms/job "
+            say(f"    ratio queue/local {qu / lo:7.2f}    overhead {(qu - lo) / args.jobs * 1000:.1f} ms/job "
                   f"(target < 20 ms)")
+            figure("queue", "queue overhead over the local runner, ms per job", (qu - lo) / args.jobs * 1000, "<= 20")
 
             cpu = calibrate(args.cpu_seconds)
             one_t, two_t, local1, local2 = [], [], [], []
@@ -191,14 +193,17 @@ def main() -> None:
             t1, t2 = statistics.median(one_t), statistics.median(two_t)
             pairs = statistics.median(a / b for a, b in zip(one_t, two_t, strict=True))
             ceiling = statistics.median(a / b for a, b in zip(local1, local2, strict=True))
-            print(f"(b) {args.cpu_jobs} CPU-bound runs of ~{args.cpu_seconds:g} s, median of {args.repeat}:")
-            print(f"    1 worker          {t1:7.2f} s  {args.cpu_jobs / t1:5.2f} runs/s   (runs: {fmt(one_t)})")
-            print(f"    2 workers         {t2:7.2f} s  {args.cpu_jobs / t2:5.2f} runs/s   (runs: {fmt(two_t)})")
-            print(f"    throughput 2 vs 1 {pairs:7.2f}x   (median of the {args.repeat} side-by-side pairs; of the "
+            say(f"(b) {args.cpu_jobs} CPU-bound runs of ~{args.cpu_seconds:g} s, median of {args.repeat}:")
+            say(f"    1 worker          {t1:7.2f} s  {args.cpu_jobs / t1:5.2f} runs/s   (runs: {fmt(one_t)})")
+            say(f"    2 workers         {t2:7.2f} s  {args.cpu_jobs / t2:5.2f} runs/s   (runs: {fmt(two_t)})")
+            say(f"    throughput 2 vs 1 {pairs:7.2f}x   (median of the {args.repeat} side-by-side pairs; of the "
                   f"medians: {t1 / t2:.2f}x; target >= 1.8x; load average now {os.getloadavg()[0]:.1f} on "
                   f"{cores} cores)")
-            print(f"    the machine's own ceiling, local runner 2 at once vs 1: {ceiling:.2f}x "
+            say(f"    the machine's own ceiling, local runner 2 at once vs 1: {ceiling:.2f}x "
                   f"(runs: {fmt(local1)} vs {fmt(local2)})")
+            figure("queue", "2 workers vs 1: throughput on CPU-bound runs", pairs, ">= 1.8",
+                   note=f"the machine's own 2-at-once ceiling in the same run {ceiling:.2f}x, load "
+                        f"{os.getloadavg()[0]:.1f} on {cores} cores")
         finally:
             if one is not None:
                 stop(one)

@@ -20,7 +20,6 @@ from the wheel); the scripts byte-compile kaapcli first, as pip does on install.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -30,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import compile_kaapcli
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compile_kaapcli, figure, quick_parser, say  # noqa: E402
 
 DCMTK = Path("/usr/bin")  # pynetdicom's scripts shadow some DCMTK names on PATH: be explicit
 
@@ -48,10 +48,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--kaapcli", default=str(Path(sys.executable).with_name("kaapcli")))
     args = parser.parse_args()
+    if args.quick:
+        args.repeat = 3
     kaapcli = args.kaapcli
     python = str(Path(kaapcli).with_name("python"))
     if not (DCMTK / "storescu").exists() or not (DCMTK / "dcm2json").exists():
@@ -91,14 +93,16 @@ def main() -> int:
         shutil.rmtree(work / "m2", ignore_errors=True)
 
     anchor = statistics.median(wall for wall, _ in times["storescu --version (DCMTK)"])
-    print(f"start-up, {args.repeat} runs each (interleaved), kaapcli = {kaapcli}, load average "
+    say(f"start-up, {args.repeat} runs each (interleaved), kaapcli = {kaapcli}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'case':42} {'wall median':>12} {'fastest':>9} {'CPU median':>11} {'wall / storescu':>16}")
+    say(f"{'case':42} {'wall median':>12} {'fastest':>9} {'CPU median':>11} {'wall / storescu':>16}")
     for name, values in times.items():
         wall = statistics.median(w for w, _ in values)
         fastest = min(w for w, _ in values)
         cpu = statistics.median(c for _, c in values)
-        print(f"{name:42} {wall * 1000:9.1f} ms {fastest * 1000:6.1f} ms {cpu * 1000:8.1f} ms {wall / anchor:15.1f}x")
+        say(f"{name:42} {wall * 1000:9.1f} ms {fastest * 1000:6.1f} ms {cpu * 1000:8.1f} ms {wall / anchor:15.1f}x")
+        if name.startswith("kaapcli") or name.startswith("first work: kaapcli"):
+            figure("startup", f"{name}: median ms", wall * 1000)
     return 0
 
 

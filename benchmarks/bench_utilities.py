@@ -17,7 +17,6 @@ kaapcli / anchor (< 1 = kaapcli faster).
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import subprocess
@@ -27,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import figure, quick_parser, say  # noqa: E402
+
 OUT = HERE / "out" / "utilities"
 KAAPCLI = [sys.executable, "-m", "kaapcli"]
 
@@ -69,16 +71,19 @@ def make_pdfs(root: Path, n: int) -> list[Path]:
 
 
 def report(name: str, ours: float, anchor: float, anchor_name: str) -> None:
-    print(f"{name:<18} kaapcli {ours:7.2f} s   {anchor_name:<28} {anchor:7.2f} s   ratio {ours / anchor:5.2f}")
+    say(f"{name:<18} kaapcli {ours:7.2f} s   {anchor_name:<28} {anchor:7.2f} s   ratio {ours / anchor:5.2f}")
+    figure("utilities", f"{name}: kaapcli / {anchor_name} time", ours / anchor)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--pdfs", type=int, default=100)
     parser.add_argument("--binary-mb", type=int, default=1000)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.quick:
+        args.pdfs, args.binary_mb, args.slices, args.repeat = 10, 50, 30, 1
     work = OUT / "work"
 
     # pdf2dcm vs DCMTK pdf2dcm

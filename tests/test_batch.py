@@ -147,6 +147,25 @@ def test_failed_items_do_not_stop_the_batch_and_set_exit_codes(tree: Path, tmp_p
     assert only_bad.exit_code == ExitCode.DATAERR
 
 
+def test_a_streamed_run_keeps_counts_not_results(tree: Path, tmp_path: Path) -> None:
+    """What the CLI runs: every result goes to the callback, the summary only counts (a million-file run keeps no
+    record per item), with the same counts, bytes and exit code as a run that keeps them."""
+    dicomish(tree / "bad.dcm")
+    seen: list[str] = []
+    kept = run_batch(CopyOp(), fsio.iter_inputs([str(tree)]), tmp_path / "kept", BatchOptions(workers=2))
+    streamed = run_batch(CopyOp(), fsio.iter_inputs([str(tree)]), tmp_path / "streamed", BatchOptions(workers=2),
+                         on_result=lambda r: seen.append(r.status), keep_results=False)
+    assert streamed.results == [] and len(seen) == len(kept.results) == 32
+    for summary in (kept, streamed):
+        assert (summary.count("ok"), summary.count("failed"), summary.count("skipped", "not-input")) == (30, 1, 1)
+        assert summary.exit_code == ExitCode.ITEMS_FAILED
+    assert streamed.nbytes == kept.nbytes and streamed.nfiles == kept.nfiles == 31
+    assert streamed.line().replace(f"{streamed.seconds:.1f} s", "") == kept.line().replace(f"{kept.seconds:.1f} s", "")
+    again = run_batch(CopyOp(), fsio.iter_inputs([str(tree)]), tmp_path / "streamed", BatchOptions(workers=2),
+                      keep_results=False)
+    assert again.count("skipped", "up-to-date") == 30 and again.exit_code == ExitCode.ITEMS_FAILED
+
+
 def test_grouped_items_and_shards_keep_groups_together(tmp_path: Path) -> None:
     files = [dicomish(tmp_path / "in" / f"{c}{i}.dcm") for c in "abcde" for i in range(3)]
     keys: list[str] = []

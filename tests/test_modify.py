@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -334,6 +335,41 @@ def test_rerun_is_up_to_date_and_dry_run_writes_nothing(mock_ct: Path, tmp_path:
     changed = kaapcli("modify", mock_ct, "-o", tmp_path, "-i", "PatientID=2")
     assert "up to date" not in changed.stderr
     assert {read(p).PatientID for p in dicom_files(tmp_path)} == {"2"}
+
+
+@pytest.mark.parametrize("command", [["modify", "-i", "PatientID=1"], ["sort"]])
+def test_rerun_typed_differently_is_up_to_date(command: list[str], mock_ct: Path, tmp_path: Path) -> None:
+    """The manifest keys inputs by absolute path: relative instead of absolute, from another working directory,
+    a re-run still finds every output up to date (it once rebuilt everything)."""
+    out = tmp_path / "out"
+    first = kaapcli(command[0], mock_ct, "-o", out, *command[1:])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = kaapcli(command[0], os.path.relpath(mock_ct, elsewhere), "-o", "../out", *command[1:], cwd=elsewhere)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert "16 up to date" in again.stderr
+    assert sorted(Path(elsewhere, p).resolve() for p in again.stdout.split()) == \
+        sorted(Path(p).resolve() for p in first.stdout.split())
+
+
+def test_header_edit_copies_pixel_data_as_read(mock_ct: Path, tmp_path: Path) -> None:
+    """Only the header is re-encoded: the output ends with the input's Pixel Data element, byte for byte, and
+    edits that reach Pixel Data or what follows it still apply (the whole file is then read and written)."""
+    src = first_slice(mock_ct)
+    proc = kaapcli("modify", src, "-o", tmp_path / "a", "-m", "PatientName=Header^Only", "-e", "InstitutionName")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "a" / src.name
+    pixel_bytes = len(read(src).PixelData) + 12  # the element: tag, VR, reserved, length, value
+    assert out.read_bytes()[-pixel_bytes:] == src.read_bytes()[-pixel_bytes:]
+    assert read(out).PatientName == "Header^Only" and "InstitutionName" not in read(out)
+    assert read(out).file_meta.MediaStorageSOPInstanceUID == read(src).SOPInstanceUID
+    assert dciodvfy_errors(out) == []
+    erased = kaapcli("modify", src, "-o", tmp_path / "b", "-e", "PixelData")
+    assert erased.returncode == 0 and "PixelData" not in read(tmp_path / "b" / src.name)
+    after = kaapcli("modify", src, "-o", tmp_path / "c", "-i", "(7FE1,0010)=KAAPCLI TEST")
+    assert after.returncode == 0, after.stderr
+    written = read(tmp_path / "c" / src.name)
+    assert written[0x7FE10010].value == "KAAPCLI TEST" and written.PixelData == read(src).PixelData
 
 
 def test_single_files_and_stdin(mock_ct: Path, tmp_path: Path) -> None:

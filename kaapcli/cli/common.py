@@ -297,7 +297,7 @@ def execute(op: Operator, files: Iterable[Any], out: Path | None, run: RunOption
             sink.result(result)
 
         summary = batch.run_batch(op, files, out, run.batch(), items=items,
-                                  on_total=reporter.total, on_result=on_result)
+                                  on_total=reporter.total, on_result=on_result, keep_results=False)
     if summary.interrupted:
         done = summary.count("ok") + summary.count("failed")
         rolled = f"; {summary.rolled_back} in flight were not written" if summary.rolled_back else ""

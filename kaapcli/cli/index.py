@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -166,10 +167,13 @@ def index_cmd(
         raise UsageError(f"--source {source}: no [pacs.{source}] profile in the configuration",
                          hint="--source names a configured PACS, so a retrieve never connects to a host from data")
     start = time.perf_counter()
-    files = fsio.collect_inputs(inputs)
+    fsio.check_named(inputs)
+    files = fsio.iter_files(inputs)  # streamed: neither the paths nor the documents pile up in memory
     stats = WriteStats()
     failed = skipped = ndocs = 0
     ix = None if dry_run else _open(ctx, index, project, create=True)
+    if isinstance(getattr(ix, "path", None), Path):  # the index file (and its journals) may lie among the inputs
+        files = _without_index_files(files, ix.path)  # type: ignore[union-attr]
     pending: list[Stored] = []
     pending_files: list[SeriesFiles] = []
 
@@ -183,7 +187,6 @@ def index_cmd(
 
     with Reporter("index", quiet) as reporter:
         sink = Sink(format, reporter)
-        reporter.total(len(files))
         try:
             extra = {SOURCE_KEY: source} if source else None
             for item in read_sources(files, workers or default_workers(), extra):
@@ -223,6 +226,18 @@ def index_cmd(
         reporter.info(f"{ndocs} documents ({what}){not_inputs}, {seconds:.1f} s, {failed} failed")
     if failed:
         raise typer.Exit(65 if ndocs == 0 else 1)
+
+
+def _without_index_files(files: Iterator[Path], db: Path) -> Iterator[Path]:
+    """The input files less the SQLite index being written (made before the walk reaches its directory)."""
+    import os
+
+    real = os.path.realpath(db)
+    names = {real + suffix for suffix in ("", "-wal", "-shm", "-journal")}
+    for path in files:
+        if path.name.startswith(db.name) and os.path.realpath(path) in names:
+            continue
+        yield path
 
 
 def unindex(

@@ -269,7 +269,7 @@ def send(
         sink = Sink(fmt, reporter)
 
         def on_result(result: ItemResult) -> None:
-            summary.results.append(result)
+            summary.add(result)
             reporter.advance()
             if result.status == "failed" and result.reason == dimse.ASSOCIATION_LOST:
                 cause = result.message.split(": not stored: ", 1)[-1]
@@ -286,7 +286,7 @@ def send(
         instances = []
         for path in files:
             if not fsio.is_dicom(path):
-                summary.results.append(ItemResult(str(path), "skipped", reason="not-input", message="not DICOM"))
+                summary.add(ItemResult(str(path), "skipped", reason="not-input", message="not DICOM"))
                 continue
             try:
                 inst = dimse.scan(path)
@@ -301,7 +301,7 @@ def send(
                                      message="already acknowledged (ledger)"))
                 continue
             instances.append(inst)
-        reporter.total(len(summary.results) + len(instances))
+        reporter.total(summary.reported + len(instances))
 
         def acknowledged(inst: Any, status: str) -> None:
             if ledger is not None:
@@ -347,7 +347,7 @@ def _verify(summary: Any, target: Any, calling: str, timeouts: Any, reporter: Re
     for result in sent:
         reason = missing.get(Path(result.input))
         if reason:
-            result.status, result.message, result.code = "failed", reason, ExitCode.ITEMS_FAILED
+            summary.mark_failed(result, reason, int(ExitCode.ITEMS_FAILED))
             reporter.error(reason)
     if not missing:
         reporter.info(f"verified: {target} lists all {len(sent)} instances")

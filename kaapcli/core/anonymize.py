@@ -40,22 +40,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import hashlib
 import hmac
 import os
 import re
 import sqlite3
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from kaapcli.core import dicom, fsio
 from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
+from kaapcli.core.dicom import read_header, write_spliced
 from kaapcli.exitcodes import CantCreateError, DataError, UsageError
 
 OPTION_COLUMNS = ("retain_safe_private", "retain_uids", "retain_device", "retain_institution",
@@ -806,98 +805,6 @@ def record_map(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
         con = _MAP_CONNECTIONS[key] = sqlite3.connect(path, timeout=60)
     with con:
         con.executemany("INSERT OR IGNORE INTO pseudonyms VALUES (?, ?, ?)", list(rows))
-
-
-# --------------------------------------------------------------------------- pixel data, byte for byte
-
-def read_header(path: Path) -> tuple[Any, tuple[int, int] | None]:
-    """The dataset up to Pixel Data, and the byte range of the Pixel Data element when it can be copied
-    verbatim (it is the last element, in the encoding the file meta declares).  Otherwise the full dataset
-    and None: the writer then re-encodes everything (pixel values are still never decoded)."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    with open(path, "rb") as fp:
-        ds = dicom.read(fp, stop_before_pixels=True)
-        start = fp.tell()
-        size = fp.seek(0, 2)
-        meta = getattr(ds, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        implicit, little = getattr(ds, "original_encoding", (None, None))
-        declared = (syntax.is_implicit_VR, syntax.is_little_endian) if syntax and syntax.is_transfer_syntax else None
-        if syntax == DeflatedExplicitVRLittleEndian or declared != (implicit, little):
-            return dicom.read(path), None  # positions in a deflated stream, or a mislabelled encoding: no splicing
-        if start >= size:
-            return ds, (size, size)  # no pixel data at all
-        end = pixel_element_end(fp, start, bool(implicit), bool(little))
-    if end is not None and end > size:
-        raise DataError(f"truncated file: PixelData ends at byte {end}, the file has {size}")
-    if end == size:
-        return ds, (start, end)
-    return dicom.read(path), None  # something follows Pixel Data (padding, signatures): full re-encode
-
-
-def pixel_element_end(fp: IO[bytes], start: int, implicit: bool, little: bool) -> int | None:
-    """Where the (7FE0,0010) element starting at ``start`` ends (None: not Pixel Data, or not walkable)."""
-    order = "<" if little else ">"
-    fp.seek(start)
-    head = fp.read(12)
-    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
-        return None
-    if implicit:
-        length, pos = struct.unpack(order + "L", head[4:8])[0], start + 8
-    else:
-        if head[4:6] not in (b"OB", b"OW") or len(head) < 12:
-            return None
-        length, pos = struct.unpack(order + "L", head[8:12])[0], start + 12
-    if length != 0xFFFFFFFF:
-        return pos + length
-    while True:  # encapsulated: items until the sequence delimiter (always little endian)
-        fp.seek(pos)
-        item = fp.read(8)
-        if len(item) < 8:
-            return None
-        group, element, item_length = struct.unpack("<HHL", item)
-        pos += 8
-        if (group, element) == (0xFFFE, 0xE0DD):
-            return pos
-        if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
-            return None
-        pos += item_length
-
-
-def write_spliced(ds: Any, meta: tuple[str, str, str], source: Path, pixels: tuple[int, int], dest: Path) -> int:
-    """Write the file meta (class, instance UID, syntax), the de-identified header, then the source's Pixel Data
-    element copied byte for byte."""
-    implicit, little = ds.original_encoding
-    header = dicom.encode_file_meta(*meta) + dicom.encode_dataset(ds, implicit, little)
-    start, end = pixels
-    with open(source, "rb") as src, fsio.atomic_write(dest) as out:
-        out.write(header)
-        out.flush()  # the pixel bytes go to the descriptor directly, after the header
-        copy_range(src, out, start, end - start)
-    return len(header) + end - start
-
-
-def copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``: in the kernel (sendfile, about half the
-    CPU of reading and writing them) where the platform allows it, else through a buffer."""
-    while count > 0:
-        try:
-            sent = os.sendfile(dst.fileno(), src.fileno(), offset, count)
-        except (AttributeError, OSError) as exc:  # no sendfile, or not between these files
-            if isinstance(exc, OSError) and exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK,
-                                                              errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            break
-        if sent == 0:
-            raise DataError(f"the file shrank while it was read ({count} bytes of Pixel Data missing)")
-        offset, count = offset + sent, count - sent
-    if count > 0:
-        src.seek(offset)
-        data = src.read(count)
-        if len(data) < count:
-            raise DataError(f"the file shrank while it was read ({count - len(data)} bytes of Pixel Data missing)")
-        dst.write(data)
 
 
 # --------------------------------------------------------------------------- the operator

@@ -64,11 +64,14 @@ class Item:
     """One unit of work: a stable key (used for sharding and the manifest) and its input files.
 
     ``root`` is the directory INPUT the file was found in (None when the file was named itself).
+    ``notes``: per path, what the operator's ``scan`` learnt of it while planning (empty: nothing), so
+    ``process`` need not read it again.
     """
 
     key: str
     paths: tuple[Path, ...]
     root: Path | None = None
+    notes: tuple[Any, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str:
@@ -148,6 +151,7 @@ class BaseOperator:
     grouped = False  # True: group_key() is called per file and items are groups
     input_kind = "DICOM input"  # for "no DICOM input found in ..."
     collision_hint = "two inputs are the same instance (or the name misses a field that tells them apart)"
+    outputs_follow_root = False  # True: an output's path depends on the INPUT directory a file was found in
 
     def options(self) -> dict[str, Any]:
         return {}
@@ -157,6 +161,10 @@ class BaseOperator:
 
     def group_key(self, path: Path) -> str | None:
         return None
+
+    def scan(self, path: Path) -> tuple[str | None, Any]:
+        """The item key of a file and a note for ``process`` (``Item.notes``): by default no note."""
+        return self.group_key(path), None
 
     def process(self, item: Item, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -173,27 +181,53 @@ class BatchOptions:
 
 @dataclass
 class BatchSummary:
+    """What a run did, as counts: memory does not grow with the number of items (a million-file run keeps no
+    per-item record).  ``results`` holds every :class:`ItemResult` only when the run was asked to keep them
+    (``run_batch(keep_results=True)``, the default of the library; the CLI streams results instead)."""
+
     results: list[ItemResult] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
     rolled_back: int = 0  # items in flight when workers ended early (a hard stop, signalled workers): not written
     other_shard: int = 0
     no_input: bool = False  # no input of the operator at all (nothing accepted, nothing failed)
+    keep_results: bool = True
+    reported: int = 0  # results added
+    total_bytes: int = 0
+    total_files: int = 0  # files of items that were inputs (not the non-inputs skipped)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, reason) -> items (files if skipped)
+    failed_codes: set[int] = field(default_factory=set)
+
+    def add(self, result: ItemResult) -> None:
+        self.reported += 1
+        self.total_bytes += result.nbytes
+        if result.reason not in ("not-input", "not-regular"):
+            self.total_files += result.nfiles
+        key = (result.status, result.reason)
+        self.counts[key] = self.counts.get(key, 0) + (result.nfiles if result.status == "skipped" else 1)
+        if result.status == "failed":
+            self.failed_codes.add(result.code)
+        if self.keep_results:
+            self.results.append(result)
+
+    def mark_failed(self, result: ItemResult, message: str, code: int) -> None:
+        """Turn an added result into a failure found later (``send --verify``), keeping the counts right."""
+        key = (result.status, result.reason)
+        self.counts[key] -= result.nfiles if result.status == "skipped" else 1
+        result.status, result.message, result.code, result.reason = "failed", message, code, ""
+        self.counts[("failed", "")] = self.counts.get(("failed", ""), 0) + 1
+        self.failed_codes.add(code)
 
     def count(self, status: Status, reason: str | None = None) -> int:
-        return sum(
-            r.nfiles if status == "skipped" else 1
-            for r in self.results
-            if r.status == status and (reason is None or r.reason == reason)
-        )
+        return sum(n for (s, r), n in self.counts.items() if s == status and (reason is None or r == reason))
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.results)
+        return self.total_bytes
 
     @property
     def nfiles(self) -> int:
-        return sum(r.nfiles for r in self.results if r.reason not in ("not-input", "not-regular"))
+        return self.total_files
 
     @property
     def exit_code(self) -> ExitCode:
@@ -203,11 +237,10 @@ class BatchSummary:
         """
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        failed = [r for r in self.results if r.status == "failed"]
-        if not failed:
+        if not self.count("failed"):
             return ExitCode.NOINPUT if self.no_input else ExitCode.OK
-        codes = {r.code for r in failed}
-        nothing_ok = not any(r.status == "ok" or r.reason == "up-to-date" for r in self.results)
+        codes = set(self.failed_codes)
+        nothing_ok = not (self.count("ok") or self.count("skipped", "up-to-date"))
         specific = (ExitCode.DATAERR, ExitCode.NOINPUT, ExitCode.UNAVAILABLE, ExitCode.CANTCREAT, ExitCode.TEMPFAIL,
                     ExitCode.CONFIG)
         if nothing_ok and len(codes) == 1 and (code := codes.pop()) in specific:
@@ -259,17 +292,31 @@ def options_fingerprint(op: Operator) -> str:
 
 # --------------------------------------------------------------------------- the manifest
 
-def _digest(key: str) -> str:
-    """Manifests name items by a digest of their key: input paths (which may identify patients) never appear."""
-    return hashlib.blake2b(os.fsencode(key), digest_size=16).hexdigest()
+def _digest(key: str) -> int:
+    """Manifests name items by a digest of their key: input paths (which may identify patients) never appear.
+    In memory it is an int (44 bytes, a hex string takes 81); on disk its 32 hex digits."""
+    return int.from_bytes(hashlib.blake2b(os.fsencode(key), digest_size=16).digest(), "big")
+
+
+def _hex(digest: int) -> str:
+    return f"{digest:032x}"
+
+
+def _pack(fingerprint: str, outputs: Iterable[str]) -> str:
+    return "\0".join((fingerprint, *outputs))  # NUL is in no path
+
+
+def _unpack(value: str) -> tuple[str, list[str]]:
+    fingerprint, *outputs = value.split("\0")
+    return fingerprint, outputs
 
 
 class Manifest:
     """Remembers, per output directory, operator and shard, which outputs each item produced and with which options.
 
     It lives in the output directory's state directory (:func:`kaapcli.core.fsio.state_dir`), never inside the
-    output tree: ``<op>-<i>of<n>.json`` (a snapshot) plus ``<op>-<i>of<n>.journal`` (one JSON line per item as
-    it finishes, so a crashed run's work is not lost).  Items are named by a digest of their key, outputs by
+    output tree: ``<op>-<i>of<n>.json`` (a snapshot, JSON lines) plus ``<op>-<i>of<n>.journal`` (one JSON line
+    per item as it finishes, so a crashed run's work is not lost).  Items are named by a digest of their key, outputs by
     their path below OUT.  Each shard writes only its own files, so machines sharing an output directory
     never overwrite each other; all of them are read back.
     """
@@ -283,8 +330,10 @@ class Manifest:
         self.stem = f"{op_name}-{tag}"
         self.snapshot = self.dir / f"{self.stem}.json"
         self.journal_path = self.dir / f"{self.stem}.journal"
-        self.entries: dict[str, tuple[str, tuple[str, ...]]] = {}  # digest -> (fingerprint, outputs below OUT)
-        self.own: dict[str, tuple[str, tuple[str, ...]]] = {}  # what this shard's files hold
+        # digest (as an int) -> "fingerprint\0output\0output..." (outputs below OUT): one small object per item,
+        # ~250 bytes with its dictionary slots, so a million-item manifest fits in a quarter of a GB
+        self.entries: dict[int, str] = {}
+        self.own = self.entries  # what this shard's files hold: the same dictionary unless other shards' exist
         self._journal: int | None = None
         self._legacy: list[Path] = []
         self._crashed: list[str] = []  # run tokens of this shard's earlier runs that never closed their journal
@@ -299,6 +348,8 @@ class Manifest:
         if self.dir.is_dir():
             names = sorted(p.name for p in self.dir.iterdir() if p.name.startswith(f"{op_name}-"))
             own = [n for n in names if n.startswith(self.stem + ".")]
+            if len(own) < len(names):
+                self.own = {}  # other shards' files: their items are known, but not this shard's to write
             for name in [n for n in names if n not in own] + sorted(own):  # this shard's own view last
                 target = self.own if name in own else None
                 path = self.dir / name
@@ -316,8 +367,9 @@ class Manifest:
                     continue
                 for key, entry in data.items() if isinstance(data, dict) else ():
                     if isinstance(entry, dict) and _digest(key) not in self.entries:
-                        outputs = tuple(self._relative(o) for o in entry.get("outputs", []))
-                        self.entries[_digest(key)] = self.own[_digest(key)] = (str(entry.get("options", "")), outputs)
+                        outputs = [self._relative(o) for o in entry.get("outputs", [])]
+                        self.entries[_digest(key)] = self.own[_digest(key)] = _pack(str(entry.get("options", "")),
+                                                                                    outputs)
 
     def _start(self) -> None:
         """Open this shard's journal with the run's token first; when an earlier run of this shard died without
@@ -335,30 +387,43 @@ class Manifest:
             fsio.remove_temps_of(self.out, self._crashed)
         os.write(self._journal, (fsio.dumps({"run": fsio.RUN_TOKEN}) + "\n").encode())
 
-    def _read_snapshot(self, path: Path, own: dict[str, tuple[str, tuple[str, ...]]] | None) -> None:
-        try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            return  # a damaged manifest only costs a rebuild
-        for digest, entry in (data.get("items", {}) if isinstance(data, dict) else {}).items():
-            self._put(digest, entry, own)
+    def _read_snapshot(self, path: Path, own: dict[int, str] | None) -> None:
+        """A snapshot is JSON lines, one item a line (version 3), read line by line: a million-item manifest is
+        never one JSON document in memory.  Version 2 was one line ``{"version": 2, "items": {...}}``."""
+        self._read_lines(path, own, journal=False)
 
-    def _read_journal(self, path: Path, own: dict[str, tuple[str, tuple[str, ...]]] | None) -> None:
+    def _read_journal(self, path: Path, own: dict[int, str] | None) -> None:
+        self._read_lines(path, own, journal=True)
+
+    def _read_lines(self, path: Path, own: dict[int, str] | None, journal: bool) -> None:
         try:
-            lines = path.read_bytes().splitlines()
+            fh = open(path, "rb")
         except OSError:
-            return
-        for line in lines:
+            return  # a damaged or unreadable manifest only costs a rebuild
+        with fh:
             try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if isinstance(record, dict) and isinstance(record.get("k"), str):
-                self._put(record["k"], record, own)
-            elif own is not None and isinstance(record, dict) and isinstance(record.get("run"), str):
-                self._crashed.append(record["run"])
+                for line in fh:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut by a crash
+                    if not isinstance(record, dict):
+                        continue
+                    if isinstance(record.get("k"), str):
+                        self._put(record["k"], record, own)
+                    elif journal and own is not None and isinstance(record.get("run"), str):
+                        self._crashed.append(record["run"])
+                    elif not journal and isinstance(record.get("items"), dict):
+                        for digest, entry in record["items"].items():
+                            self._put(digest, entry, own)
+            except OSError:
+                return
 
-    def _put(self, digest: str, entry: Any, own: dict[str, tuple[str, tuple[str, ...]]] | None) -> None:
+    def _put(self, hexdigest: str, entry: Any, own: dict[int, str] | None) -> None:
+        try:
+            digest = int(hexdigest, 16)
+        except ValueError:
+            return
         if not isinstance(entry, dict):
             return
         if entry.get("o") is None:  # a tombstone: the item's outputs are no longer its own
@@ -366,7 +431,8 @@ class Manifest:
             if own is not None:
                 own.pop(digest, None)
             return
-        value = (str(entry.get("o")), tuple(str(p) for p in entry.get("out", [])))
+        outputs = entry.get("out", [])
+        value = _pack(str(entry.get("o")), [str(p) for p in outputs] if isinstance(outputs, list) else [])
         self.entries[digest] = value
         if own is not None:
             own[digest] = value
@@ -377,14 +443,18 @@ class Manifest:
         rel = os.path.relpath(output, self.out)
         return output if rel.startswith("..") else rel
 
-    def outputs_of(self, entry: tuple[str, tuple[str, ...]]) -> list[str]:
-        return [str(self.out / rel) if not os.path.isabs(rel) else rel for rel in entry[1]]
+    def outputs_of(self, relative: Iterable[str]) -> list[str]:
+        base = "" if str(self.out) == "." else self._prefix  # as Path(".") / rel reads
+        return [base + rel if not os.path.isabs(rel) else rel for rel in relative]
 
     def up_to_date(self, item: Item, fingerprint: str) -> list[str] | None:
         entry = self.entries.get(_digest(item.key))
-        if not entry or entry[0] != fingerprint or not entry[1]:
+        if not entry:
             return None
-        outputs = self.outputs_of(entry)
+        made_with, relative = _unpack(entry)
+        if made_with != fingerprint or not relative:
+            return None
+        outputs = self.outputs_of(relative)
         try:
             newest_input = max((p.stat().st_mtime for p in item.paths), default=0.0)
             oldest_output = min(os.stat(o).st_mtime for o in outputs)
@@ -396,16 +466,16 @@ class Manifest:
         if self.read_only:
             return
         digest = _digest(key)
-        value = (fingerprint, tuple(self._relative(o) for o in outputs))
-        self.entries[digest] = self.own[digest] = value
-        self._append({"k": digest, "o": fingerprint, "out": list(value[1])})
+        relative = [self._relative(o) for o in outputs]
+        self.entries[digest] = self.own[digest] = _pack(fingerprint, relative)
+        self._append({"k": _hex(digest), "o": fingerprint, "out": relative})
 
     def forget(self, key: str) -> None:
         if self.read_only:
             return
         digest = _digest(key)
         if self.entries.pop(digest, None) is not None or self.own.pop(digest, None) is not None:
-            self._append({"k": digest, "o": None})
+            self._append({"k": _hex(digest), "o": None})
 
     def _append(self, record: dict[str, Any]) -> None:
         """Journal a record; written out every JOURNAL_SECONDS or JOURNAL_LINES (a crash loses at most that much
@@ -434,8 +504,11 @@ class Manifest:
             return
         self._flush_journal(time.monotonic())  # what the snapshot then holds is also in the journal, should it fail
         if self._changed or self._legacy or self._crashed:
-            items = {d: {"o": o, "out": list(out)} for d, (o, out) in self.own.items()}
-            fsio.write_bytes(self.snapshot, (fsio.dumps({"version": 2, "items": items}) + "\n").encode())
+            with fsio.atomic_write(self.snapshot) as fh:  # streamed: no second copy of the manifest in memory
+                fh.write(b'{"version": 3}\n')
+                for digest, value in self.own.items():
+                    made_with, outputs = _unpack(value)
+                    fh.write((fsio.dumps({"k": _hex(digest), "o": made_with, "out": outputs}) + "\n").encode())
         with contextlib.suppress(OSError):
             self.journal_path.unlink()
         os.close(self._journal)  # after the unlink: the lock is held until the journal is gone
@@ -531,24 +604,27 @@ def _accept(op: Operator, path: Path) -> tuple[bool, str, int]:
             return False, "", 0
 
 
-def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, int]]:
-    """Group keys for a chunk of files (runs in a worker).  Returns (path, key, error or skip reason, code)."""
-    out: list[tuple[Path, str | None, str, int]] = []
+def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None, str, int, Any]]:
+    """Group keys (and the operator's notes) for a chunk of files (runs in a worker).  Returns (path, key,
+    error or skip reason, code, note)."""
+    scan = getattr(op, "scan", None) or (lambda path: (op.group_key(path), None))
+    out: list[tuple[Path, str | None, str, int, Any]] = []
     for path in paths:
         if _stopped():
             break
         accepted, error, code = _accept(op, path)
         if error or not accepted:
-            out.append((path, None, error, code))
+            out.append((path, None, error, code, None))
             continue
         try:
-            out.append((path, op.group_key(path), "", 0))
+            key, note = scan(path)
+            out.append((path, key, "", 0, note))
         except SkipItem as exc:  # recognised, not processed: skipped with its reason (code 0)
-            out.append((path, None, str(exc), 0))
+            out.append((path, None, str(exc), 0, None))
         except KaapcliError as exc:
-            out.append((path, None, exc.message, int(exc.code)))
+            out.append((path, None, exc.message, int(exc.code), None))
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop the scan
-            out.append((path, None, describe_exception(exc), int(ExitCode.DATAERR)))
+            out.append((path, None, describe_exception(exc), int(ExitCode.DATAERR), None))
     return out
 
 
@@ -615,8 +691,10 @@ def _process_chunk(op: Operator, items: list[Item], ctx: Context) -> list[ItemRe
 
 ResultHook = Callable[[ItemResult], None]
 TotalHook = Callable[[int], None]
+SCAN_INLINE_SECONDS = 0.25  # group-key scanning done in the parent before a pool is worth its start (see feed_grouped)
 CHUNK_SECONDS = 0.1  # a chunk's target duration: IPC amortised, interrupts and progress still prompt
 MAX_CHUNK = 64
+CLAIM_NAMES = 4096  # the latest outputs whose writer a collision message can still name
 
 
 def default_workers() -> int:
@@ -663,12 +741,16 @@ class _Runner:
         self.held: list[Item] = []  # planned, not yet submitted
         self.in_flight = 0  # submitted chunks not yet emitted
         self.per_item = 0.0  # measured seconds per item (moving average)
-        self.claims: dict[int, str] = {}  # output path hash -> the input that wrote it in this run
+        # hashes of the output paths written (or found up to date) in this run: one int per output, so memory stays
+        # small for a million files; who claimed the latest ones, for the message when a second input claims one
+        self.claims: set[int] = set()
+        self.claim_names: dict[int, str] = {}
         self.accepted = 0  # items that were inputs of the operator (before sharding)
         self.stop_signal = 0
         self.stopping = False
         self.stop = _stop_flag()  # shared with the workers, which fork after this
         self.lost_workers = False  # workers ended early: results they sent may never have arrived
+        self.cwd = os.getcwd()
 
     # ----------------------------------------------------------------- signals
     @contextlib.contextmanager
@@ -711,12 +793,22 @@ class _Runner:
                 self._ready([ItemResult(str(path), "skipped", message="not an input of this command",
                                         reason="not-input")])
             else:
-                self.plan(Item(str(path), (path,), root))
+                self.plan(Item(self._file_key(path, root), (path,), root))
             self._drain(block=False)
+
+    def _file_key(self, path: Path, root: Path | None) -> str:
+        """The key of a one-file item: its absolute path (the manifest and the shards then agree whatever the
+        working directory, and whether the path was typed relative or absolute), joined to the working directory
+        known once: no system call per file.  An operator whose outputs mirror the tree below the INPUT directory
+        (modify) keys by that directory too: the same file under another INPUT goes elsewhere."""
+        absolute = os.path.normpath(os.path.join(self.cwd, path))
+        if root is not None and getattr(self.op, "outputs_follow_root", False):
+            return os.path.normpath(os.path.join(self.cwd, root)) + "\0" + absolute
+        return absolute
 
     def feed_grouped(self, entries: Iterable[Any]) -> None:
         """Group keys are read in the pool as files arrive; items are formed when the input ends."""
-        groups: dict[str, list[Path]] = {}
+        groups: dict[str, list[tuple[Path, Any]]] = {}
         batch: list[Path] = []
         scans: deque[Any] = deque()
 
@@ -730,23 +822,30 @@ class _Runner:
                     self.shutdown(kill=True)
                     paths += [p for _, lost in scans for p in lost]
                     scans.clear()
-                    found = [(p, None, "a worker process died while reading group keys", int(ExitCode.SOFTWARE))
-                             for p in paths]
-                for path, key, error, code in found:
+                    found = [(p, None, "a worker process died while reading group keys", int(ExitCode.SOFTWARE),
+                              None) for p in paths]
+                for path, key, error, code, note in found:
                     if error and code:
                         self._ready([ItemResult(str(path), "failed", message=f"{path}: {error}", code=code)])
                     elif key is None:
                         self._ready([ItemResult(str(path), "skipped", message=error or "not an input of this command",
                                                 reason="not-input")])
                     else:
-                        groups.setdefault(key, []).append(path)
+                        groups.setdefault(key, []).append((path, note))
                 self._drain(block=False)
                 block = False
 
+        inline = [0.0]  # seconds spent scanning in this process before the pool starts
+
         def submit(final: bool = False) -> None:
             if batch:
-                scans.append((self._submit(_scan_chunk, list(batch), alone=final and self.executor is None
-                                           and len(batch) <= 4), list(batch)))
+                # cheap scans (a fast header reader: ~0.2 ms a file) stay here until they have cost SCAN_INLINE_SECONDS:
+                # one series of a few hundred files never pays for forking workers and shipping its notes twice
+                alone = self.executor is None and (inline[0] < SCAN_INLINE_SECONDS or (final and len(batch) <= 4))
+                started = time.monotonic()
+                scans.append((self._submit(_scan_chunk, list(batch), alone=alone), list(batch)))
+                if alone:
+                    inline[0] += time.monotonic() - started
                 batch.clear()
 
         for entry in entries:
@@ -770,7 +869,10 @@ class _Runner:
             return
         self.accepted += len(groups)
         for key in groups:
-            self.plan(Item(key, tuple(sorted(groups[key]))), counted=True)
+            members = sorted(groups[key], key=lambda member: member[0])
+            notes = tuple(note for _, note in members)
+            self.plan(Item(key, tuple(path for path, _ in members),
+                           notes=notes if any(note is not None for note in notes) else ()), counted=True)
             if self._check_stop():
                 return
 
@@ -899,15 +1001,14 @@ class _Runner:
         if self.manifest is not None and result.status == "ok" and result.outputs and not self.opts.dry_run:
             self.manifest.record(result.key, self.fingerprint, result.outputs)
         result.pending = []
-        self.summary.results.append(result)
+        self.summary.add(result)
         if self.on_result is not None:
             self.on_result(result)
 
     def _commit(self, result: ItemResult) -> None:
         staged = {dest: tmp for tmp, dest in result.pending}
         for output in dict.fromkeys(result.outputs):
-            owner = self.claims.get(_claim_key(output))
-            if owner is None or owner == result.input:
+            if _claim_key(output) not in self.claims:
                 continue
             tmp = staged.get(output)
             if tmp is not None and _same_bytes(tmp, output):
@@ -917,7 +1018,7 @@ class _Runner:
                 continue
             if tmp is None:
                 continue  # placed by the operator itself, which never overwrites (sort)
-            self._reject(result, f"{output} is also the output of {owner}: not overwritten", self.op)
+            self._reject(result, f"{output} is also the output of {self._owner(output)}: not overwritten", self.op)
             return
         for position, (tmp, dest) in enumerate(result.pending):
             try:
@@ -930,7 +1031,22 @@ class _Runner:
                 result.outputs = [d for _, d in result.pending[:position]]
                 return
         for output in result.outputs:
-            self.claims.setdefault(_claim_key(output), result.input)
+            self._claim(output, result.input)
+
+    def _claim(self, output: str, name: str) -> bool:
+        """Claim ``output`` for the input ``name``; False when an earlier input of the run did (each input is in
+        a run once: the input stream drops duplicates)."""
+        key = _claim_key(output)
+        if key in self.claims:
+            return False
+        self.claims.add(key)
+        self.claim_names[key] = name
+        if len(self.claim_names) > CLAIM_NAMES:
+            del self.claim_names[next(iter(self.claim_names))]
+        return True
+
+    def _owner(self, output: str) -> str:
+        return self.claim_names.get(_claim_key(output), "an earlier input of this run")
 
     def _reject(self, result: ItemResult, reason: str, op: Operator) -> None:
         for tmp, _ in result.pending:
@@ -940,13 +1056,12 @@ class _Runner:
         result.message = f"{result.input}: {reason}" + (f" (hint: {hint})" if hint else "")
 
     def _claim_up_to_date(self, result: ItemResult) -> None:
-        for output in result.outputs:
-            owner = self.claims.setdefault(_claim_key(output), result.input)
-            if owner != result.input:
+        for output in dict.fromkeys(result.outputs):
+            if not self._claim(output, result.input):
                 if self.manifest is not None:
                     self.manifest.forget(result.key)
                 result.status, result.code, result.reason = "failed", int(ExitCode.DATAERR), ""
-                result.message = f"{result.input}: its output {output} now holds the output of {owner}"
+                result.message = f"{result.input}: its output {output} now holds the output of {self._owner(output)}"
                 result.outputs = []
                 return
 
@@ -1017,12 +1132,12 @@ class _Runner:
         if not self.stopping:
             self._flush(final=True)
             if self.on_total is not None:
-                self.on_total(len(self.summary.results) + sum(len(s.results or s.items) for s in self.slots))
+                self.on_total(self.summary.reported + sum(len(s.results or s.items) for s in self.slots))
         while self.slots:
             self._drain(block=True)
         if self.stopping:
             return
-        if not had_items and self.accepted == 0 and not any(r.status == "failed" for r in self.summary.results):
+        if not had_items and self.accepted == 0 and not self.summary.count("failed"):
             self.summary.no_input = True
 
 
@@ -1046,9 +1161,11 @@ def run_batch(
     items: Iterable[Item] | None = None,
     on_total: TotalHook | None = None,
     on_result: ResultHook | None = None,
+    keep_results: bool = True,
 ) -> BatchSummary:
     """Run ``op`` over ``files`` (paths, or the entries of :func:`fsio.iter_inputs`, consumed as they come), or
-    over ready-made ``items``, and return the summary."""
+    over ready-made ``items``, and return the summary (with every result in it only when ``keep_results``:
+    a caller that handles each in ``on_result`` keeps memory flat however many items there are)."""
     opts = options or BatchOptions()
     created: list[Path] = []  # directories this run made: removed at the end if it wrote nothing into them
     if out is not None and not opts.dry_run:
@@ -1056,6 +1173,7 @@ def run_batch(
         fsio.ensure_dir(out)  # now: an OUT that cannot be created fails before any input is read
         created += [] if fsio.state_dir(out).exists() else [fsio.state_dir(out)]
     runner = _Runner(op, out, opts, on_total, on_result)
+    runner.summary.keep_results = keep_results
     if isinstance(items, Sequence) and on_total is not None:
         on_total(len(items))
     start = time.perf_counter()

@@ -5,6 +5,8 @@ volume per stack, the stack suffix appended to the name; volumes repeating one g
 diffusion) are one 4-D volume, as dcm2niix writes them (``split``: one file per volume), with
 ``.bval``/``.bvec`` (FSL convention) when the headers carry diffusion weighting.  Every stack is
 loaded and checked before anything is written, so a refused series leaves no partial output.
+Each file is read once: the plan's header parse (``scan``, ``Item.notes``) gives where its pixels are,
+and ``--to nii`` reads them into the mapped temporary output file itself (``volume.MappedNifti``).
 
 Non-image objects met among the files (SEG, RTSTRUCT, SR, PDF, RT Plan, waveforms...) are
 skipped with their SOP class as the reason; they never fail the batch.
@@ -15,6 +17,7 @@ Never: writes a tiled mosaic as an image, or a sidecar field the header does not
 from __future__ import annotations
 
 import warnings
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +67,7 @@ def _not_an_image(ds: Any) -> str:
 
 def json_value(value: Any) -> Any:
     """A pydicom element value as plain JSON (numbers stay numbers, multi-values become lists)."""
-    from pydicom.multival import MultiValue
-
-    if isinstance(value, MultiValue | list | tuple):
+    if isinstance(value, MutableSequence | tuple):  # pydicom's MultiValue is a MutableSequence
         return [json_value(v) for v in value]
     if isinstance(value, float):  # DS values are float subclasses
         return float(value)
@@ -83,12 +84,12 @@ def _seconds(value: Any) -> float | None:
     return round(ms / 1000, 9) if np.isfinite(ms) and ms >= 0 else None
 
 
-def bids_fields(vol: Any) -> dict[str, Any]:
+def bids_fields(vol: Any, header: Any = None) -> dict[str, Any]:
     """EchoTime, RepetitionTime, InversionTime (s), SliceTiming (s) and PhaseEncodingDirection where the header
     says them, named and signed as dcm2niix does for the voxel axes kaapcli writes (rows not flipped)."""
     from kaapcli.core import volume
 
-    header, first = vol.header, vol.frames[0]
+    header, first = vol.header if header is None else header, vol.frames[0]
     doc: dict[str, Any] = {}
     sources = {"EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
                "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
@@ -129,22 +130,29 @@ def bids_fields(vol: Any) -> dict[str, Any]:
 
 def sidecar(volume: Any) -> dict[str, Any]:
     """The JSON sidecar of a converted volume: acquisition tags plus the grid actually written."""
-    image = volume.image
-    header = volume.header
+    from kaapcli.core import dicomscan
+
+    try:
+        return _sidecar(volume, volume.header)
+    except dicomscan.Unsupported:  # a value the fast header reader leaves to pydicom (e.g. another character set)
+        return _sidecar(volume, dicom.read(volume.frames[0].path, stop_before_pixels=True))
+
+
+def _sidecar(volume: Any, header: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for keyword in SIDECAR_TAGS:
         value = header.get(keyword)
         if value not in (None, ""):
             doc[keyword] = json_value(value)
-    doc.update(bids_fields(volume))
+    doc.update(bids_fields(volume, header))
     doc.update({
         "ImageOrientationPatientDICOM": [float(v) for v in volume.frames[0].orientation],
         "Stack": volume.suffix.lstrip("_"),
-        "Slices": image.GetSize()[2],
+        "Slices": volume.size[2],
         **({"Volumes": volume.volumes} if volume.volumes > 1 else {}),
         **({"MosaicTiles": len(volume.slices)} if volume.frames[0].mosaic else {}),
-        "VoxelSpacing": [round(float(v), 6) for v in image.GetSpacing()[:3]],
-        "DataType": str(np.dtype(_numpy_dtype(image))),
+        "VoxelSpacing": [round(float(v), 6) for v in volume.spacing[:3]],
+        "DataType": str(volume.voxels.dtype),
         "RescaleApplied": True,
         "Resampled": volume.resampled,
         "SOPInstanceUIDs": [] if volume.resampled else list(dict.fromkeys(f.sop_uid for f in volume.frames)),
@@ -161,16 +169,13 @@ def diffusion_tables(vol: Any) -> tuple[str, str] | None:
     component negated when the voxel-to-world matrix has a positive determinant (always, for the
     row x column normal kaapcli sorts along).  A volume without a gradient is written 0 0 0.
     """
-    from kaapcli.core import volume as vmod
-
     if vol.volumes < 2:
         return None
     firsts = [vol.frames[v * len(vol.slices)] for v in range(vol.volumes)]
     if all(f.bvalue is None and f.gradient is None for f in firsts):
         return None
-    affine = vmod.nifti_affine(vol.image)
-    dim = vol.image.GetDimension()
-    axes = np.asarray(vol.image.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]  # LPS columns: i, j, k
+    affine = vol.affine
+    axes = np.asarray(vol.geometry.direction, dtype=float)  # LPS columns: i, j, k
     flip = np.linalg.det(affine[:3, :3]) > 0
     bvals, bvecs = [], []
     for f in firsts:
@@ -184,12 +189,6 @@ def diffusion_tables(vol: Any) -> tuple[str, str] | None:
     bval = " ".join(f"{b:g}" for b in bvals) + "\n"
     bvec = "".join(" ".join(f"{x:.6g}" for x in row) + "\n" for row in table)
     return bval, bvec
-
-
-def _numpy_dtype(image: Any) -> Any:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(image).dtype
 
 
 @dataclass
@@ -210,6 +209,21 @@ class ConvertOperator(BaseOperator):
         return {"fmt": self.fmt, "name": self.name_template, "resample": self.resample, "level": self.level,
                 "split": self.split}
 
+    def scan(self, path: Path) -> tuple[str | None, Any]:
+        """The series of a file and, for files the fast header reader handles, their frames and pixel location:
+        ``process`` then reads only their pixel bytes (each file read once)."""
+        from kaapcli.core import volume
+
+        try:
+            scanned = volume.scan_file(path)
+        except DataError:
+            scanned = None  # read again when the series is processed, so the series fails naming this file
+        if scanned is None:
+            return self.group_key(path), None
+        if str(scanned.frames[0].sop_class) in SEG_CLASSES:
+            raise SkipItem(_not_an_image(volume.header_of(path)))
+        return scanned.series_uid, scanned
+
     def group_key(self, path: Path) -> str | None:
         with warnings.catch_warnings():  # pydicom's reading warnings are reported once, when the item is read
             warnings.simplefilter("ignore")
@@ -219,6 +233,11 @@ class ConvertOperator(BaseOperator):
         return str(dicom.require(ds, "SeriesInstanceUID"))
 
     def destination(self, out: Path, header: Any, suffix: str) -> Path:
+        from kaapcli.core import dicomscan
+
+        if isinstance(header, dicomscan.Header) and not dicomscan.renders(header, dicom.template_fields(
+                self.name_template)):
+            header = dicom.read(header.path, stop_before_pixels=True)  # fields the fast reader does not render
         rel = fsio.render_template(self.name_template, dicom.template_values(header, self.name_template))
         return out / rel.parent / f"{rel.name}{suffix}.{self.fmt}"
 
@@ -236,8 +255,25 @@ class ConvertOperator(BaseOperator):
                 header = dicom.read(stack.frames[0].path, stop_before_pixels=True)
                 planned.append(str(self.destination(ctx.out, header, stack.suffix)))
             return Outcome(message="would write " + ", ".join(planned))
+        mapped: dict[str, volume.MappedNifti] = {}  # per stack suffix: its .nii, the array its voxels are read into
+
+        def allocate(stack: Any, header: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+            assert ctx.out is not None
+            mapped[stack.suffix] = volume.MappedNifti(self.destination(ctx.out, header, stack.suffix))
+            return mapped[stack.suffix].allocate(shape, dtype)
+
         try:
-            volumes = volume.load_series(item.paths, resample=self.resample, four_d=not self.split)
+            return self._write(item, ctx.out, allocate if self.fmt == "nii" else None, mapped)
+        finally:
+            for mapping in mapped.values():
+                mapping.discard()  # those not committed (a failure, or voxels that became another array)
+
+    def _write(self, item: Item, out: Path, allocate: Any, mapped: dict[str, Any]) -> Outcome:
+        from kaapcli.core import volume
+
+        try:
+            volumes = volume.load_series(item.paths, resample=self.resample, four_d=not self.split,
+                                         scanned=item.notes or None, allocate=allocate)
         except DataError as exc:  # the engine names a one-file item already
             if len(item.paths) == 1:
                 exc.message = exc.message.removeprefix(f"{item.paths[0]}: ")
@@ -245,8 +281,8 @@ class ConvertOperator(BaseOperator):
         outputs: list[Path] = []
         warnings: list[str] = []
         for vol in volumes:
-            dest = self.destination(ctx.out, vol.header, vol.suffix)
-            volume.write_image(vol.image, dest, level=self.level)
+            dest = self.destination(out, vol.header, vol.suffix)
+            volume.write_volume(vol, dest, level=self.level, mapped=mapped.get(vol.suffix))
             stem = dest.name[: -len(self.fmt) - 1]
             meta = dest.with_name(stem + ".json")
             fsio.write_json(meta, sidecar(vol))

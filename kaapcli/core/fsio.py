@@ -314,16 +314,21 @@ def collect_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None
     """
     args = list(args)
     check_named(args)
-    files: list[Path] = []
+    return list(iter_files(args, stdin, on_unusable))
+
+
+def iter_files(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None,
+               on_unusable: Callable[[Unusable], None] | None = None) -> Iterator[Path]:
+    """:func:`collect_inputs` as the files are found, for commands that stream (named arguments are the
+    caller's to check first, with :func:`check_named`)."""
     for entry in iter_inputs(args, stdin):
         if isinstance(entry, InputFile):
-            files.append(entry.path)
+            yield entry.path
         elif isinstance(entry, Unusable):
             if on_unusable is not None:
                 on_unusable(entry)
             elif entry.failed:
                 raise NoInputError(f"{entry.path}: {entry.reason}")
-    return files
 
 
 def _stdin_path(line: str) -> str:

@@ -46,6 +46,7 @@ UID_LEVELS = ("study", "series", "instance")
 UID_KEYWORDS = {"study": ("StudyInstanceUID",), "series": ("SeriesInstanceUID",),
                 "instance": ("SOPInstanceUID", "ReferencedSOPInstanceUID")}
 UTF8 = "ISO_IR 192"
+PIXEL_DATA = 0x7FE00010
 
 
 # --------------------------------------------------------------------------- parsing the edits
@@ -95,6 +96,13 @@ class Edits:
     conditions: tuple[Condition, ...] = ()
     new_uids: tuple[str, ...] = ()
     uid_seed: str = ""
+
+    @property
+    def needs_pixel_element(self) -> bool:
+        """Whether an edit or condition addresses Pixel Data or an element after it (then the whole file is read;
+        otherwise only the header is, and Pixel Data is copied as read)."""
+        paths = [a.path for a in self.inserts + self.modifies] + list(self.erase) + [c.path for c in self.conditions]
+        return any(p[0].tag >= PIXEL_DATA for p in paths) or any(t >= PIXEL_DATA for t in self.erase_all)
 
     def is_empty(self) -> bool:
         return not (self.inserts or self.modifies or self.erase or self.erase_all or self.erase_private
@@ -496,6 +504,33 @@ def write(ds: Any, dest: Path) -> None:
         raise DataError(f"cannot write the modified file: {reason}") from None
 
 
+def spliceable(ds: Any) -> bool:
+    """Whether an edited header (read without Pixel Data) can be written followed by the input's Pixel Data
+    element as read: a Part 10 file (SOP Class and Instance UIDs present) whose elements all precede Pixel Data."""
+    return bool(ds.get("SOPClassUID") and ds.get("SOPInstanceUID")) and all(int(t) < PIXEL_DATA for t in ds.keys())
+
+
+def write_with_pixels_of(ds: Any, source: Path, pixels: tuple[int, int], dest: Path) -> None:
+    """The edited file meta and header, encoded here, then the source's Pixel Data element copied byte for byte
+    (in the kernel): a 512x512 slice costs the few KB of its header, as dcmodify's edit does."""
+    import struct
+
+    meta = ds.file_meta
+    if "FileMetaInformationVersion" not in meta:
+        meta.FileMetaInformationVersion = b"\0\1"
+    missing = [kw for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+               if not meta.get(kw)]
+    if missing:
+        raise DataError(f"cannot write the modified file: no {', '.join(missing)} in its file meta information")
+    # The group as read (raw elements copied, the edited ones encoded), explicit VR little endian, its group
+    # length recomputed (PS3.10 7.1); pydicom's writer would validate and copy the whole group again.
+    del meta[0x00020000:0x00020001]
+    body = dicom.encode_dataset(meta, implicit=False, little=True)
+    preamble = ds.preamble if ds.preamble and len(ds.preamble) == 128 else b"\0" * 128
+    group_length = struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(body))
+    dicom.write_spliced(ds, preamble + b"DICM" + group_length + body, source, pixels, dest)
+
+
 # --------------------------------------------------------------------------- the operator
 
 def output_path(src: Path, roots: Iterable[Path]) -> Path:
@@ -512,6 +547,7 @@ class ModifyOperator(BaseOperator):
     name = "modify"
     supports_dry_run = True
     collision_hint = "give their common parent directory as INPUT"
+    outputs_follow_root = True  # the mirrored tree is relative to the INPUT directory
 
     def __init__(self, edits: Edits, roots: Iterable[Path] = (), in_place: bool = False):
         self.edits = edits
@@ -524,7 +560,9 @@ class ModifyOperator(BaseOperator):
     def process(self, item: Item, ctx: Context) -> Outcome:
         src = item.paths[0]
         with dicom.collect_warnings() as read_notes:
-            ds = dicom.read(src)  # a file that does not parse to its end fails: never written back as if whole
+            # The header only, and where Pixel Data lies when it can be copied as read (a file that does not parse
+            # to its end, Pixel Data included, fails: never written back as if whole).
+            ds, pixels = dicom.read_header(src) if not self.edits.needs_pixel_element else (dicom.read(src), None)
         if "DirectoryRecordSequence" in ds:
             note = "a DICOMDIR is not modified (its record offsets would no longer match)"
             return Outcome(skipped=True, message=note, warnings=[note])
@@ -540,5 +578,12 @@ class ModifyOperator(BaseOperator):
                 dest = ctx.out / output_path(src, (item.root,) if item.root is not None else self.roots)
             if ctx.dry_run:
                 return Outcome(skipped=True, message=f"would write {dest}", warnings=notes)
-            write(ds, dest)
+            if pixels is not None and spliceable(ds):
+                write_with_pixels_of(ds, src, pixels, dest)
+            else:
+                if pixels is not None:  # the edits left a dataset that is not written header + Pixel Data
+                    ds = dicom.read(src)
+                    complete_file_meta(ds)
+                    apply_edits(self.edits, ds)
+                write(ds, dest)
         return Outcome(outputs=[dest], warnings=notes + pydicom_notes)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,24 +35,47 @@ HEADER_TAGS = ["SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID", "ImagePosit
                "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames"]
 
 
+def slice_key(ds: Any, path: Path) -> tuple[float, float, str]:
+    """Where a file sorts in its series: along the slice normal when the geometry is known, else by InstanceNumber,
+    then file name.  ``ds``: a pydicom Dataset or a dicomscan.Header.  Plain floats, no numpy: the plan runs this
+    for every file of every series, in processes that need not import numpy."""
+    try:
+        r1, r2, r3, c1, c2, c3 = (float(v) for v in ds.get("ImageOrientationPatient"))
+        x, y, z = (float(v) for v in ds.get("ImagePositionPatient"))
+        pos = (r2 * c3 - r3 * c2) * x + (r3 * c1 - r1 * c3) * y + (r1 * c2 - r2 * c1) * z  # (row x column) . position
+    except (TypeError, ValueError):
+        pos = 0.0
+    try:
+        number = float(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0.0
+    return (pos, number, path.name)
+
+
 def slice_order(headers: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
     """Files sorted along the slice normal when the geometry is known, else by InstanceNumber, then name."""
-    import numpy as np
+    return sorted(headers, key=lambda entry: slice_key(entry[1], entry[0]))
 
-    def key(entry: tuple[Path, Any]) -> tuple[float, float, str]:
-        path, ds = entry
-        try:
-            o = [float(v) for v in ds.ImageOrientationPatient]
-            pos = float(np.dot(np.cross(o[:3], o[3:]), [float(v) for v in ds.ImagePositionPatient]))
-        except (AttributeError, TypeError, ValueError):
-            pos = 0.0
-        try:
-            number = float(ds.get("InstanceNumber") or 0)
-        except (TypeError, ValueError):
-            number = 0.0
-        return (pos, number, path.name)
 
-    return sorted(headers, key=key)
+@dataclass(frozen=True)
+class Peek:
+    """What the plan learnt of one file from a cheap header read: where it sorts and what it is."""
+
+    key: tuple[float, float, str]
+    sop_class: str
+
+
+def peek(path: Path) -> Peek:
+    """The sort key and SOP class of a file: the fast header reader, else pydicom (a few tags)."""
+    from kaapcli.core import dicomscan
+
+    header: Any = None
+    with contextlib.suppress(OSError, dicomscan.Unsupported):
+        header = dicomscan.scan(path)
+        if header is not None:
+            return Peek(slice_key(header, path), str(header.get("SOPClassUID") or ""))
+    ds = dicom.read(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    return Peek(slice_key(ds, path), str(ds.get("SOPClassUID", "")))
 
 
 def frame_pixels(ds: Any, frame: int | None = None) -> Any:
@@ -85,10 +109,11 @@ def _group_value(groups: list[Any], sequence: str, keyword: str) -> Any:
 def to_display(ds: Any, arr: Any, frame: int | None = None) -> Any:
     """Stored pixels (of ``frame``, the middle one by default) → uint8 grey (rows, columns) or RGB for display."""
     import numpy as np
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
         arr = apply_color_lut(arr, ds)
         return (arr / (256.0 if arr.max() > 255 else 1.0)).astype(np.uint8)
     if arr.ndim == 3:  # RGB (pydicom has already converted YBR_* to RGB)
@@ -99,8 +124,15 @@ def to_display(ds: Any, arr: Any, frame: int | None = None) -> Any:
     intercept = first_value(_group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
     if slope is not None and intercept is not None:  # enhanced objects: the modality LUT of this frame
         values = arr.astype(np.float64) * slope + intercept
-    else:
+    elif "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
         values = apply_modality_lut(arr, ds).astype(np.float64)
+    elif ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:  # as apply_modality_lut
+        values = arr.astype(np.float64) * float(ds.get("RescaleSlope"))
+        values += float(ds.get("RescaleIntercept"))
+    else:
+        values = arr.astype(np.float64)
     center = first_value(_group_value(groups, "FrameVOILUTSequence", "WindowCenter"))
     width = first_value(_group_value(groups, "FrameVOILUTSequence", "WindowWidth"))
     if center is None or width is None:
@@ -110,6 +142,8 @@ def to_display(ds: Any, arr: Any, frame: int | None = None) -> Any:
         scaled = ((values - (center - 0.5)) / max(width - 1, 1) + 0.5).clip(0, 1)
     else:
         if "VOILUTSequence" in ds:
+            from pydicom.pixels import apply_voi_lut
+
             values = apply_voi_lut(values, ds, index=0).astype(np.float64)
         lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
         if hi <= lo:
@@ -134,7 +168,7 @@ def display_size(ds: Any, rows: int, columns: int, size: int) -> tuple[int, int]
     spacing = (ds.get("PixelSpacing") or _group_value(frame_groups(ds, None), "PixelMeasuresSequence", "PixelSpacing")
                or ds.get("ImagerPixelSpacing"))
     try:
-        dy, dx = (float(v) for v in spacing) if spacing else (float(v) for v in ds.PixelAspectRatio)
+        dy, dx = (float(v) for v in spacing) if spacing else (float(v) for v in ds.get("PixelAspectRatio"))
     except (AttributeError, TypeError, ValueError):
         dy = dx = 1.0
     if dy <= 0 or dx <= 0:
@@ -224,6 +258,21 @@ class ThumbnailOperator(BaseOperator):
         ds = dicom.read(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
         return str(ds.get("SeriesInstanceUID") or ds.get("SOPInstanceUID") or path.name)
 
+    def scan(self, path: Path) -> tuple[str | None, Any]:
+        """The series key and, from the same header read, where the file sorts (``Item.notes``)."""
+        from kaapcli.core import dicomscan
+
+        header = None
+        with contextlib.suppress(OSError):
+            header = dicomscan.scan(path)
+        if header is None:
+            return self.group_key(path), None
+        try:
+            key = str(header.get("SeriesInstanceUID") or header.get("SOPInstanceUID") or path.name)
+            return key, Peek(slice_key(header, path), str(header.get("SOPClassUID") or ""))
+        except dicomscan.Unsupported:
+            return self.group_key(path), None
+
     def process(self, item: Item, ctx: Context) -> Outcome:
         assert ctx.out is not None
         warnings: list[str] = []
@@ -237,26 +286,50 @@ class ThumbnailOperator(BaseOperator):
         return Outcome(outputs=[dest], warnings=warnings)
 
     def thumbnail(self, item: Item, warnings: list[str]) -> Any:
-        """The Pillow image of one series; raises NotAnImage for series without pixels (SR, RT plans, ...)."""
+        """The Pillow image of one series; raises NotAnImage for series without pixels (SR, RT plans, ...).
+
+        The middle file comes from the plan's header peeks (``Item.notes``), so only that file is decoded."""
         where = (lambda p: f"{p}: ") if len(item.paths) > 1 else (lambda p: "")  # one file: the engine names it
-        headers = []
-        for path in item.paths:
+        peeks = []
+        for path, note in zip(item.paths, item.notes or (None,) * len(item.paths), strict=True):
             try:
-                headers.append((path, dicom.read(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)))
+                peeks.append((path, note if note is not None else peek(path)))
             except DataError as exc:
                 raise DataError(where(path) + exc.message) from exc
-        path = slice_order(headers)[len(headers) // 2][0]
-        sop_class = str(headers[0][1].get("SOPClassUID", ""))
-        if sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
+        path = sorted(peeks, key=lambda entry: entry[1].key)[len(peeks) // 2][0]
+        if peeks[0][1].sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
             return self.seg_thumbnail(path, warnings)
+        ds, arr = self._decode(path, where)
+        try:
+            pixels = to_display(ds, arr)
+        except DataError as exc:
+            raise DataError(where(path) + exc.message) from exc
+        return render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], self.size))
+
+    def _decode(self, path: Path, where: Any) -> tuple[Any, Any]:
+        """Header and the shown frame's stored pixels: read directly for native monochrome images, else pydicom."""
+        from kaapcli.core import dicomscan
+
+        with contextlib.suppress(OSError, dicomscan.Unsupported):
+            header = dicomscan.scan(path)
+            if header is not None and str(header.get("PhotometricInterpretation", "")).upper() in (
+                    "MONOCHROME1", "MONOCHROME2") and "PerFrameFunctionalGroupsSequence" not in header \
+                    and "SharedFunctionalGroupsSequence" not in header:
+                frames = header.get("NumberOfFrames") or 1
+                arr = dicomscan.pixel_array(header, frames // 2 if frames > 1 else None)
+                for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "PixelSpacing",
+                                "ImagerPixelSpacing", "PixelAspectRatio", "BitsStored"):
+                    header.get(keyword)  # every value to_display / display_size read decodes as pydicom's
+                if "VOILUTSequence" in header or "ModalityLUTSequence" in header:
+                    raise dicomscan.Unsupported("LUT sequences are pydicom's")
+                return header, arr
         ds = dicom.read(path)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise NotAnImage(str(getattr(ds.get("SOPClassUID"), "name", "") or ds.get("Modality", "no pixel data")))
         try:
-            pixels = to_display(ds, frame_pixels(ds))
+            return ds, frame_pixels(ds)
         except DataError as exc:
             raise DataError(where(path) + exc.message) from exc
-        return render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], self.size))
 
     def seg_thumbnail(self, seg_path: Path, warnings: list[str]) -> Any:
         """The referenced slice with the most labelled voxels, segments / ROIs overlaid (via core.seg)."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,23 +142,41 @@ def index_series(index: Index, uid: str, paths: Sequence[Path], *, replace: bool
     return source
 
 
-def read_sources(files: list[Path], workers: int = 1, extra: dict[str, Any] | None = None) -> Iterator[Source]:
-    """One Source per JSON/JSONL file (in order), one per other file that is no DICOM (skipped), then one per
-    DICOM series (sorted by UID).  With several workers, files are read and parsed in a process pool: JSON
-    documents arrive ready to write (:class:`Stored`), so the writing process only writes."""
-    json_files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES]
-    others = [p for p in files if p.suffix.lower() not in JSON_SUFFIXES + JSONL_SUFFIXES]
+READ_CHUNK = 64  # JSON files a worker reads per task
+
+
+def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] | None = None) -> Iterator[Source]:
+    """One Source per JSON/JSONL file (in input order, as the files arrive), one per other file that is no DICOM
+    (skipped), then one per DICOM series (sorted by UID).  With several workers, JSON files are read and parsed in
+    a process pool: documents arrive ready to write (:class:`Stored`), so the writing process only writes.  At most
+    a few chunks per worker are read ahead of the writer, so memory does not grow with the number of files (a
+    DICOM series needs all its files before its document can be made: their paths are kept until the end)."""
     pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
-        reader = functools.partial(read_json, extra=extra)
-        yield from pool.map(reader, json_files, chunksize=64) if pool and len(json_files) > 64 \
-            else map(reader, json_files)
-        dicom_files = []
-        for path in others:
-            if fsio.is_dicom(path):
+        reader = functools.partial(_read_chunk, extra=extra)
+        dicom_files: list[Path] = []
+        in_flight: deque[Any] = deque()
+        chunk: list[Path] = []
+
+        def submit() -> None:
+            if chunk:
+                in_flight.append(pool.submit(reader, list(chunk)) if pool else _Ready(reader(list(chunk))))
+                chunk.clear()
+
+        for path in files:
+            if path.suffix.lower() in JSON_SUFFIXES + JSONL_SUFFIXES:
+                chunk.append(path)
+                if len(chunk) >= READ_CHUNK:
+                    submit()
+            elif fsio.is_dicom(path):
                 dicom_files.append(path)
             else:
                 yield Source(str(path), skipped=True)
+            while in_flight and (in_flight[0].done() or len(in_flight) > 2 * workers + 2):
+                yield from in_flight.popleft().result()  # bounded read-ahead: wait for the oldest chunk
+        submit()
+        while in_flight:
+            yield from in_flight.popleft().result()
         groups: dict[str, list[Path]] = {}
         keys = pool.map(_series_key, dicom_files, chunksize=32) if pool else map(_series_key, dicom_files)
         for path, uid, error in keys:
@@ -172,3 +191,20 @@ def read_sources(files: list[Path], workers: int = 1, extra: dict[str, Any] | No
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _read_chunk(paths: list[Path], extra: dict[str, Any] | None = None) -> list[Source]:
+    return [read_json(path, extra) for path in paths]
+
+
+class _Ready:
+    """A chunk read in this process: looks like a finished future."""
+
+    def __init__(self, value: list[Source]):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> list[Source]:
+        return self.value

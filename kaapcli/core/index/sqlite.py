@@ -189,9 +189,14 @@ class SqliteIndex(Index):
     def write(self, docs: Sequence[Doc | Stored], *, replace: bool) -> WriteStats:
         stats = WriteStats()
         by_uid: dict[str, Stored] = {}
+        merged: dict[str, Doc] = {}  # uids met more than once in this batch: merged as parsed documents
         for item in stored(docs, stats.errors):  # the last of a uid wins, merged over earlier ones like separate writes
             earlier = by_uid.get(item.uid)
-            by_uid[item.uid] = item if replace or earlier is None else Stored.of(merge(earlier.doc, item.doc))
+            by_uid[item.uid] = item
+            if earlier is not None and not replace:  # e.g. per-instance documents of one series: parse each once,
+                merged[item.uid] = merge(merged.get(item.uid) or earlier.doc, item.doc)  # serialise once below
+        for uid, doc in merged.items():
+            by_uid[uid] = Stored.of(doc)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
