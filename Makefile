@@ -1,7 +1,7 @@
 # kaapcli: the two set-up commands of the README, plus docs and benchmarks.
 #   make demo   venv + kaapcli, then the examples pipeline on mock data (embedded defaults, no servers)
 #   make test   system packages (as root, apt), venv + test extras, then `make check`
-#   make check  ruff, the generated-docs drift check, the whole test suite (in the existing venv)
+#   make check  ruff, mypy (clean), the generated-docs drift check, the whole test suite (in the existing venv)
 #   make bench  every benchmark against its anchor tool; the README's performance table from the figures
 PYTHON ?= python3
 VENV   ?= .venv
@@ -35,7 +35,7 @@ system-deps:
 
 test: system-deps venv check
 
-check: lint docs-check
+check: lint typecheck docs-check
 	$(BIN)/python -m pytest -q
 
 typecheck: venv

@@ -80,7 +80,7 @@ def test_silent_peer_times_out(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- send
 
 def test_send_to_storescp_bytes_arrive_unchanged(storescp, mock_ct: Path) -> None:  # noqa: F811
-    proc = kaapcli("send", mock_ct, "--to", storescp.peer, "--associations", "2", "--format", "jsonl")
+    proc = kaapcli("send", mock_ct, "--to", storescp.peer, "--jobs", "2", "--format", "jsonl")
     assert proc.returncode == 0, proc.stderr
     records = jsonl(proc.stdout)
     assert len(records) == 16 and all(r["status"] == "ok" for r in records)
@@ -275,12 +275,12 @@ def test_query_cfind_and_qido_agree(loaded, mock_ct: Path) -> None:
     series = _series(mock_ct)
     patient_id = str(pydicom.dcmread(dicom_files(mock_ct)[0], stop_before_pixels=True).PatientID)
     for peer in (loaded.dimse, loaded.dicomweb):
-        proc = kaapcli("query", peer, "--level", "series", "-k", "Modality=CT", "-r", "BodyPartExamined")
+        proc = kaapcli("query", peer, "--level", "series", "-k", "Modality=CT", "--return", "BodyPartExamined")
         assert proc.returncode == 0, proc.stderr
         matches = jsonl(proc.stdout)
         assert {m["0020000E"]["Value"][0] for m in matches} == set(series), peer
         studies = jsonl(kaapcli("query", peer, "-k", "StudyDate=19000101-20991231", "-k", "PatientID=MOCK*",
-                                "-r", "PatientBirthDate").stdout)
+                                "--return", "PatientBirthDate").stdout)
         assert len(studies) == 1 and studies[0]["00100020"]["Value"] == [patient_id]
         assert "00100030" in studies[0]
         assert jsonl(kaapcli("query", peer, "-k", "PatientID=NOBODY").stdout) == []

@@ -259,7 +259,7 @@ def test_dcm_processor_callbacks_workers_and_added_params_work_the_same_on_the_q
         {"jobName": "after-crash", "dependsOn": "crashes", "run": ["touch", "{out}/never"]}])
     workers("w1")
     workers("w2")
-    proc = kaapcli("trigger", "-r", rules, mock_ct, "-o", out, "--journal", journal, "--queue", redis_server.url,
+    proc = kaapcli("trigger", "--rules", rules, mock_ct, "-o", out, "--journal", journal, "--queue", redis_server.url,
                    "--wait", timeout=120)
     assert proc.returncode == 1, proc.stderr  # the crashing worker fails its runs; the rest ran
     assert "crashes" in proc.stderr and "Traceback" not in proc.stderr

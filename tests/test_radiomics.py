@@ -97,7 +97,7 @@ def test_mask_on_another_grid_fails_cleanly(tmp_path: Path) -> None:
     write(np.ones((8, 8, 9), np.uint8), tmp_path / "small.nii.gz")
     (tmp_path / "notes.nii.gz").write_text("not an image")
     for mask in ("small.nii.gz", "notes.nii.gz"):
-        proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", "-m", tmp_path / mask, "-o", tmp_path / "out")
+        proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", "--masks", tmp_path / mask, "-o", tmp_path / "out")
         assert proc.returncode == 65, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and mask in errors[0] and "Traceback" not in proc.stderr
@@ -105,7 +105,7 @@ def test_mask_on_another_grid_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_masks_option_takes_several_values(tmp_path: Path) -> None:
-    """``--masks a b`` (as documented) names two masks, as ``-m a -m b`` does."""
+    """``--masks a b`` (as documented) names two masks, as ``--masks a --masks b`` does."""
     n = 12
     write(np.full((n, n, n), 5, np.int16), tmp_path / "ct.nii.gz")
     for name, lo in (("ct--1--a.nii.gz", 2), ("ct--2--b.nii.gz", 6)):
@@ -113,7 +113,7 @@ def test_masks_option_takes_several_values(tmp_path: Path) -> None:
         labels[lo:lo + 3, lo:lo + 3, lo:lo + 3] = 1
         write(labels, tmp_path / name)
     for args in (["--masks", tmp_path / "ct--1--a.nii.gz", tmp_path / "ct--2--b.nii.gz"],
-                 ["-m", tmp_path / "ct--1--a.nii.gz", "-m", tmp_path / "ct--2--b.nii.gz"]):
+                 ["--masks", tmp_path / "ct--1--a.nii.gz", "--masks", tmp_path / "ct--2--b.nii.gz"]):
         proc = kaapcli("radiomics", tmp_path / "ct.nii.gz", *args, "-o", tmp_path / "out", "--force")
         assert proc.returncode == 0, proc.stderr
         result = json.loads((tmp_path / "out" / "ct-radiomics.json").read_text())

@@ -58,7 +58,7 @@ def test_trigger_runs_matching_rules_in_order_skips_dependents_and_journals(mock
         {"name": "never", "search_tags": {"Modality": "SEG,RTSTRUCT"}, "run": ["false"]},
     ])
     journal = tmp_path / "runs.jsonl"
-    proc = kaapcli("trigger", "-r", rules, mock_studies, "-o", out, "--journal", journal)
+    proc = kaapcli("trigger", "--rules", rules, mock_studies, "-o", out, "--journal", journal)
     assert proc.returncode == 1  # 'second' fails on every series
     written = sorted(out.glob("*.txt"))
     assert len(written) == 3  # three series
@@ -85,7 +85,7 @@ def test_runs_retry_and_timeout(mock_studies: Path, tmp_path: Path) -> None:
     ])
     journal = tmp_path / "runs.jsonl"
     one_series = sorted(p for p in mock_studies.rglob("*.dcm"))[:1]
-    proc = kaapcli("trigger", "-r", rules, *one_series, "--journal", journal)
+    proc = kaapcli("trigger", "--rules", rules, *one_series, "--journal", journal)
     assert proc.returncode == 1
     records = [json.loads(line) for line in kaapcli("runs", "--journal", journal).stdout.splitlines()]
     status = {r["rule"]: r["status"] for r in records}
@@ -110,7 +110,7 @@ def test_group_rule_fires_only_when_every_input_of_a_patient_is_present(tmp_path
                                     "pet": {"required_values": {"Modality": "^PT$"}}},
         "run": ["sh", "-c", 'echo "$KAAPCLI_PATIENT_ID" "$1" "$2" > "$KAAPCLI_OUT/$KAAPCLI_PATIENT_ID.txt"', "sh",
                 "{input_ct}", "{input_pet}"]}])
-    proc = kaapcli("trigger", "-r", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     fired = sorted(p.name for p in out.iterdir())
     assert fired == ["MOCK-0005-0000.txt"]
@@ -118,7 +118,7 @@ def test_group_rule_fires_only_when_every_input_of_a_patient_is_present(tmp_path
     assert "CT5" in ct_dir and "PT5" in pet_dir
     shutil.rmtree(data / "PT5")
     (out / fired[0]).unlink()
-    again = kaapcli("trigger", "-r", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
+    again = kaapcli("trigger", "--rules", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert again.returncode == 0 and not list(out.iterdir())
 
 
@@ -134,7 +134,7 @@ def test_match_uses_the_index_query_language(mock_studies: Path, tmp_path: Path)
          "run": ["sh", "-c", 'echo "$KAAPCLI_PATIENT_ID" > "$KAAPCLI_OUT/$KAAPCLI_SERIES_UID.txt"']},
         {"name": "none", "match": "Rows:>512", "run": ["false"]}])
     assert kaapcli("rules", "check", rules).returncode == 0
-    proc = kaapcli("trigger", "-r", rules, mock_studies, "-o", out, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, mock_studies, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert [p.read_text().strip() for p in out.iterdir()] == [wanted]
     bad = write_rules(tmp_path / "bad.json", [{"name": "b", "match": "Modality:(CT", "run": ["true"]}])

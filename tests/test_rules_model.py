@@ -98,7 +98,7 @@ def test_hostile_patient_id_runs_nothing_and_writes_only_inside_out(one_series: 
         {"name": "touch", "run": ["touch", "{out}/{patient_id}.done"]},
         {"name": "mkdir", "run": ["mkdir", "-p", "{out}/{patient_id}/{series_uid}"]},
         {"name": "env", "run": ["sh", "-c", 'printf %s "$KAAPCLI_PATIENT_ID" > "$KAAPCLI_OUT/env.txt"']}])
-    proc = kaapcli("trigger", "-r", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl", cwd=cwd)
+    proc = kaapcli("trigger", "--rules", rules, data, "-o", out, "--journal", tmp_path / "j.jsonl", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     everything = [p for p in tmp_path.rglob("*") if "PWNED" in p.name or "escaped" in p.name or "nul" in p.name]
     inside = [p for p in everything if out in p.parents]
@@ -120,7 +120,7 @@ def test_dependent_skipped_because_its_dependency_did_not_fire_is_no_failure(one
         {"name": "seg-to-nifti", "search_tags": {"0x0008,0x0060": "SEG,RTSTRUCT"}, "run": ["false"]},
         {"name": "thumb", "depends_on": ["seg-to-nifti"], "run": ["touch", "{out}/thumb"]},
         {"name": "ok", "run": ["touch", "{out}/ok"]}])
-    proc = kaapcli("trigger", "-r", rules, one_series, "-o", out, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, one_series, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ok"]
     status = {r["rule"]: r["status"] for r in records(tmp_path / "j.jsonl")}
@@ -135,7 +135,7 @@ def test_group_rule_requiring_a_sequence_fires(petct: Path, tmp_path: Path) -> N
                                     "pet": {"required_tags": ["RadiopharmaceuticalInformationSequence"],
                                             "required_values": {"Modality": "^PT$"}}},
         "run": ["touch", "{out}/{patient_id}"]}])
-    proc = kaapcli("trigger", "-r", rules, petct, "-o", out, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, petct, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in out.iterdir()] == ["MOCK-0005-0000"]
 
@@ -159,7 +159,7 @@ def test_sort_position_orders_independent_jobs(one_series: Path, tmp_path: Path)
     rules = write(tmp_path / "r.json", [
         {"name": f"job-{n}", "sortPosition": position, "run": ["sh", "-c", f'echo {n} >> "$1"', "sh", str(log)]}
         for n, position in (("a", 3), ("b", 1), ("c", 2))])
-    proc = kaapcli("trigger", "-r", rules, one_series, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, one_series, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().split() == ["b", "c", "a"]
 
@@ -195,7 +195,7 @@ def test_callback_worker_depends_on_and_added_params(one_series: Path, tmp_path:
                  "{out}/report.json"]},
         {"jobName": "crashes", "worker": "svc:crash"},
         {"jobName": "after-crash", "dependsOn": "crashes", "run": ["touch", "{out}/never"]}])
-    proc = kaapcli("trigger", "-r", rules, one_series, "-o", out, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, one_series, "-o", out, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 1  # the crashing worker fails its series; the rest ran
     convert = json.loads((out / "convert.json").read_text())
     assert convert == {"job": "convert", "added": {"convert": {"level": 3}}, "patient": "MOCK-0011-0000"}
@@ -213,7 +213,7 @@ def test_failing_callback_fails_its_rule_only(tmp_path: Path) -> None:
                    "-q").returncode == 0
     rules = write(tmp_path / "r.json", [{"name": "picky", "callback": "svc:wanted", "run": ["true"]},
                                         {"name": "other", "run": ["true"]}])
-    proc = kaapcli("trigger", "-r", rules, data, "--journal", tmp_path / "j.jsonl")
+    proc = kaapcli("trigger", "--rules", rules, data, "--journal", tmp_path / "j.jsonl")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     runs = {r["rule"]: r for r in records(tmp_path / "j.jsonl")}
     assert runs["picky"]["status"] == "failed" and runs["other"]["status"] == "ok"
@@ -235,7 +235,7 @@ def test_kaapana_trigger_rule_json_with_a_dag_table(petct: Path, tmp_path: Path)
     out.mkdir()
     missing = kaapcli("rules", "check", trigger_rule)
     assert missing.returncode == 78 and "--dags" in missing.stderr
-    proc = kaapcli("trigger", "-r", trigger_rule, "--dags", dags, petct, "-o", out, "--journal",
+    proc = kaapcli("trigger", "--rules", trigger_rule, "--dags", dags, petct, "-o", out, "--journal",
                    tmp_path / "j.jsonl")
     assert proc.returncode == 0, proc.stderr
     suv = list(out.glob("suv-*.txt"))
@@ -256,7 +256,7 @@ def test_journal_is_private_and_runs_masks_secrets(one_series: Path, tmp_path: P
     rules = write(tmp_path / "r.json", [{"name": "a", "run": ["true"],
                                          "params": {"API_KEY": "k-123", "DB_PASSWORD": "pw", "MY_TOKEN": "t",
                                                     "CLIENT_SECRET_X": "s", "LEVEL": "3"}}])
-    assert kaapcli("trigger", "-r", rules, one_series, "--journal", journal).returncode == 0
+    assert kaapcli("trigger", "--rules", rules, one_series, "--journal", journal).returncode == 0
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600
     assert stat.S_IMODE((journal.parent / "logs").stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (journal.parent / "logs").iterdir())
@@ -274,7 +274,7 @@ def test_retry_reruns_dependents_and_links_them(one_series: Path, tmp_path: Path
         {"name": "last", "depends_on": ["next"], "run": ["touch", "{out}/last"]},
         {"name": "unrelated", "run": ["true"]}])
     journal = tmp_path / "j.jsonl"
-    assert kaapcli("trigger", "-r", rules, one_series, "-o", out, "--journal", journal).returncode == 1
+    assert kaapcli("trigger", "--rules", rules, one_series, "-o", out, "--journal", journal).returncode == 1
     first = {r["rule"]: r for r in records(journal)}
     assert [first[n]["status"] for n in ("needs-flag", "next", "last")] == ["failed", "skipped", "skipped"]
     flag.touch()
@@ -293,7 +293,7 @@ def test_cancel_stops_a_running_and_a_queued_run(one_series: Path, tmp_path: Pat
         {"name": "slow", "run": ["sleep", "60"]},
         {"name": "queued", "depends_on": [], "sortPosition": 1000, "run": ["touch", str(tmp_path / "ran")]}])
     env = {**os.environ, "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "trigger", "-r", str(rules), str(one_series),
+    proc = subprocess.Popen([sys.executable, "-m", "kaapcli", "trigger", "--rules", str(rules), str(one_series),
                              "--journal", str(journal)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
     try:

@@ -119,7 +119,7 @@ def test_zip_ls_rm(tmp_path: Path, env: dict[str, str], endpoint: str) -> None:
 
     listing = kaapcli("s3", "ls", "s3://zips", env=env)
     assert listing.stdout.split() == ["s3://zips/named.zip", "s3://zips/run1/case.zip"]
-    long = kaapcli("s3", "ls", "-l", "s3://zips/run1", env=env)
+    long = kaapcli("s3", "ls", "--long", "s3://zips/run1", env=env)
     import json
 
     record = json.loads(long.stdout)
@@ -128,7 +128,7 @@ def test_zip_ls_rm(tmp_path: Path, env: dict[str, str], endpoint: str) -> None:
 
     proc = kaapcli("s3", "rm", "s3://zips/run1", env=env)
     assert proc.returncode == 66 and "--recursive" in proc.stderr
-    proc = kaapcli("s3", "rm", "-r", "s3://zips/run1", env=env)
+    proc = kaapcli("s3", "rm", "-R", "s3://zips/run1", env=env)
     assert proc.returncode == 0 and proc.stdout.split() == ["s3://zips/run1/case.zip"]
     assert kaapcli("s3", "rm", "s3://zips/named.zip", env=env).returncode == 0
     assert kaapcli("s3", "ls", "s3://zips", env=env).stdout == ""

@@ -44,7 +44,7 @@ def test_values_are_sanitized_and_stay_inside_out(mock_ct: Path, tmp_path: Path)
         ds.PatientID = patient_id
         ds.save_as(src_dir / f"{n}.dcm")
     out = tmp_path / "out"
-    proc = kaapcli("sort", src_dir, "-o", out, "--template", "{PatientID}/{SeriesDescription}/{SOPInstanceUID}.dcm")
+    proc = kaapcli("sort", src_dir, "-o", out, "--layout", "{PatientID}/{SeriesDescription}/{SOPInstanceUID}.dcm")
     assert proc.returncode == 0, proc.stderr
     written = dicom_files(out)
     assert len(written) == 4
@@ -75,7 +75,7 @@ def test_link_across_file_systems_copies_with_a_warning(mock_ct: Path, tmp_path:
 
 
 def test_collisions_fail_and_never_overwrite(mock_ct: Path, tmp_path: Path) -> None:
-    proc = kaapcli("sort", mock_ct, "-o", tmp_path, "--template", "{PatientID}/{SeriesNumber}.dcm",
+    proc = kaapcli("sort", mock_ct, "-o", tmp_path, "--layout", "{PatientID}/{SeriesNumber}.dcm",
                    "--format", "jsonl", "-w", "1")
     assert proc.returncode == 1
     records = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -126,7 +126,7 @@ def test_bad_templates(template: str) -> None:
 def test_usage_errors(mock_ct: Path, tmp_path: Path) -> None:
     both = kaapcli("sort", mock_ct, "-o", tmp_path / "a", "--link", "--copy")
     assert both.returncode == 2 and "exclude each other" in both.stderr
-    bad = kaapcli("sort", mock_ct, "-o", tmp_path / "b", "--template", "{Nope}.dcm")
+    bad = kaapcli("sort", mock_ct, "-o", tmp_path / "b", "--layout", "{Nope}.dcm")
     assert bad.returncode == 2 and "Nope is not a DICOM keyword" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

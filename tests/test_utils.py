@@ -187,7 +187,7 @@ def test_split_is_deterministic_and_leakage_free(tmp_path: Path, cohort: Path) -
     assert len(train) + len(test) == 16 and not set(train) & set(test)
     assert len(train) == 12  # 6 of 8 patients, two series each
 
-    assert kaapcli("split", cohort, "-o", tmp_path / "j", "--train", "0.75", "--format", "json").returncode == 0
+    assert kaapcli("split", cohort, "-o", tmp_path / "j", "--train", "0.75", "--to", "json").returncode == 0
     info = json.loads((tmp_path / "j" / "split.json").read_text())
     patients = {side: {s["patient"] for s in info[side]} for side in ("train", "test")}
     assert not patients["train"] & patients["test"] and len(patients["test"]) == 2

@@ -119,7 +119,7 @@ def anonymize(
         "--map", help="Record original -> pseudonym (patient, accession, study) in this SQLite file (mode 0600, "
         "outside OUT and the inputs), for authorized re-identification.", show_default=False)] = None,
     name: Annotated[str, typer.Option(
-        "--name", help="Output name template of {DICOM keywords} of the de-identified file.")]
+        "--layout", help="Output name template of {DICOM keywords} of the de-identified file.")]
     = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
     *,
     run: RunOptions,
@@ -137,7 +137,7 @@ def anonymize(
         fail("give either -o DIR or --in-place" if not in_place else "-o cannot be used with --in-place",
              hint="--in-place overwrites the inputs; -o writes a new tree and never touches them")
     if in_place and name != DEFAULT_NAME:
-        fail("--name cannot be used with --in-place (the files keep their names)")
+        fail("--layout cannot be used with --in-place (the files keep their names)")
     dicom.import_pydicom(pixels=False)  # pixel data passes through as bytes: this process never needs numpy
     secret = _read_key(key, key_file)
     if len(id_prefix) > 40:

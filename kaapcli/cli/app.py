@@ -2,8 +2,9 @@
 applies config, maps errors to exit codes.
 
 The root is a plain click group (typer costs ~50 ms to import, more than the whole of ``kaapcli --help``);
-each command module declares its commands with typer and is loaded on first use.  ``--help`` lists the
-commands from the generated table ``kaapcli/cli/_commands.py`` (``make docs``; a test fails on drift), and
+each command module declares its commands with typer and is loaded on first use, then given its examples
+and old option spellings (``helpdata.py``, ``vocabulary.py``).  ``--help`` lists the commands in their panels
+from the generated table ``kaapcli/cli/_commands.py`` (``make docs``; a test fails on drift), and
 shell completion never reaches this module (``kaapcli/cli/complete.py`` answers it from the same table).
 """
 
@@ -26,7 +27,7 @@ import kaapcli.cli
 from kaapcli.cli.complete import COMPLETE_VAR
 from kaapcli.exitcodes import ExitCode, KaapcliError
 
-NOT_COMMANDS = {"app", "common", "complete", "gendocs"}
+NOT_COMMANDS = {"app", "common", "complete", "gendocs", "helpdata", "vocabulary"}
 HELP = ("Kaapana's DICOM processing operators as one Unix toolkit: each command reads files or directories "
         "and writes a directory.")
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -61,9 +62,13 @@ class RootGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
             sys.stderr.write(f"kaapcli: warning: commands of {module} unavailable: {type(exc).__name__}: {exc}\n")
             return
+        from kaapcli.cli import vocabulary
+
         for name, command in typer.main.get_group(probe).commands.items():
             _one_suggestion(command)
             _add_debug(command)
+            _add_examples(command, name)
+            vocabulary.apply(command, name)
             self.add_command(command, name)
             self.modules[name] = module
 
@@ -88,12 +93,25 @@ class RootGroup(click.Group):
         return self.commands.get(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """click's own listing, over stand-ins made from the table for the commands not loaded yet."""
-        from kaapcli.cli._commands import LISTING
+        """The commands in the panels of the generated table (the README's groups), each with its short help;
+        the commands not loaded yet are described from the table."""
+        from kaapcli.cli._commands import LISTING, PANELS
 
-        listing = {name: self.commands.get(name) or click.Command(name, **LISTING[name])
-                   for name in self.list_commands(ctx) if name in self.commands or name in LISTING}
-        click.Group.format_commands(click.Group(commands=listing), ctx, formatter)
+        names = [name for name in self.list_commands(ctx) if name in self.commands or name in LISTING]
+        commands = {name: self.commands.get(name) or click.Command(name, **LISTING[name]) for name in names}
+        commands = {name: cmd for name, cmd in commands.items() if not cmd.hidden}
+        if not commands:
+            return
+        width = max(len(name) for name in commands)  # one column for every panel
+        limit = formatter.width - 6 - width
+        placed = {name for members in PANELS.values() for name in members}
+        panels = {**PANELS, "Other commands": [name for name in commands if name not in placed]}
+        for title, members in panels.items():
+            rows = [(name.ljust(width), commands[name].get_short_help_str(limit)) for name in members
+                    if name in commands]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                               list[str]]:
@@ -192,6 +210,37 @@ def click_command(args: Sequence[str] | None = None) -> RootGroup:
     only the module of the command it names); without (docs, tests), every command is loaded."""
     group = root_group()
     return group if args is not None else group.load_all()
+
+
+def _add_examples(command: click.Command, path: str) -> None:
+    """End the help of ``command`` (and of its subcommands) with its examples of ``helpdata.EXAMPLES``."""
+    from kaapcli.cli.helpdata import EXAMPLES
+
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            _add_examples(sub, f"{path} {name}")
+    examples = EXAMPLES.get(path)
+    if not examples:
+        return
+    epilog = command.format_epilog
+
+    def format_epilog(ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        epilog(ctx, formatter)
+        write_examples(formatter, examples)
+
+    command.format_epilog = format_epilog  # type: ignore[method-assign]
+
+
+def write_examples(formatter: click.HelpFormatter, examples: Sequence[tuple[str, str]]) -> None:
+    """An "Examples:" section: each command line as it is (never wrapped: it must paste), its purpose below."""
+    import textwrap
+
+    with formatter.section("Examples"):
+        pad = " " * formatter.current_indent
+        for line, what in examples:
+            formatter.write(f"{pad}{line}\n")
+            formatter.write(textwrap.indent(textwrap.fill(what, max(formatter.width - len(pad) - 4, 30)),
+                                            pad + "    ") + "\n")
 
 
 def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:

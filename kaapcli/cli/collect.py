@@ -28,7 +28,7 @@ def collect(
                                                   show_default=False)] = None,
     forward: Annotated[str | None, typer.Option("--to", metavar="PEER", show_default=False,
                                                 help="Forward the (anonymized) files to this peer.")] = None,
-    method: Annotated[Method, typer.Option("--method", "-m", help="C-GET, or C-MOVE to a built-in receiver "
+    method: Annotated[Method, typer.Option("--method", help="C-GET, or C-MOVE to a built-in receiver "
                                            "(DICOMweb peers: WADO-RS).")] = Method.get,
     aet: Annotated[str | None, typer.Option("--aet", help="C-MOVE destination AE title (default: calling AE).",
                                             show_default=False)] = None,

@@ -23,7 +23,7 @@ def convert(
     to: Annotated[VolumeFormat, typer.Option(
         "--to", "-t", help="Volume file format (--format is the shared stdout option).")] = VolumeFormat.nii_gz,
     name: Annotated[str, typer.Option(
-        "--name", help="Output name template of {DICOM keywords}, may hold '/' for subdirectories.")]
+        "--layout", help="Output name template of {DICOM keywords}, may hold '/' for subdirectories.")]
         = "{SeriesInstanceUID}",
     resample: Annotated[bool, typer.Option(
         "--resample", help="Resample irregular spacing, missing slices or gantry tilt onto a regular grid "

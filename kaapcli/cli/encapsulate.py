@@ -15,7 +15,7 @@ StudyFrom = Annotated[Path | None, typer.Option(
     "--study-from", help="A DICOM file or directory of the study to add to: patient and study are copied "
     "from its first DICOM file (the output is a new series of that study).", show_default=False)]
 Keywords = Annotated[list[str] | None, typer.Option(
-    "--keyword", "-k", metavar="Keyword=value",
+    "--key", "-k", metavar="Keyword=value",
     help="Set a DICOM attribute, e.g. -k PatientID=P1 (repeatable; overrides --study-from).", show_default=False)]
 
 

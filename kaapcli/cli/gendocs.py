@@ -47,14 +47,14 @@ def _environment(root: click.Command) -> dict[str, str]:
     env = dict(EXTRA_ENVIRONMENT)
     for _path, cmd in _walk(root, []):
         for param in cmd.params:
-            names = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
-            for name in names:
+            envvar = param.envvar
+            for name in [envvar] if isinstance(envvar, str) else list(envvar or ()):
                 if name and name not in env:
                     env[name] = getattr(param, "help", None) or f"Default of {param.opts[-1]}."
     return dict(sorted(env.items()))
 
 
-def man_page(root: click.Command) -> str:
+def man_page(root: click.Group) -> str:
     lines = [
         f'.TH KAAPCLI 1 "" "kaapcli {kaapcli.__version__}" "User Commands"',
         ".SH NAME",
@@ -69,19 +69,19 @@ def man_page(root: click.Command) -> str:
         _roff("An INPUT is a file, a directory (recursed, sorted; hidden names skipped) or - to read paths "
               "from stdin. stdout carries data only (output paths, or JSON records with --format jsonl); "
               "progress and messages go to stderr."),
-        ".SH COMMANDS",
     ]
     ctx = click.Context(root, info_name="kaapcli", **root.context_settings)
-    for path, cmd in _walk(root, [])[1:]:
-        if isinstance(cmd, click.Group):
-            continue
-        sub_ctx = click.Context(cmd, info_name=" ".join(path), parent=ctx)
-        lines += [".SS " + _roff(" ".join(["kaapcli", *path])), _roff(cmd.help or cmd.short_help or ""), ".PP",
-                  ".B Usage:", _roff(" ".join([sub_ctx.command_path, *cmd.collect_usage_pieces(sub_ctx)]))]
-        for param in cmd.params:
-            record = param.get_help_record(sub_ctx)
-            if record:
-                lines += [".TP", "\\fB" + _roff(record[0]) + "\\fR", _roff(record[1] or "")]
+    commands = [(path, cmd) for path, cmd in _walk(root, [])[1:] if not isinstance(cmd, click.Group)]
+    for title, members in _panels(root).items():
+        lines.append(f".SH {title.upper()} COMMANDS")
+        for path, cmd in sorted((c for c in commands if c[0][0] in members), key=lambda c: members.index(c[0][0])):
+            sub_ctx = click.Context(cmd, info_name=" ".join(path), parent=ctx)
+            lines += [".SS " + _roff(" ".join(["kaapcli", *path])), _roff(cmd.help or cmd.short_help or ""), ".PP",
+                      ".B Usage:", _roff(" ".join([sub_ctx.command_path, *cmd.collect_usage_pieces(sub_ctx)]))]
+            for param in cmd.params:
+                record = param.get_help_record(sub_ctx)
+                if record:
+                    lines += [".TP", "\\fB" + _roff(record[0]) + "\\fR", _roff(record[1] or "")]
     lines.append(".SH EXIT STATUS")
     for code, meaning in EXIT_CODES.items():
         lines += [".TP", f"\\fB{int(code)}\\fR", _roff(meaning)]
@@ -89,9 +89,79 @@ def man_page(root: click.Command) -> str:
     for name, meaning in _environment(root).items():
         lines += [".TP", f"\\fB{_roff(name)}\\fR", _roff(meaning)]
     lines += [".SH FILES", ".TP", "\\fB./kaapcli.toml\\fR, \\fB~/.config/kaapcli/config.toml\\fR",
-              _roff("Config file: [defaults] option values and [pacs.NAME], [index.NAME], [s3.NAME] profiles."),
-              ".SH SEE ALSO", "dcmodify(1), storescu(1), storescp(1), dcm2json(1), dcm2niix(1), dciodvfy(1)", ""]
+              _roff("Config file: [defaults] option values and [pacs.NAME], [index.NAME], [s3.NAME] profiles.")]
+    lines += _man_examples(root)
+    lines += [".SH SEE ALSO", "dcmodify(1), storescu(1), storescp(1), dcm2json(1), dcm2niix(1), dciodvfy(1)", ""]
     return "\n".join(lines)
+
+
+def _panels(root: click.Group) -> dict[str, list[str]]:
+    """The panels of helpdata, over the commands the app has (a command in none: "Other commands")."""
+    from kaapcli.cli.helpdata import PANELS
+
+    visible = [name for name in sorted(root.commands) if not root.commands[name].hidden]
+    panels = {title: [name for name in members if name in visible] for title, members in PANELS.items()}
+    placed = {name for members in panels.values() for name in members}
+    panels["Other commands"] = [name for name in visible if name not in placed]
+    return {title: members for title, members in panels.items() if members}
+
+
+def _man_examples(root: click.Group) -> list[str]:
+    from kaapcli.cli.helpdata import EXAMPLES, LAYOUT
+
+    lines = [".SH EXAMPLES", _roff("The examples of each command's --help, in the order of the commands above. "
+                                   "They run as written against this layout:")]
+    for name, meaning in LAYOUT:
+        lines += [".TP", "\\fB" + _roff(name) + "\\fR", _roff(meaning)]
+    order = [name for members in _panels(root).values() for name in members]
+    for path in sorted(EXAMPLES, key=lambda p: (order.index(p.split()[0]) if p.split()[0] in order else len(order), p)):
+        lines.append(".SS " + _roff(f"kaapcli {path}"))
+        for line, what in EXAMPLES[path]:
+            lines += [".TP", "\\fB" + _roff(line) + "\\fR", _roff(what)]
+    return lines
+
+
+def options_table(root: click.Group) -> str:
+    """The README's "Shared options" table: each short option, then the shared long ones, and where they are."""
+    from kaapcli.cli.vocabulary import SHARED, SHORT
+
+    where: dict[str, list[str]] = {}
+    for path, cmd in _walk(root, [])[1:]:
+        if isinstance(cmd, click.Group):
+            continue
+        for param in cmd.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                for name in param.opts:
+                    where.setdefault(name, []).append(" ".join(path))
+    commands = [" ".join(path) for path, cmd in _walk(root, [])[1:] if not isinstance(cmd, click.Group)]
+    rows = ["| option | means, in every command that has it | commands |", "|---|---|---|"]
+    entries = [(f"`{short}`, `{long}`", meaning, short) for short, (long, meaning) in SHORT.items()]
+    entries += [(f"`{long}`", meaning, long) for long, meaning in SHARED.items()]
+    for option, meaning, name in entries:
+        users = sorted(set(where.get(name, [])))
+        others = sorted(set(commands) - set(users))
+        if name == "-V":
+            listed = "`kaapcli` itself"
+        elif name == "-h" or not others:
+            listed = "every command"
+        elif len(others) < len(users):
+            listed = "every command but " + ", ".join(others)
+        else:
+            listed = ", ".join(users)
+        rows.append(f"| {option} | {meaning} | {listed} |")
+    return "\n".join(rows) + "\n"
+
+
+README_BEGIN = "<!-- shared-options: generated by make docs from kaapcli/cli/vocabulary.py -->\n"
+README_END = "<!-- /shared-options -->\n"
+
+
+def readme_with_options(readme: str, root: click.Group) -> str:
+    """The README with its shared-options table regenerated (between the two markers)."""
+    head, found, rest = readme.partition(README_BEGIN)
+    if not found:
+        return readme
+    return head + README_BEGIN + options_table(root) + README_END + rest.partition(README_END)[2]
 
 
 def completion_script(shell: str) -> str:
@@ -146,6 +216,7 @@ def command_table(root: click.Group) -> str:
         }
     return ('"""Generated by ``make docs`` (kaapcli.cli.gendocs) from the app: do not edit.\n\n'
             "COMMANDS: command name -> module of kaapcli.cli.  LISTING: what root --help lists of each command.\n"
+            "PANELS: the groups root --help lists them in (kaapcli/cli/helpdata.py).\n"
             "COMPLETION: per command path, its options, arguments and subcommands, for shell completion.\n"
             '"""\n\n'
             "from __future__ import annotations\n\n"
@@ -154,6 +225,7 @@ def command_table(root: click.Group) -> str:
             "    from typing import Any\n\n"
             f"COMMANDS: dict[str, str] = {_literal(dict(sorted(modules.items())))}\n\n"
             f"LISTING: dict[str, dict[str, Any]] = {_literal(listing)}\n\n"
+            f"PANELS: dict[str, list[str]] = {_literal(_panels(root))}\n\n"
             f"COMPLETION: dict[str, dict[str, Any]] = {_literal(completion)}\n")
 
 
@@ -174,10 +246,12 @@ def _literal(value: Any, indent: int = 0) -> str:
     return repr(value)
 
 
-def generated(root: click.Group) -> dict[Path, str]:
+def generated(root: click.Group, base: Path | None = None) -> dict[Path, str]:
     files = {Path("man/kaapcli.1"): man_page(root), Path("kaapcli/cli/_commands.py"): command_table(root)}
     for shell, name in COMPLETIONS.items():
         files[Path("completions") / name] = completion_script(shell)
+    if base is not None and (base / "README.md").is_file():
+        files[Path("README.md")] = readme_with_options((base / "README.md").read_text(), root)
     return files
 
 
@@ -187,7 +261,7 @@ def main(argv: list[str]) -> int:
     os.environ["COLUMNS"] = "100"  # help text wrapping must not depend on the terminal
     base = Path(argv[argv.index("--root") + 1]) if "--root" in argv else Path.cwd()
     stale = []
-    for rel, text in generated(click_command()).items():
+    for rel, text in generated(click_command(), base).items():
         path = base / rel
         if "--check" in argv:
             if not path.is_file() or path.read_text() != text:

@@ -558,7 +558,7 @@ def gallery(
     out: OutDir,
     query: QueryOpt = None,
     thumbnails: Annotated[Path | None, typer.Option(
-        "--thumbnails", "-t", show_default=False, file_okay=False,
+        "--thumbnails", show_default=False, file_okay=False,
         help="Directory of <SeriesInstanceUID>.png (kaapcli thumbnail output), copied beside the page.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N series.")] = None,
     sort: Annotated[str | None, typer.Option("--sort", show_default=False,
@@ -608,8 +608,8 @@ def dashboard(
     out: OutDir,
     query: QueryOpt = None,
     field: Annotated[list[str] | None, typer.Option(
-        "--field", "-F", show_default=False,
-        help="A chart of this field (repeatable or comma-separated; DATE:year|month|day, Dataset). Default: "
+        "--fields", "-f", show_default=False,
+        help="Chart these fields (repeatable or comma-separated; DATE:year|month|day, Dataset). Default: "
              "Modality, BodyPartExamined, Manufacturer, StudyDate:month, PatientSex, Tags, Dataset.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Bars per chart (the rest are summed up).")] = 15,
     title: Annotated[str, typer.Option("--title", help="Page title.")] = "kaapcli dashboard",

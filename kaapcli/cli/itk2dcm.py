@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from kaapcli.cli.common import OutDir, RunOptions, batch_command, execute
+from kaapcli.exitcodes import ExitCode
 
 
 class ImageModality(str, Enum):
@@ -40,7 +41,7 @@ def itk2dcm(
     if not root.exists():
         from kaapcli.cli.common import fail
 
-        fail(f"{root}: no such file or directory", code=66)
+        fail(f"{root}: no such file or directory", code=ExitCode.NOINPUT)
     op = Itk2DcmOperator(scan(root, modality.value), seed=seed)
     summary = execute(op, [], out, run, "itk2dcm", items=op.items())
     raise typer.Exit(int(summary.exit_code))

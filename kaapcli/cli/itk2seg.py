@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from kaapcli.cli.common import OutDir, RunOptions, batch_command, execute
+from kaapcli.exitcodes import ExitCode
 
 
 class AlgorithmType(str, Enum):
@@ -62,7 +63,7 @@ def itk2seg(
     if not files:
         from kaapcli.cli.common import fail
 
-        fail("no mask files (.nii.gz .nii .nrrd .mha) among the inputs", code=66)
+        fail("no mask files (.nii.gz .nii .nrrd .mha) among the inputs", code=ExitCode.NOINPUT)
     summary = execute(op, files, out, run, "itk2seg", items=[Item("|".join(map(str, files)), tuple(files))])
     raise typer.Exit(int(summary.exit_code))
 

@@ -210,7 +210,7 @@ def send(
     to: Annotated[str, typer.Option("--to", metavar="PEER", show_default=False,
                                     help="Where to send: AET@host:port, an http(s) DICOMweb root (STOW-RS) "
                                          "or a [pacs.NAME] profile.")],
-    associations: Annotated[int, typer.Option("--associations", "-j", min=1, max=32,
+    associations: Annotated[int, typer.Option("--jobs", "-j", min=1, max=32,
                                               help="Parallel associations (or STOW-RS requests).")] = 1,
     resume: Annotated[Path | None, typer.Option(
         "--resume", metavar="LEDGER", help="JSON-lines ledger of acknowledged SOP Instance UIDs: skip those, "
@@ -497,7 +497,7 @@ def query(
     level: Annotated[Level, typer.Option("--level", "-l", help="Query level.")] = Level.study,
     key: KeysOpt = None,
     ret: Annotated[list[str] | None, typer.Option(
-        "--return", "-r", metavar="KEYWORD", show_default=False, help="Extra return key (repeatable).")] = None,
+        "--return", metavar="KEYWORD", show_default=False, help="Extra return key (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many matches.",
                                               show_default=False)] = None,
     worklist: Annotated[bool, typer.Option(
@@ -556,7 +556,7 @@ def retrieve(
         "--from", metavar="PEER", show_default=False, help="The same as PEER (retrieve everything from there).")
     ] = None,
     key: KeysOpt = None,
-    method: Annotated[Method, typer.Option("--method", "-m", help="DIMSE: C-GET, or C-MOVE to a built-in "
+    method: Annotated[Method, typer.Option("--method", help="DIMSE: C-GET, or C-MOVE to a built-in "
                                            "receiver. (http peers: WADO-RS.)")] = Method.get,
     from_query: Annotated[str | None, typer.Option(
         "--from-query", metavar="FILE", show_default=False,

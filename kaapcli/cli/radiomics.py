@@ -18,7 +18,7 @@ def radiomics(
         metavar="[MASK]...", help="More mask files or directories: --masks a b c names three.",
         show_default=False)] = None,
     masks: Annotated[list[str] | None, typer.Option(
-        "--masks", "-m", help="Mask files or directories (repeatable, and the arguments after it are masks too); "
+        "--masks", help="Mask files or directories (repeatable, and the arguments after it are masks too); "
                               "label maps or <stem>--<int>--<name> masks.", show_default=False)] = None,
 
     bin_width: Annotated[float, typer.Option(

@@ -12,7 +12,7 @@ import typer
 
 from kaapcli.cli.common import Inputs, Reporter, RunOptions, batch_command, execute
 
-RulesFile = Annotated[Path, typer.Option("--rules", "-r", help="Rules file (JSON or TOML).", show_default=False)]
+RulesFile = Annotated[Path, typer.Option("--rules", help="Rules file (JSON or TOML).", show_default=False)]
 JournalFile = Annotated[Path | None, typer.Option(
     "--journal", envvar="KAAPCLI_JOURNAL", show_default=False,
     help="Run journal (JSON lines; default: $XDG_DATA_HOME/kaapcli/runs.jsonl).")]

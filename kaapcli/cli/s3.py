@@ -128,7 +128,7 @@ def get(
 def ls(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="s3://bucket/prefix, or s3:// for the buckets.")] = "s3://",
-    long: Annotated[bool, typer.Option("--long", "-l", help="JSON Lines with key, size, etag, last_modified.")
+    long: Annotated[bool, typer.Option("--long", help="JSON Lines with key, size, etag, last_modified.")
                     ] = False,
     endpoint: EndpointOpt = None, access_key: AccessOpt = None, secret_key: SecretOpt = None,
     s3: ProfileOpt = None,
@@ -157,7 +157,7 @@ def rm(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="s3://bucket/key (or a prefix with --recursive)",
                                           show_default=False)],
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Remove every object under the prefix.")
+    recursive: Annotated[bool, typer.Option("--recursive", "-R", help="Remove every object under the prefix.")
                          ] = False,
     endpoint: EndpointOpt = None, access_key: AccessOpt = None, secret_key: SecretOpt = None,
     s3: ProfileOpt = None, quiet: QuietOpt = False,

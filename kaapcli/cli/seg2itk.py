@@ -9,6 +9,7 @@ import typer
 
 from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, run_batch
 from kaapcli.cli.convert import VolumeFormat
+from kaapcli.exitcodes import ExitCode
 
 
 @batch_command
@@ -47,7 +48,7 @@ def seg2itk(
     from kaapcli.core.seg import Seg2ItkOperator
 
     if reference is not None and not reference.exists():
-        fail(f"--reference {reference}: no such file or directory", code=66)
+        fail(f"--reference {reference}: no such file or directory", code=ExitCode.NOINPUT)
     roots = tuple(dict.fromkeys(Path(p) for p in inputs if p != "-"))
     op = Seg2ItkOperator(labelmap=labelmap, only=tuple(n.strip().lower() for n in only.split(",") if n.strip()),
                          reference=reference, roots=roots, fmt=to.value, threshold=threshold)

@@ -17,7 +17,7 @@ def sort(
     inputs: Inputs,
     out: OutDir,
     template: Annotated[str, typer.Option(
-        "--template", "-t", help="Output path below OUT; {Keyword} fields are filled from each file's header "
+        "--layout", help="Output path below OUT; {Keyword} fields are filled from each file's header "
                                  "(missing → unknown) and made safe as file names.")] = DEFAULT_TEMPLATE,
     link: Annotated[bool, typer.Option(
         "--link", help="Hard-link instead of copying (copies, with a warning, across file systems).")] = False,
@@ -25,7 +25,7 @@ def sort(
     *,
     run: RunOptions,
 ) -> None:
-    """Copy (or hard-link) DICOM files into OUT/<template>; only headers are read.
+    """Copy (or hard-link) DICOM files into OUT/<layout>; only headers are read.
 
     Two different files that map to the same name: the second fails (nothing is overwritten);
     identical content is fine, so re-runs are safe.

@@ -112,7 +112,7 @@ def split(
     by: Annotated[GroupBy, typer.Option(
         help="Group by patient, study or series: a group never lands on both sides.")] = GroupBy.patient,
     fmt: Annotated[SplitFormat, typer.Option(
-        "--format", help="txt: train.txt and test.txt, one SeriesInstanceUID per line; json: split.json "
+        "--to", "-t", help="txt: train.txt and test.txt, one SeriesInstanceUID per line; json: split.json "
         "with patient, study and directory per series.")] = SplitFormat.txt,
     index: Annotated[str | None, typer.Option(
         "--index", metavar="TARGET", help="Also tag the series 'train' / 'test' in this index (path, URL or "

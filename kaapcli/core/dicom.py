@@ -239,13 +239,13 @@ IMPLEMENTATION_VERSION = "KAAPCLI_010"
 def file_meta(sop_class: str, sop_uid: str, syntax: str | None = None) -> Any:
     """Part 10 file meta for an object kaapcli writes (explicit VR little endian unless told otherwise)."""
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(syntax or ExplicitVRLittleEndian)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     return meta
 

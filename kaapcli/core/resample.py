@@ -80,7 +80,7 @@ def check_nifti_complete(path: Path) -> None:
     import nibabel as nib
 
     try:
-        nii = nib.load(str(path))
+        nii: Any = nib.load(str(path))  # a Nifti1Image (typed as nibabel's base class)
         proxy = nii.dataobj  # the header copy on the image has its offset reset; the proxy keeps the file's
         expected = int(proxy.offset) + int(proxy.dtype.itemsize) * math.prod(proxy.shape)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad headers

@@ -32,12 +32,12 @@ def check_template(template: str) -> list[str]:
         fields = dicom.template_fields(template)
         sample = fsio.render_template(template, {name: "x" for name in fields})
     except (ValueError, IndexError, KeyError) as exc:
-        raise UsageError(f"--template {template!r}: {exc}", hint="fields look like {PatientID}") from None
+        raise UsageError(f"--layout {template!r}: {exc}", hint="fields look like {PatientID}") from None
     unknown = [name for name in fields if tag_for_keyword(name) is None]
     if unknown:
-        raise UsageError(f"--template {template!r}: {', '.join(unknown)} is not a DICOM keyword")
+        raise UsageError(f"--layout {template!r}: {', '.join(unknown)} is not a DICOM keyword")
     if not fields or any(part in (".", "..") for part in sample.parts) or not sample.parts:
-        raise UsageError(f"--template {template!r}: needs at least one {{Keyword}} field and no . or .. parts")
+        raise UsageError(f"--layout {template!r}: needs at least one {{Keyword}} field and no . or .. parts")
     return fields
 
 
@@ -125,4 +125,4 @@ def place_new(src: Path, dest: Path, hard_link: bool) -> None:
 def _require_same(src: Path, dest: Path) -> None:
     if not same_content(src, dest):
         raise DataError(f"{dest} already exists with different content (another input maps to the same name)",
-                        hint="add a unique field such as {SOPInstanceUID} to --template")
+                        hint="add a unique field such as {SOPInstanceUID} to --layout")
