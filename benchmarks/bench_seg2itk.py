@@ -1,16 +1,16 @@
 """Benchmark: ``kaapcli seg2itk`` on a 50-segment DICOM SEG over a 300-slice 512x512 CT (target: under 5 s).
 
-    python benchmarks/bench_seg2itk.py [--slices 300] [--size 512] [--segments 50] [--workdir DIR]
+    python benchmarks/bench_seg2itk.py [--quick] [--slices 300] [--size 512] [--segments 50] [--workdir DIR]
 
 Generates the CT with ``kaapcli mock``, a label map of --segments blobs spread through the volume,
 the SEG with ``kaapcli itk2seg`` (timed too, for information), then times ``seg2itk`` (one file
 per segment, and --labelmap).  There is no installed anchor for SEG decoding (dcmqi is not
-packaged in Debian), so the figure is compared with the target.
+packaged in Debian), so the figure is compared with the target.  Human text on stderr, one JSON object per
+figure on stdout; --quick: 60 slices of 256x256, 10 segments.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import figure, quick_parser, say
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -35,12 +36,15 @@ def kaapcli(*args: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--segments", type=int, default=50)
+    parser = quick_parser(__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--segments", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    args.slices = args.slices or (60 if args.quick else 300)
+    args.size = args.size or (256 if args.quick else 512)
+    args.segments = args.segments or (10 if args.quick else 50)
     import SimpleITK as sitk
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-seg2itk-"))
@@ -75,12 +79,11 @@ def main() -> None:
         out_dir = work / f"masks{len(extra)}"
         shutil.rmtree(out_dir, ignore_errors=True)
         results[label], _ = timed(kaapcli("seg2itk", str(seg), "-r", str(series), "-o", str(out_dir), "-q", *extra))
-    print(f"CT: {k} slices {c}x{r}; SEG: {args.segments} segments, {frames} frames, "
-          f"{seg.stat().st_size / 1e6:.1f} MB")
-    print(f"itk2seg (for information): {t_seg:.2f} s")
+    say(f"CT: {k} slices {c}x{r}; SEG: {args.segments} segments, {frames} frames, {seg.stat().st_size / 1e6:.1f} MB")
+    figure("seg2itk", "itk2seg: seconds", t_seg)
     for label, seconds in results.items():
-        print(f"seg2itk {label}: {seconds:.2f} s (target < 5 s: {'met' if seconds < 5 else 'NOT met'})")
-
+        figure("seg2itk", f"seg2itk {label}: seconds; {args.segments} segments over {k} slices of {c}x{r}", seconds,
+               "<= 5")
 
 if __name__ == "__main__":
     main()
