@@ -35,7 +35,8 @@ def meets(value: float, target: str) -> bool:
     if not target:
         return True
     op, _, bound = target.partition(" ")
-    return value <= float(bound) if op == "<=" else value >= float(bound)
+    limit = float(bound.split()[0])  # a unit may follow: "<= 2.0 GiB"
+    return value <= limit if op == "<=" else value >= limit
 
 
 def figure(benchmark: str, name: str, value: float, target: str = "", note: str = "") -> bool:

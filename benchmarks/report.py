@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import meets  # noqa: E402
+
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
 
@@ -41,10 +44,7 @@ class Figure:
 
     @property
     def met(self) -> bool:
-        if not self.target:
-            return True
-        op, _, bound = self.target.partition(" ")
-        return self.worst <= float(bound) if op == "<=" else self.worst >= float(bound)
+        return meets(self.worst, self.target)
 
 
 def parse_lines(lines: Iterable[str]) -> list[dict[str, object]]:
