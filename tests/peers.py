@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import dcmtk, free_port
@@ -94,12 +96,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "HttpBindAddress": "127.0.0.1",
         "DicomScpTimeout": 10, "StableAge": 1, "ConcurrentJobs": 1,
     }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "wb")
-    proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(peer.http_port, proc=proc)
-        wait_port(peer.dicom_port, proc=proc)
+    with run_orthanc(root, config):
         import requests
 
         deadline = time.monotonic() + 20
@@ -111,9 +108,21 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
                 pass
             time.sleep(0.1)
         yield peer
-    finally:
-        stop(proc)
-        log.close()
+
+
+@contextmanager
+def run_orthanc(root: Path, config: dict[str, Any]) -> Iterator[None]:
+    """Orthanc with ``config`` (written to ROOT/orthanc.json, its log beside it), from the moment both its ports
+    answer until the block ends."""
+    (root / "orthanc.json").write_text(json.dumps(config))
+    with open(root / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_port(config["HttpPort"], proc=proc)
+            wait_port(config["DicomPort"], proc=proc)
+            yield
+        finally:
+            stop(proc)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import dcmtk, dicom_files, free_port, kaapcli, pydicom_test_files
-from peers import DICOMWEB_PLUGIN, ORTHANC, Orthanc, orthanc, stop, storescp, wait_port  # noqa: F401 - fixtures
+from peers import DICOMWEB_PLUGIN, ORTHANC, Orthanc, orthanc, run_orthanc, stop, storescp, wait_port  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.network
 
@@ -192,15 +192,8 @@ def own_orthanc(root: Path, aet: str, **config: object) -> Iterator[Orthanc]:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "db"),
             "IndexDirectory": str(root / "db"), "HttpBindAddress": "127.0.0.1", "DicomAlwaysAllowStore": True,
             "DicomScpTimeout": 10, **config}
-    (root / "orthanc.json").write_text(json.dumps(full))
-    with open(root / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_port(peer.http_port, proc=proc)
-            wait_port(peer.dicom_port, proc=proc)
-            yield peer
-        finally:
-            stop(proc)
+    with run_orthanc(root, full):
+        yield peer
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import dcmtk, dicom_files, free_port, kaapcli
-from peers import MOVE_AET, ORTHANC, Orthanc, receiver, stop, wait_port  # noqa: F401 - pytest fixture
+from peers import MOVE_AET, ORTHANC, Orthanc, receiver, run_orthanc, stop, wait_port  # noqa: F401 - pytest fixture
 
 pytestmark = pytest.mark.network
 
@@ -232,16 +232,8 @@ def orthanc_tls(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[
         "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomScpTimeout": 10,
     }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(peer.http_port, proc=proc)
-        wait_port(peer.dicom_port, proc=proc)
+    with run_orthanc(root, config):
         yield peer
-    finally:
-        stop(proc)
-        log.close()
 
 
 def test_orthanc_over_tls_echo_send_query_get_move(orthanc_tls: OrthancTls, pki: Pki, mock_ct: Path,
