@@ -1169,9 +1169,10 @@ def run_batch(
     opts = options or BatchOptions()
     created: list[Path] = []  # directories this run made: removed at the end if it wrote nothing into them
     if out is not None and not opts.dry_run:
-        created += [] if out.exists() else [out]
+        created = [] if out.exists() else [out]
         fsio.ensure_dir(out)  # now: an OUT that cannot be created fails before any input is read
-        created += [] if fsio.state_dir(out).exists() else [fsio.state_dir(out)]
+        state = fsio.state_dir(out)  # (after OUT's parents exist: where it goes depends on them)
+        created += [] if state.exists() else [state]
     runner = _Runner(op, out, opts, on_total, on_result)
     runner.summary.keep_results = keep_results
     if isinstance(items, Sequence) and on_total is not None:
