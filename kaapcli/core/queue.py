@@ -956,9 +956,9 @@ def _worker_class() -> Any:
         def unsubscribe(self) -> None:
             # RQ's unsubscribe can block for good on redis-py's pubsub thread (rq#1613): at most 5 s, in a daemon
             # thread, for the process ends right after it (os._exit) and nothing of the pubsub outlives it
-            done = threading.Thread(target=super().unsubscribe, name="kaapcli-unsubscribe", daemon=True)
-            done.start()
-            done.join(timeout=5)
+            unsubscribing = threading.Thread(target=super().unsubscribe, name="kaapcli-unsubscribe", daemon=True)
+            unsubscribing.start()
+            unsubscribing.join(timeout=5)
 
         def handle_exception(self, job: Any, *exc_info: Any) -> None:
             if isinstance(exc_info[1], RunFailed):  # a rule that failed: one line, its log is in the journal
