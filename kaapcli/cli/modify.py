@@ -55,11 +55,8 @@ def modify(
     inserted as TAG=VR:value, e.g. -i "(0009,1001)=LO:x". Edits apply in this order: --new-uids,
     --erase-private, --erase-all, -e, -m, -i.
     """
-    from kaapcli.core import dicom
     from kaapcli.core.modify import ModifyOperator, parse_edits
     from kaapcli.exitcodes import UsageError
-
-    dicom.import_pydicom(pixels=False)  # headers are edited, Pixel Data copied as bytes: no numpy, no requests
 
     if in_place == (out is not None):
         raise UsageError("give either -o DIR or --in-place" if not in_place else "-o cannot be used with --in-place")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kaapcli.core import fsio
+from kaapcli.core import dictionary, fsio
 from kaapcli.exitcodes import DataError, UsageError
 
 
@@ -333,15 +333,18 @@ def _ascii_value(elem: Any) -> bytes | None:
     return text if len(text) <= 0xFFFF or elem.VR in LONG_LENGTH_VRS else None  # pydicom turns those into UN
 
 
+def element_header(tag: int, vr: str, length: int, implicit: bool, order: str = "<") -> bytes:
+    """The tag, VR (explicit VR only) and length of an element (PS3.5 7.1)."""
+    if implicit:
+        return struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, length)
+    if vr in LONG_LENGTH_VRS:
+        return struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
 def _write_element(out: Any, tag: int, vr: str, value: bytes, order: str, undefined: bool = False) -> None:
     """One element; ``undefined``: of undefined length, its value then closed by a sequence delimiter."""
-    length = UNDEFINED if undefined else len(value)
-    if out.is_implicit_VR:
-        out.write(struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, length))
-    elif vr in LONG_LENGTH_VRS:
-        out.write(struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
-    else:
-        out.write(struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
+    out.write(element_header(tag, vr, UNDEFINED if undefined else len(value), out.is_implicit_VR, order))
     out.write(value)
     if undefined:
         out.write(struct.pack(order + "HHL", 0xFFFE, 0xE0DD, 0))
@@ -515,19 +518,16 @@ class TagStep:
 def parse_tag(text: str) -> int:
     """A tag from a keyword (``PatientName``) or a number: ``(0010,0010)``, ``0010,0010``,
     ``0x0010,0x0010``, ``0010|0010`` (ITK/Kaapana) or ``00100010``.  Raises UsageError."""
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.tag import Tag
-
     text = text.strip()
-    tag = tag_for_keyword(text)
+    tag = dictionary.tag_for_keyword(text)
     if tag is not None:
-        return int(tag)
+        return tag
     match = _TAG_NUMBER.fullmatch(text)
     if match is None:
         raise UsageError(f"{text!r} is not a DICOM keyword or tag",
                          hint="use a keyword like PatientName or a tag like (0010,0010)")
     group, element, packed = match.groups()
-    return int(Tag(int(packed, 16)) if packed else Tag(int(group, 16), int(element, 16)))
+    return int(packed, 16) if packed else int(group, 16) << 16 | int(element, 16)
 
 
 def parse_tag_path(text: str) -> tuple[TagStep, ...]:
@@ -550,9 +550,13 @@ def parse_tag_path(text: str) -> tuple[TagStep, ...]:
 
 def tag_label(tag: int) -> str:
     """``(0010,0010) PatientName`` (or just the number for private and unknown tags)."""
-    from pydicom.datadict import keyword_for_tag
+    entry = dictionary.entry(tag)
+    if entry is not None:
+        keyword = entry[4]
+    else:  # repeating groups, group lengths
+        from pydicom.datadict import keyword_for_tag
 
-    keyword = keyword_for_tag(tag)
+        keyword = keyword_for_tag(tag)
     number = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
     return f"{number} {keyword}" if keyword else number
 

@@ -100,6 +100,9 @@ class Header:
     pixel_offset: int = -1  # file offset of the Pixel Data value; -1: no pixel data
     pixel_length: int = 0
     sequences: frozenset[int] = frozenset()  # tags of the top-level sequences met (not decoded)
+    # (tag, first byte, end) of every top-level element before Pixel Data, file meta included, in file order
+    layout: tuple[tuple[int, int, int], ...] = ()
+    pixel_element: int = -1  # file offset of the Pixel Data element (its tag); -1: no pixel data
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, str):
@@ -237,8 +240,9 @@ def _is(text: str) -> int:
     return value
 
 
-def scan(path: Path) -> Header | None:
-    """The header of ``path``, or None when the fast reader does not handle this file (see the module docstring).
+def scan(path: Path, *, encapsulated: bool = False) -> Header | None:
+    """The header of ``path``, or None when the fast reader does not handle this file (see the module docstring;
+    ``encapsulated``: compressed pixel data too, its ``pixel_length`` then -1: undefined).
 
     Raises OSError when the file cannot be read.
     """
@@ -246,7 +250,7 @@ def scan(path: Path) -> Header | None:
         size = os.fstat(fh.fileno()).st_size
         buf = fh.read(min(size, HEAD))
         while True:
-            header = parse(path, buf, complete=len(buf) >= size)
+            header = parse(path, buf, complete=len(buf) >= size, encapsulated=encapsulated)
             if header is None or isinstance(header, Header):
                 return header
             if len(buf) >= min(size, MAX_HEADER):
@@ -254,7 +258,7 @@ def scan(path: Path) -> Header | None:
             buf += fh.read(min(size, MAX_HEADER, len(buf) * 4) - len(buf))
 
 
-def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
+def parse(path: Path, buf: bytes, *, complete: bool, encapsulated: bool = False) -> Header | None | bool:
     """Walk the elements of ``buf`` (the first bytes of a Part 10 file; ``complete``: all of it).
 
     Returns the Header, None when the file is not handled, or False when ``buf`` ends before the pixel data
@@ -264,19 +268,20 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
         return None
     elements: dict[int, tuple[str, bytes]] = {}
     sequences: set[int] = set()
+    layout: list[tuple[int, int, int]] = []
     pos, size, syntax, explicit = 132, len(buf), "", True
     meta_end = -1
     unpack_short, unpack_long = struct.Struct("<HH2sH").unpack_from, struct.Struct("<I").unpack_from
     unpack_implicit = struct.Struct("<HHI").unpack_from
     while True:
         if pos + 8 > size:
-            return False if not complete else (_finish(path, syntax, elements, sequences, -1, 0)
+            return False if not complete else (_finish(path, syntax, elements, sequences, layout, -1, -1, 0)
                                                 if pos == size else None)
         if meta_end < 0 and pos >= 132 and unpack_short(buf, pos)[0] != 0x0002:
-            if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
+            if syntax not in (EXPLICIT_LE, IMPLICIT_LE) and not (encapsulated and compressed_explicit_le(syntax)):
                 return None  # deflated, big endian, encapsulated: pydicom's (the pixel data tells later)
             meta_end = pos
-            explicit = syntax == EXPLICIT_LE
+            explicit = syntax != IMPLICIT_LE
         in_meta = meta_end < 0
         if in_meta or explicit:
             group, element, vr_bytes, length = unpack_short(buf, pos)
@@ -297,9 +302,10 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
             vr = _BY_TAG.get(group << 16 | element, "UN")
         tag = group << 16 | element
         if tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA):
-            if tag != PIXEL_DATA or length == _UNDEFINED:
+            if tag != PIXEL_DATA or (length == _UNDEFINED and not encapsulated):
                 return None  # float pixels, or encapsulated (compressed) frames: pydicom decodes those
-            return _finish(path, syntax, elements, sequences, start, length)
+            length = -1 if length == _UNDEFINED else length
+            return _finish(path, syntax, elements, sequences, layout, pos, start, length)
         if length == _UNDEFINED:  # a sequence of undefined length (or an undefined-length UN): step over its items
             if in_meta or (explicit and vr != "SQ"):
                 return None  # an undefined-length UN holds implicit VR items (PS3.5 6.2.2): pydicom's
@@ -307,6 +313,7 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
             if end is None:
                 return False if not complete else None
             sequences.add(tag)
+            layout.append((tag, pos, end))
             pos = end
             continue
         if start + length > size:
@@ -317,7 +324,16 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
             elements[tag] = (vr, buf[start:start + length])
         if tag == 0x00020010:
             syntax = buf[start:start + length].decode("latin-1").strip(" \x00")
+        layout.append((tag, pos, start + length))
         pos = start + length
+
+
+def compressed_explicit_le(syntax: str) -> bool:
+    """Whether a transfer syntax is one of encapsulated pixel data whose dataset is explicit VR little endian:
+    JPEG family (but JPIP Referenced Deflate, whose dataset is deflated), RLE, Encapsulated Uncompressed, Deflated
+    Image Frame Compression (PS3.5 A.4, A.8)."""
+    return (syntax.startswith("1.2.840.10008.1.2.4.") and syntax != "1.2.840.10008.1.2.4.95") or syntax in (
+        "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.8.1")
 
 
 def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int | None:
@@ -365,8 +381,8 @@ def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int | None:
     return pos
 
 
-def _finish(path: Path, syntax: str, elements: dict[int, tuple[str, bytes]], sequences: set[int], offset: int,
-            length: int) -> Header | None:
+def _finish(path: Path, syntax: str, elements: dict[int, tuple[str, bytes]], sequences: set[int],
+            layout: list[tuple[int, int, int]], element: int, offset: int, length: int) -> Header | None:
     if not syntax:
         return None
-    return Header(path, syntax, elements, offset, length, frozenset(sequences))
+    return Header(path, syntax, elements, offset, length, frozenset(sequences), tuple(layout), element)

@@ -13,14 +13,16 @@ then the file meta information is brought in line with SOPClassUID/SOPInstanceUI
 
 from __future__ import annotations
 
+import os
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from kaapcli.core import dicom
+from kaapcli.core import dicom, dicomscan, dictionary, fsio
 from kaapcli.core.batch import BaseOperator, Context, Item, Outcome
 from kaapcli.core.dicom import ALL_ITEMS, TagStep, tag_label
 from kaapcli.exitcodes import DataError, UsageError
@@ -111,11 +113,12 @@ class Edits:
 
 def dictionary_vr(tag: int) -> str | None:
     """The VR the data dictionary gives a tag (``None`` for private and unknown tags)."""
-    from pydicom.datadict import dictionary_VR
-    from pydicom.tag import Tag
-
-    if Tag(tag).is_private_creator:
+    if dictionary.is_private_creator(tag):
         return "LO"
+    if (entry := dictionary.entry(tag)) is not None:
+        return entry[0]
+    from pydicom.datadict import dictionary_VR  # repeating groups (60xx, 50xx)
+
     try:
         return str(dictionary_VR(tag))
     except KeyError:
@@ -210,12 +213,15 @@ def parse_edits(*, inserts: Iterable[str] = (), modifies: Iterable[str] = (), er
 
 def _vm_bounds(tag: int) -> tuple[int, int | None, int]:
     """(minimum, maximum or None, step) of the dictionary VM of a tag; anything goes when unknown."""
-    from pydicom.datadict import dictionary_VM
+    if (entry := dictionary.entry(tag)) is not None:
+        vm = entry[1]
+    else:
+        from pydicom.datadict import dictionary_VM
 
-    try:
-        vm = str(dictionary_VM(tag))
-    except KeyError:
-        return 1, None, 1
+        try:
+            vm = str(dictionary_VM(tag))
+        except KeyError:
+            return 1, None, 1
     match = re.fullmatch(r"(\d+)(?:-(\d*)(n?))?", vm)
     if match is None:
         return 1, None, 1
@@ -229,9 +235,6 @@ def _vm_bounds(tag: int) -> tuple[int, int | None, int]:
 
 def convert_value(vr: str, text: str, tag: int) -> Any:
     """The Python value of ``text`` for an element of ``vr``; raises ValueError saying what is wrong."""
-    from pydicom import config
-    from pydicom.valuerep import DA, DT, TM, validate_value
-
     if " or " in vr:  # ambiguous dictionary VR ("US or SS", "OB or OW"): the writer settles it from context
         choices = vr.split(" or ")
         vr = next((c for c in choices if c not in BINARY_VRS), choices[0])
@@ -249,31 +252,72 @@ def convert_value(vr: str, text: str, tag: int) -> Any:
         vm = f"{low}" if high == low else f"{low}-{high if high is not None else 'n'}"
         raise ValueError(f"{tag_label(tag)} takes {vm} value(s) (VM {vm}), got {len(parts)}: "
                          "values are separated by \\")
-    values: list[Any] = []
-    for part in parts:
-        fmt = f" (expected {FORMATS[vr]})" if vr in FORMATS else ""
-        try:
-            if vr in INT_VRS:
-                value: Any = int(part)
-                low_value, high_value = INT_RANGES[vr]
-                if not low_value <= value <= high_value:
-                    raise ValueError(f"{part!r} is out of range for {vr} (expected {FORMATS[vr]})")
-            elif vr in FLOAT_VRS:
-                value = float(part)
-            elif vr == "AT":
-                value = dicom.parse_tag(part)
-            else:
-                value = part
-                if vr in ("DA", "DT", "TM"):
-                    {"DA": DA, "DT": DT, "TM": TM}[vr](part)  # a real date/time, not a query range
-            validate_value(vr, value, config.RAISE)
-        except (ValueError, UsageError, OverflowError) as exc:
-            reason = str(exc).split(" Please see")[0]
-            if not (vr in INT_RANGES and "out of range for" in reason) and (vr in FORMATS or not reason):
-                reason = f"{part!r} is not a valid {vr} value{fmt}"
-            raise ValueError(reason) from None
-        values.append(value)
+    values = [v if (v := _plain_value(vr, part)) is not None else _checked_value(vr, part) for part in parts]
     return values[0] if len(values) == 1 else values
+
+
+# Values valid beyond doubt (PS3.5 Table 6.2-1), a subset of what pydicom's validation accepts: these need no
+# pydicom (~0.3 s to import), every other value is judged by it.  Printable ASCII only (no backslash: it
+# separates values, except in the single-valued texts), lengths within the VR's maximum, numbers in their
+# plain form (pydicom keeps a DS/IS string as written: "+1", "1e3" or "01" are its to judge).
+_TEXT, _LONG_TEXT = r"[\x20-\x5b\x5d-\x7e]*", r"[\x20-\x7e]*"  # printable ASCII; without / with backslash
+_PLAIN = {vr: (re.compile(pattern), longest) for vr, pattern, longest in [
+    ("AE", _TEXT, 16), ("CS", r"[A-Z0-9 _]*", 16), ("SH", _TEXT, 16), ("LO", _TEXT, 64), ("UC", _TEXT, 0),
+    ("LT", _LONG_TEXT, 10240), ("ST", _LONG_TEXT, 1024), ("UT", _LONG_TEXT, 0), ("AS", r"\d{3}[DWMY]", 0),
+    ("PN", r"[\x20-\x3c\x3e-\x5b\x5d-\x7e]{0,64}", 0),  # one component group of up to 64: no "="
+    ("UI", r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", 64), ("DS", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", 16),
+    ("IS", r"0|-?[1-9][0-9]{0,8}", 0), ("DA", r"\d{8}", 0), ("TM", r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", 0)]}
+_INTEGER, _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)"), re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
+def _plain_value(vr: str, part: str) -> Any:
+    """``part`` as :func:`convert_value` gives it when it is valid beyond doubt (see above); None: ask pydicom."""
+    if vr in INT_RANGES:
+        low, high = INT_RANGES[vr]
+        return int(part) if _INTEGER.fullmatch(part) and low <= int(part) <= high else None
+    if vr in FLOAT_VRS:
+        return float(part) if _DECIMAL.fullmatch(part) and len(part) <= 16 else None
+    if vr not in _PLAIN or not _PLAIN[vr][0].fullmatch(part) or len(part) > (_PLAIN[vr][1] or len(part)):
+        return None
+    if vr == "DA":
+        import datetime
+
+        try:
+            datetime.date(int(part[:4]), int(part[4:6]), int(part[6:]))
+        except ValueError:
+            return None
+    if vr == "TM" and not (int(part[:2]) < 24 and all(int(part[i:i + 2]) < 60 for i in (2, 4) if i < len(part))):
+        return None
+    return part
+
+
+def _checked_value(vr: str, part: str) -> Any:
+    """One value of ``vr`` judged by pydicom's validation; raises ValueError saying what is wrong."""
+    from pydicom import config
+    from pydicom.valuerep import DA, DT, TM, validate_value
+
+    fmt = f" (expected {FORMATS[vr]})" if vr in FORMATS else ""
+    try:
+        if vr in INT_VRS:
+            value: Any = int(part)
+            low_value, high_value = INT_RANGES[vr]
+            if not low_value <= value <= high_value:
+                raise ValueError(f"{part!r} is out of range for {vr} (expected {FORMATS[vr]})")
+        elif vr in FLOAT_VRS:
+            value = float(part)
+        elif vr == "AT":
+            value = dicom.parse_tag(part)
+        else:
+            value = part
+            if vr in ("DA", "DT", "TM"):
+                {"DA": DA, "DT": DT, "TM": TM}[vr](part)  # a real date/time, not a query range
+        validate_value(vr, value, config.RAISE)
+    except (ValueError, UsageError, OverflowError) as exc:
+        reason = str(exc).split(" Please see")[0]
+        if not (vr in INT_RANGES and "out of range for" in reason) and (vr in FORMATS or not reason):
+            reason = f"{part!r} is not a valid {vr} value{fmt}"
+        raise ValueError(reason) from None
+    return value
 
 
 def element_text(elem: Any) -> str:
@@ -491,7 +535,6 @@ def complete_file_meta(ds: Any) -> list[str]:
 
 def write(ds: Any, dest: Path) -> None:
     """Write atomically: as a Part 10 file when the dataset can be one, else in the form it was read."""
-    from kaapcli.core import fsio
 
     try:
         if ds.get("SOPClassUID") and ds.get("SOPInstanceUID"):
@@ -531,6 +574,113 @@ def write_with_pixels_of(ds: Any, source: Path, pixels: tuple[int, int], dest: P
     dicom.write_spliced(ds, preamble + b"DICM" + group_length + body, source, pixels, dest)
 
 
+# --------------------------------------------------------------------------- the byte editor
+
+# The VRs whose values the byte editor encodes as pydicom's writer does: text (ASCII, values joined by a
+# backslash, padded to even length) and binary numbers.
+_TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+_NUMBER_CODES = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "UV": "Q", "SV": "q", "FL": "f", "FD": "d"}
+# Edits of these change how the rest reads (the character set) or what the file meta must say: pydicom's path.
+_NOT_BYTE_EDITED = frozenset({0x00080005, 0x00080016, 0x00080018})
+DIRECTORY_RECORDS = 0x00041220
+
+ByteStep = tuple[str, str, int, str, bytes | None]  # option, TAG as written, tag, VR, encoded value (None: erase)
+
+
+def byte_steps(edits: Edits) -> list[ByteStep] | None:
+    """The edits as steps of the byte editor, in the order :func:`apply_edits` makes them (-e, -m, -i), when all
+    are -e/-m/-i of top-level elements before Pixel Data with a VR of their own that it encodes and ASCII values;
+    None: they are pydicom's.  The element values are encoded here, once; the element header per file."""
+    if edits.conditions or edits.new_uids or edits.erase_private or edits.erase_all or edits.needs_pixel_element:
+        return None
+    steps: list[ByteStep] = []
+    for path in edits.erase:
+        if len(path) > 1 or path[0].index is not None:
+            return None
+        steps.append(("-e", "", path[0].tag, "", None))
+    for a in edits.modifies + edits.inserts:
+        vr = a.vr or ""
+        if len(a.path) > 1 or a.tag in _NOT_BYTE_EDITED or vr not in _TEXT_VRS | _NUMBER_CODES.keys() \
+                or not a.value.isascii():
+            return None
+        value = convert_value(vr, a.value, a.tag)
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        if vr in _NUMBER_CODES:
+            data = struct.pack(f"<{len(values)}{_NUMBER_CODES[vr]}", *values)
+        else:
+            data = "\\".join(values).encode("ascii")
+            data += (b"\0" if vr == "UI" else b" ") * (len(data) % 2)
+        if len(data) > 0xFFFF and vr not in dicom.LONG_LENGTH_VRS:
+            return None
+        steps.append((a.option, a.text, a.tag, vr, data))
+    return steps
+
+
+def edit_bytes(steps: list[ByteStep], src: Path, dest: Path) -> list[str] | None:
+    """Make the edits in the bytes of the header, copy the rest of the file as read: the file
+    :func:`write_with_pixels_of` writes after pydicom read and edited it (byte for byte, a test compares them),
+    without pydicom.  Returns the warnings, or None when the file is pydicom's to edit: one the fast reader does
+    not walk (``dicomscan``), elements out of order or after Pixel Data, a truncated file, a DICOMDIR, a file meta
+    without its UIDs, explicit UN elements, an implicit VR dataset that starts like an explicit one (pydicom reads
+    it as explicit)."""
+    try:
+        header = dicomscan.scan(src, encapsulated=True)
+    except OSError:
+        return None  # pydicom's read says why
+    if header is None or DIRECTORY_RECORDS in header.sequences:
+        return None
+    tags = [tag for tag, _, _ in header.layout]
+    if any(a >= b for a, b in zip(tags, tags[1:], strict=False)) or not all(
+            header.elements.get(tag, ("", b""))[1].strip(b" \0")
+            for tag in (0x00020002, 0x00020003, 0x00020010, 0x00080016, 0x00080018)):
+        return None
+    implicit = header.syntax == dicomscan.IMPLICIT_LE
+    if not implicit and any(vr == "UN" for vr, _ in header.elements.values()):
+        return None  # pydicom gives the elements it reads (SOP UIDs...) their dictionary VR: it writes those anew
+    with open(src, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        end = header.pixel_element if header.pixel_element >= 0 else size
+        head = os.pread(fh.fileno(), end, 0)
+        if header.pixel_element < 0:
+            pixels_end = size
+        elif header.pixel_length >= 0:
+            pixels_end = header.pixel_offset + header.pixel_length
+        else:
+            pixels_end = dicom.pixel_element_end(fh, header.pixel_element, implicit=False, little=True) or -1
+        first = next((start for tag, start, _ in header.layout if tag >> 16 != 2), None)
+        if len(head) != end or pixels_end != size or (
+                implicit and first is not None and all(0x40 < b < 0x5B for b in head[first + 4:first + 6])):
+            return None
+        meta: dict[int, bytes] = {}
+        body: dict[int, bytes] = {}
+        for tag, start, stop in header.layout:
+            if tag >> 16 == 2:
+                meta[tag] = head[start:stop]
+            elif tag & 0xFFFF or tag >> 16 <= 6:  # retired group lengths are not written (PS3.5 7.2)
+                body[tag] = head[start:stop]
+        notes = []
+        for option, text, tag, vr, value in steps:
+            if value is None:
+                body.pop(tag, None)
+            elif option == "-m" and tag not in body:
+                notes.append(f"-m {text}: not present, not modified (use -i to insert)")
+            else:
+                body[tag] = dicom.element_header(tag, vr, len(value), implicit) + value
+        meta.pop(0x00020000, None)
+        meta.setdefault(0x00020001, dicom.element_header(0x00020001, "OB", 2, False) + b"\0\1")
+        for tag, text in ((0x00020012, dicom.IMPLEMENTATION_UID), (0x00020013, dicom.IMPLEMENTATION_VERSION)):
+            value = text.encode() + (b"\0" if tag == 0x00020012 else b" ") * (len(text) % 2)
+            meta[tag] = dicom.element_header(tag, "UI" if tag == 0x00020012 else "SH", len(value), False) + value
+        group = b"".join(meta[tag] for tag in sorted(meta))
+        new_head = (head[:128] + b"DICM" + dicom.element_header(0x00020000, "UL", 4, False)
+                    + struct.pack("<L", len(group)) + group + b"".join(body[tag] for tag in sorted(body)))
+        with fsio.atomic_write(dest) as out:
+            out.write(new_head)
+            out.flush()  # the pixel bytes go to the descriptor directly, after the header
+            dicom.copy_range(fh, out, end, size - end)
+    return notes
+
+
 # --------------------------------------------------------------------------- the operator
 
 def output_path(src: Path, roots: Iterable[Path]) -> Path:
@@ -553,12 +703,23 @@ class ModifyOperator(BaseOperator):
         self.edits = edits
         self.roots = tuple(roots)
         self.in_place = in_place
+        self.byte_steps = byte_steps(edits)
 
     def options(self) -> dict[str, Any]:
         return {"edits": asdict(self.edits), "in_place": self.in_place}
 
     def process(self, item: Item, ctx: Context) -> Outcome:
         src = item.paths[0]
+        if self.in_place:
+            dest = src
+        else:
+            assert ctx.out is not None
+            dest = ctx.out / output_path(src, (item.root,) if item.root is not None else self.roots)
+        if self.byte_steps is not None and not ctx.dry_run:
+            notes = edit_bytes(self.byte_steps, src, dest)
+            if notes is not None:
+                return Outcome(outputs=[dest], warnings=notes)
+        dicom.import_pydicom(pixels=False)  # headers are edited, Pixel Data copied as bytes: no numpy, no requests
         with dicom.collect_warnings() as read_notes:
             # The header only, and where Pixel Data lies when it can be copied as read (a file that does not parse
             # to its end, Pixel Data included, fails: never written back as if whole).
@@ -571,11 +732,6 @@ class ModifyOperator(BaseOperator):
             if failed:
                 return Outcome(skipped=True, message=f"condition not met: {failed[0]}")
             notes = read_notes + complete_file_meta(ds) + apply_edits(self.edits, ds)
-            if self.in_place:
-                dest = src
-            else:
-                assert ctx.out is not None
-                dest = ctx.out / output_path(src, (item.root,) if item.root is not None else self.roots)
             if ctx.dry_run:
                 return Outcome(skipped=True, message=f"would write {dest}", warnings=notes)
             if pixels is not None and spliceable(ds):
