@@ -519,16 +519,17 @@ def test_modify_of_plain_files_never_imports_pydicom(mock_ct: Path, tmp_path: Pa
     assert read(dicom_files(tmp_path / "out")[0]).PatientName == "Bench^Mark"
 
 
-@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
-                                "UT", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"])
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                                "UI", "UT", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"])
 def test_values_accepted_without_pydicom_are_valid_for_pydicom(vr: str) -> None:
     """The pydicom-free check accepts a subset of what pydicom's validation does, and gives the same value."""
     from kaapcli.core.modify import _checked_value, _plain_value
 
     candidates = ["", " ", "A", "a b", "ABC_12 3", "x" * 16, "x" * 17, "X" * 64, "X" * 65, "0", "-0", "01", "1",
                   "-7", "+7", "1.5", "-1.25", "1.", ".5", "1e3", "1.2.840.10008.1.2", "1.02.3", "0.0", "20240229",
-                  "20230229", "00000101", "2359", "2400", "235960", "120000.123456", "120000.1234567", "045Y",
-                  "45Y", "Doe^John", "Doe^John=Ideo", "a\\b", "tab\there", "new\nline", "é", "65535", "65536",
+                  "20230229", "00000101", "2024", "20241301", "2359", "2400", "235960", "120000.123456",
+                  "120000.1234567", "045Y", "45Y", "Doe^John", "Doe^John=Ideo", "a\\b", "tab\there", "new\nline",
+                  "é", "65535", "65536",
                   "-32768", "-32769", "4294967295", "2147483648", "-2147483649", "999999999", "1000000000",
                   "18446744073709551615", "9223372036854775808", "1" * 17, "1.0000000000001"]
     accepted = 0
@@ -561,3 +562,30 @@ def test_byte_editor_matches_pydicom_on_every_pydicom_test_file(options: dict[st
             handled += 1
             assert by_bytes == by_pydicom, src.name
     assert handled > 100
+
+
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                                "UI", "UT", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"])
+def test_byte_editor_encodes_values_as_pydicom_writes_them(vr: str) -> None:
+    """Every value the byte editor takes (one or several, padded or not) is encoded as pydicom's writer does."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    from kaapcli.core.dicom import element_header
+    from kaapcli.core.modify import _plain_value, value_bytes
+
+    candidates = ["A", "ab", "a b ", "ABC_12 3", "X" * 64, "0", "-0", "1", "-7", "12", "1.5", "-1.25", "1.50",
+                  "1.2.840.10008.1.2", "1.2.3", "20240229", "2024", "2359", "235959", "120000.123456", "12", "045Y",
+                  "Doe^John", "Doe^John^^Dr^", "a\\b", "65535", "-32768", "4294967295", "999999999"]
+    tag = 0x00091001  # private: the VR is the one given
+    for text in candidates:
+        parts = [text] if vr in ("LT", "ST", "UT") else text.split("\\")
+        values = [_plain_value(vr, part) for part in parts]
+        if any(v is None for v in values):
+            continue
+        value = values[0] if len(values) == 1 else values
+        ds = Dataset()
+        ds[tag] = DataElement(tag, vr, value)
+        by_pydicom = dicom.encode_dataset(ds, implicit=False, little=True)
+        data = value_bytes(vr, value)
+        assert element_header(tag, vr, len(data), False) + data == by_pydicom, (vr, text)

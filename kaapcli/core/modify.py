@@ -266,7 +266,8 @@ _PLAIN = {vr: (re.compile(pattern), longest) for vr, pattern, longest in [
     ("LT", _LONG_TEXT, 10240), ("ST", _LONG_TEXT, 1024), ("UT", _LONG_TEXT, 0), ("AS", r"\d{3}[DWMY]", 0),
     ("PN", r"[\x20-\x3c\x3e-\x5b\x5d-\x7e]{0,64}", 0),  # one component group of up to 64: no "="
     ("UI", r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", 64), ("DS", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", 16),
-    ("IS", r"0|-?[1-9][0-9]{0,8}", 0), ("DA", r"\d{8}", 0), ("TM", r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", 0)]}
+    ("IS", r"0|-?[1-9][0-9]{0,8}", 0), ("DA", r"\d{8}", 0), ("DT", r"\d{4}(\d{4})?", 0),  # DT: a year or a date
+    ("TM", r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", 0)]}
 _INTEGER, _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)"), re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
@@ -279,7 +280,7 @@ def _plain_value(vr: str, part: str) -> Any:
         return float(part) if _DECIMAL.fullmatch(part) and len(part) <= 16 else None
     if vr not in _PLAIN or not _PLAIN[vr][0].fullmatch(part) or len(part) > (_PLAIN[vr][1] or len(part)):
         return None
-    if vr == "DA":
+    if vr == "DA" or (vr == "DT" and len(part) == 8):
         import datetime
 
         try:
@@ -600,20 +601,24 @@ def byte_steps(edits: Edits) -> list[ByteStep] | None:
         steps.append(("-e", "", path[0].tag, "", None))
     for a in edits.modifies + edits.inserts:
         vr = a.vr or ""
-        if len(a.path) > 1 or a.tag in _NOT_BYTE_EDITED or vr not in _TEXT_VRS | _NUMBER_CODES.keys() \
-                or not a.value.isascii():
-            return None
-        value = convert_value(vr, a.value, a.tag)
-        values = [] if value is None else value if isinstance(value, list) else [value]
-        if vr in _NUMBER_CODES:
-            data = struct.pack(f"<{len(values)}{_NUMBER_CODES[vr]}", *values)
-        else:
-            data = "\\".join(values).encode("ascii")
-            data += (b"\0" if vr == "UI" else b" ") * (len(data) % 2)
+        parts = [a.value] if vr in SINGLE_TEXT_VRS else a.value.split("\\")
+        if len(a.path) > 1 or a.tag in _NOT_BYTE_EDITED or vr not in _TEXT_VRS | _NUMBER_CODES.keys() or (
+                a.value and any(_plain_value(vr, part) is None for part in parts)):
+            return None  # a value pydicom may write otherwise than as given (" 1.5", "+1") is pydicom's to write
+        data = value_bytes(vr, convert_value(vr, a.value, a.tag))
         if len(data) > 0xFFFF and vr not in dicom.LONG_LENGTH_VRS:
             return None
         steps.append((a.option, a.text, a.tag, vr, data))
     return steps
+
+
+def value_bytes(vr: str, value: Any) -> bytes:
+    """An element value of :func:`convert_value` encoded as pydicom writes it (little endian; text in ASCII)."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if vr in _NUMBER_CODES:
+        return struct.pack(f"<{len(values)}{_NUMBER_CODES[vr]}", *values)
+    data = "\\".join(values).encode("ascii")
+    return data + (b"\0" if vr == "UI" else b" ") * (len(data) % 2)
 
 
 def edit_bytes(steps: list[ByteStep], src: Path, dest: Path) -> list[str] | None:
