@@ -12,6 +12,10 @@
   distinct colour, semi-transparent fill (overlaps mix) and an opaque outline, and a legend (colour,
   number, label) in the lower left corner.  Masks come from ``core.seg``, which finds the referenced
   series in ``reference`` or beside the SEG/RTSTRUCT.
+
+The common case, a native 8/16-bit MONOCHROME1/2 image with a window in its header, is rendered by
+:func:`windowed` without numpy or pydicom (a lookup table over the stored words, applied by Pillow);
+its PNG is pixel for pixel the general path's.
 """
 
 from __future__ import annotations
@@ -200,8 +204,8 @@ def resize(image: Any, width: int, height: int) -> Any:
 
 
 def windowed(header: Any, size: int) -> Any:
-    """The thumbnail of the common case, as :func:`to_display` and :func:`render` make it, without numpy (whose
-    import costs more than the rest of a thumbnail): a native single-frame or plain multi-frame MONOCHROME1/2
+    """The thumbnail of the common case, as :func:`to_display` and :func:`render` make it, without numpy (~0.1 s
+    to import, a quarter of a series thumbnail): a native single-frame or plain multi-frame MONOCHROME1/2
     image of 8 or 16 bits (a dicomscan Header) windowed by its first WindowCenter/WindowWidth.  Each possible
     stored word is mapped to its grey level with to_display's float64 arithmetic (a table Pillow applies), so
     the result is identical.  None for anything else (LUT sequences, functional groups, no window, odd bits)."""
@@ -249,9 +253,9 @@ def windowed(header: Any, size: int) -> Any:
         if os.preadv(fh.fileno(), [buffer], header.pixel_offset + (frames // 2) * plane) != plane:
             return None
     if bits == 8:
-        image = Image.frombytes("L", (columns, rows), bytes(buffer)).point(table)
+        image = Image.frombytes("L", (columns, rows), buffer).point(table)
     else:
-        image = Image.frombytes("I", (columns, rows), bytes(buffer), "raw", "I;16").point(table, "L")
+        image = Image.frombytes("I", (columns, rows), buffer, "raw", "I;16").point(table, "L")
     aspect = header.get("PixelSpacing") or header.get("ImagerPixelSpacing") or header.get("PixelAspectRatio")
     return resize(image, *fit(aspect, rows, columns, size))
 
