@@ -253,3 +253,6 @@ def test_numpy_free_thumbnail_equals_the_general_path(tmp_path: Path, mock_ct: P
                                   batch.BatchOptions(workers=1))
         assert summary.exit_code == 0, name
         np.testing.assert_array_equal(png(tmp_path / "out" / name, ds.SeriesInstanceUID), expected, err_msg=name)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(variants["ct"][0].read_bytes()[:-100])
+    assert windowed(dicomscan.scan(cut), 50) is None  # truncated pixel data: the general path reports it

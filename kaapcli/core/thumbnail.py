@@ -248,9 +248,12 @@ def windowed(header: Any, size: int) -> Any:
     if signed:  # indexed by the stored bits: two's complement puts the negative half second
         table = table[levels >> 1:] + table[:levels >> 1]
     table *= 1 << (bits - stored)  # the bits above BitsStored are ignored (PS3.5 8.1.1)
-    buffer = bytearray(plane)
+    offset = header.pixel_offset + (frames // 2) * plane
     with open(header.path, "rb", buffering=0) as fh:
-        if os.preadv(fh.fileno(), [buffer], header.pixel_offset + (frames // 2) * plane) != plane:
+        if os.fstat(fh.fileno()).st_size < offset + plane:
+            return None  # truncated: the general path says so (and nothing is allocated from the header's sizes)
+        buffer = bytearray(plane)
+        if os.preadv(fh.fileno(), [buffer], offset) != plane:
             return None
     if bits == 8:
         image = Image.frombytes("L", (columns, rows), buffer).point(table)
