@@ -256,3 +256,27 @@ def test_numpy_free_thumbnail_equals_the_general_path(tmp_path: Path, mock_ct: P
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(variants["ct"][0].read_bytes()[:-100])
     assert windowed(dicomscan.scan(cut), 50) is None  # truncated pixel data: the general path reports it
+
+
+@pytest.mark.filterwarnings("ignore:The pixel data is:UserWarning")  # pydicom on a file with excess padding
+def test_numpy_free_thumbnail_equals_the_general_path_on_pydicom_files() -> None:
+    """pydicom's test files (several vendors, syntaxes and bit depths): every one the numpy-free path takes
+    renders as the general path renders it."""
+    from kaapcli.core import dicomscan
+    from kaapcli.core.thumbnail import display_size, frame_pixels, render, to_display, windowed
+
+    taken = 0
+    for path in pydicom_test_files():
+        try:
+            header = dicomscan.scan(path)
+            image = windowed(header, 64) if header is not None else None
+        except dicomscan.Unsupported:
+            continue
+        if image is None:
+            continue
+        taken += 1
+        ds = pydicom.dcmread(path)
+        pixels = to_display(ds, frame_pixels(ds))
+        expected = render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], 64))
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected), err_msg=path.name)
+    assert taken >= 20
