@@ -7,6 +7,7 @@ import collections
 import gzip
 import os
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,21 @@ def test_thumbnail_decodes_only_the_middle_file(mock_ct: Path, tmp_path: Path, m
     positions = {p.name: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files}
     (shown,) = counts["pixels"]
     assert shown == sorted(positions, key=positions.__getitem__)[len(files) // 2]
+
+
+
+def test_thumbnail_of_a_plain_series_imports_neither_numpy_nor_pydicom(mock_ct: Path, tmp_path: Path) -> None:
+    """A windowed native CT series is rendered through a lookup table: numpy (~0.1 s to import), pydicom and
+    multiprocessing (no worker runs) stay out of the process, which DCMTK's two programs beat on start-up alone."""
+    code = ("import atexit, sys; atexit.register(lambda: print(sorted(m for m in ('numpy', 'pydicom', "
+            "'multiprocessing') if m in sys.modules), file=sys.stderr)); from kaapcli.__main__ import main; "
+            "sys.argv[0] = 'kaapcli'; sys.exit(main())")
+    series = dicom_files(mock_ct)[0].parent
+    proc = subprocess.run([sys.executable, "-c", code, "thumbnail", str(series), "-o", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["[]"]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def test_itk2seg_holds_no_volume_per_segment(ct40: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -147,3 +148,135 @@ def test_enhanced_ct_uses_the_window_of_its_functional_groups(tmp_path: Path, mo
     classic = png(tmp_path / "one-out", sources[0].SeriesInstanceUID)
     np.testing.assert_array_equal(ours, classic)
     assert 0 < ours.mean() < 200  # windowed (40/400 HU), not stretched to the percentiles
+
+
+def _variants(ct: Path, mr: Path, dest: Path) -> dict[str, tuple[Path, bool]]:
+    """Single files derived from a mock CT and MR slice: name -> (path, whether the numpy-free path takes it)."""
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    out: dict[str, tuple[Path, bool]] = {}
+    rng = np.random.default_rng(5)
+
+    def make(name: str, source: Path, fast: bool, change: Any = None, **save: Any) -> None:
+        ds = pydicom.dcmread(source)
+        if change is not None:
+            change(ds, ds.pixel_array)
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()  # one series per variant
+        (dest / name).mkdir(parents=True)
+        pydicom.dcmwrite(dest / name / "f.dcm", ds, **save)
+        out[name] = (dest / name / "f.dcm", fast)
+
+    def attrs(**values: Any) -> Any:
+        def change(ds: Any, _: Any) -> None:
+            for k, v in values.items():
+                if v is None:
+                    del ds[k]
+                else:
+                    setattr(ds, k, v)
+        return change
+
+    def high_bits(ds: Any, arr: Any) -> None:  # garbage above BitsStored (12): ignored
+        ds.PixelData = (arr | (rng.integers(0, 16, arr.shape) << 12)).astype("<u2").tobytes()
+
+    def signed12(ds: Any, arr: Any) -> None:
+        values = np.clip(arr.astype(np.int32) - 1024, -2048, 2047)
+        ds.PixelRepresentation, ds.RescaleIntercept = 1, 0
+        ds.PixelData = ((values & 0xFFF) | (rng.integers(0, 16, arr.shape) << 12)).astype("<u2").tobytes()
+
+    def signed16(ds: Any, arr: Any) -> None:
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit, ds.RescaleIntercept = 1, 16, 15, 0
+        ds.PixelData = (arr.astype(np.int16) - 1024).astype("<i2").tobytes()
+
+    def eight(signed: int) -> Any:
+        def change(ds: Any, arr: Any) -> None:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, signed
+            ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 0, 10, 150
+            ds.PixelData = ((arr >> 4).astype(np.int16) - 128 * signed).astype("i1" if signed else "u1").tobytes()
+        return change
+
+    def frames(ds: Any, arr: Any) -> None:
+        ds.NumberOfFrames = 3
+        ds.PixelData = np.stack([arr, arr[::-1], arr[:, ::-1]]).astype("<u2").tobytes()
+
+    def big_endian(ds: Any, arr: Any) -> None:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        ds.PixelData = arr.astype(">u2").tobytes()
+
+    make("ct", ct, True)
+    make("mr", mr, True)
+    make("monochrome1", ct, True, attrs(PhotometricInterpretation="MONOCHROME1"))
+    make("rescale", ct, True, attrs(RescaleSlope=0.37, RescaleIntercept=-1000.25, WindowCenter=-600.5,
+                                    WindowWidth=1500.3))
+    make("negative-slope", ct, True, attrs(RescaleSlope=-2.0, RescaleIntercept=3000))
+    make("no-rescale", ct, True, attrs(RescaleSlope=None, RescaleIntercept=None, WindowCenter=1100,
+                                       WindowWidth=1))
+    make("only-slope", ct, True, attrs(RescaleIntercept=None, WindowCenter=1000))
+    make("non-square", ct, True, attrs(PixelSpacing=[1.6, 0.7]))
+    make("aspect-ratio", mr, True, attrs(PixelSpacing=None, PixelAspectRatio=[3, 4]))
+    make("two-windows", ct, True, attrs(WindowCenter=[-600, 40], WindowWidth=[1500, 400]))
+    make("high-bits", ct, True, high_bits)
+    make("signed12", ct, True, signed12)
+    make("signed16", ct, True, signed16)
+    make("eight", ct, True, eight(0))
+    make("eight-signed", ct, True, eight(1))
+    make("frames", mr, True, frames)
+    make("implicit", ct, True, implicit_vr=True, little_endian=True,
+         change=lambda ds, _: setattr(ds.file_meta, "TransferSyntaxUID", ImplicitVRLittleEndian))
+    make("big-endian", mr, False, big_endian, implicit_vr=False, little_endian=False, force_encoding=True)
+    make("no-window", ct, False, attrs(WindowCenter=None, WindowWidth=None))
+    make("narrow-window", ct, False, attrs(WindowWidth=0.5))
+    make("voi-lut", ct, False, lambda ds, _: setattr(ds, "VOILUTSequence", [pydicom.Dataset()]))
+    return out
+
+
+def test_numpy_free_thumbnail_equals_the_general_path(tmp_path: Path, mock_ct: Path) -> None:
+    """The common case skips numpy; its PNG is pixel for pixel the general path's (pydicom's pixels through
+    to_display and render), and every case it does not take falls back to that path."""
+    from kaapcli.core import batch, dicomscan
+    from kaapcli.core.thumbnail import ThumbnailOperator, display_size, frame_pixels, render, to_display, windowed
+
+    mr = tmp_path / "mr"
+    assert kaapcli("mock", "-o", mr, "--modality", "MR", "--slices", "1", "--rows", "40", "--columns", "56",
+                   "-q").returncode == 0
+    variants = _variants(dicom_files(series_dir(mock_ct))[3], dicom_files(mr)[0], tmp_path / "in")
+    for name, (path, fast) in variants.items():
+        ds = pydicom.dcmread(path)
+        pixels = to_display(ds, frame_pixels(ds))
+        expected = np.asarray(render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], 50)))
+        assert 0 < expected.mean() < 255, name  # a picture, not a blank: the comparison means something
+        header = dicomscan.scan(path)
+        image = windowed(header, 50) if header is not None else None
+        assert (image is not None) == fast, name
+        if image is not None:
+            np.testing.assert_array_equal(np.asarray(image), expected, err_msg=name)
+        summary = batch.run_batch(ThumbnailOperator(size=50), [path], tmp_path / "out" / name,
+                                  batch.BatchOptions(workers=1))
+        assert summary.exit_code == 0, name
+        np.testing.assert_array_equal(png(tmp_path / "out" / name, ds.SeriesInstanceUID), expected, err_msg=name)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(variants["ct"][0].read_bytes()[:-100])
+    assert windowed(dicomscan.scan(cut), 50) is None  # truncated pixel data: the general path reports it
+
+
+@pytest.mark.filterwarnings("ignore:The pixel data is:UserWarning")  # pydicom on a file with excess padding
+def test_numpy_free_thumbnail_equals_the_general_path_on_pydicom_files() -> None:
+    """pydicom's test files (several vendors, syntaxes and bit depths): every one the numpy-free path takes
+    renders as the general path renders it."""
+    from kaapcli.core import dicomscan
+    from kaapcli.core.thumbnail import display_size, frame_pixels, render, to_display, windowed
+
+    taken = 0
+    for path in pydicom_test_files():
+        try:
+            header = dicomscan.scan(path)
+            image = windowed(header, 64) if header is not None else None
+        except dicomscan.Unsupported:
+            continue
+        if image is None:
+            continue
+        taken += 1
+        ds = pydicom.dcmread(path)
+        pixels = to_display(ds, frame_pixels(ds))
+        expected = render(pixels, *display_size(ds, pixels.shape[0], pixels.shape[1], 64))
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected), err_msg=path.name)
+    assert taken >= 20

@@ -552,21 +552,23 @@ def _worker_sigterm(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-_stop: Any = None  # a flag in shared memory (set by the parent on an interrupt): start no further item
+_stop: Any = None  # a byte of shared memory (set by the parent on an interrupt): start no further item
 
 
 def _stopped() -> bool:
-    return bool(_stop is not None and _stop.value)
+    return bool(_stop is not None and _stop[0])
 
 
 def _stop_flag() -> Any:
-    """The shared stop flag, made before any worker forks (they inherit it), cleared for a new run."""
+    """The shared stop flag, made before any worker forks (they inherit it), cleared for a new run.  An anonymous
+    shared mapping: multiprocessing's RawValue costs its import and an arena file (~8 ms) in every run, even
+    runs that never start a worker."""
     global _stop
     if _stop is None:
-        import multiprocessing
+        import mmap
 
-        _stop = multiprocessing.get_context("fork").RawValue("b", 0)
-    _stop.value = 0
+        _stop = mmap.mmap(-1, 1)  # MAP_SHARED: forked workers see the parent's writes
+    _stop[0] = 0
     return _stop
 
 
@@ -986,7 +988,7 @@ class _Runner:
         if self.stop_signal and not self.stopping:
             self.stopping = True
             self.held.clear()  # planned, never started
-            self.stop.value = 1  # workers finish the item they are on and start no other
+            self.stop[0] = 1  # workers finish the item they are on and start no other
         return self.stopping
 
     # ----------------------------------------------------------------- committing
@@ -1113,7 +1115,7 @@ class _Runner:
         self.stopping = True
         self.lost_workers = True
         self.held.clear()
-        self.stop.value = 1
+        self.stop[0] = 1
         self.shutdown(kill=True)
         for slot in self.slots:
             if slot.future is None:

@@ -78,6 +78,7 @@ _BY_TAG = {tag: vr for tag, vr in KEYWORDS.values()}
 _LONG = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
 _SHORT = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
                     b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_VRS = {vr: (vr.decode(), vr in _LONG) for vr in _LONG | _SHORT}  # VR bytes -> (VR, whose length is 4 bytes)
 _TEXT = frozenset({"SH", "LO", "UC", "ST", "LT", "UT", "PN"})  # decoded with the character set (PS3.5 6.1.2.3)
 _SINGLE = frozenset({"ST", "LT", "UT"})  # backslash is text, not a delimiter
 _BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
@@ -287,21 +288,22 @@ def parse(path: Path, buf: bytes, *, complete: bool, encapsulated: bool = False)
             group, element, vr_bytes, length = unpack_short(buf, pos)
             if group == 0xFFFE:
                 return None  # an item outside a sequence: broken
-            if vr_bytes in _LONG:
+            known = _VRS.get(vr_bytes)
+            if known is None:
+                return None
+            vr, long_length = known
+            if long_length:
                 if pos + 12 > size:
                     return False if not complete else None
                 length, start = unpack_long(buf, pos + 8)[0], pos + 12
-            elif vr_bytes in _SHORT:
-                start = pos + 8
             else:
-                return None
-            vr = vr_bytes.decode("ascii")
+                start = pos + 8
         else:
             group, element, length = unpack_implicit(buf, pos)
             start = pos + 8
             vr = _BY_TAG.get(group << 16 | element, "UN")
         tag = group << 16 | element
-        if tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA):
+        if group == 0x7FE0 and tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA):
             if tag != PIXEL_DATA or (length == _UNDEFINED and not encapsulated):
                 return None  # float pixels, or encapsulated (compressed) frames: pydicom decodes those
             length = -1 if length == _UNDEFINED else length

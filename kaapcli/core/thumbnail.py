@@ -12,11 +12,18 @@
   distinct colour, semi-transparent fill (overlaps mix) and an opaque outline, and a legend (colour,
   number, label) in the lower left corner.  Masks come from ``core.seg``, which finds the referenced
   series in ``reference`` or beside the SEG/RTSTRUCT.
+
+The common case, a native 8/16-bit MONOCHROME1/2 image with a window in its header, is rendered by
+:func:`windowed` without numpy or pydicom (a lookup table over the stored words, applied by Pillow);
+its PNG is pixel for pixel the general path's.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,8 +174,13 @@ def display_size(ds: Any, rows: int, columns: int, size: int) -> tuple[int, int]
     """(width, height) with the longest side ``size`` and the physical aspect of the pixels."""
     spacing = (ds.get("PixelSpacing") or _group_value(frame_groups(ds, None), "PixelMeasuresSequence", "PixelSpacing")
                or ds.get("ImagerPixelSpacing"))
+    return fit(spacing or ds.get("PixelAspectRatio"), rows, columns, size)
+
+
+def fit(aspect: Any, rows: int, columns: int, size: int) -> tuple[int, int]:
+    """(width, height) with the longest side ``size``; ``aspect``: (row, column) spacing or aspect ratio, if any."""
     try:
-        dy, dx = (float(v) for v in spacing) if spacing else (float(v) for v in ds.get("PixelAspectRatio"))
+        dy, dx = (float(v) for v in aspect)
     except (AttributeError, TypeError, ValueError):
         dy = dx = 1.0
     if dy <= 0 or dx <= 0:
@@ -182,8 +194,73 @@ def render(pixels: Any, width: int, height: int) -> Any:
     """A display array resized to (width, height) as a Pillow image."""
     from PIL import Image
 
-    img = Image.fromarray(pixels)
-    return img.resize((width, height), Image.Resampling.LANCZOS)
+    return resize(Image.fromarray(pixels), width, height)
+
+
+def resize(image: Any, width: int, height: int) -> Any:
+    from PIL import Image
+
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def windowed(header: Any, size: int) -> Any:
+    """The thumbnail of the common case, as :func:`to_display` and :func:`render` make it, without numpy (~0.1 s
+    to import, a quarter of a series thumbnail): a native single-frame or plain multi-frame MONOCHROME1/2
+    image of 8 or 16 bits (a dicomscan Header) windowed by its first WindowCenter/WindowWidth.  Each possible
+    stored word is mapped to its grey level with to_display's float64 arithmetic (a table Pillow applies), so
+    the result is identical.  None for anything else (LUT sequences, functional groups, no window, odd bits)."""
+    from PIL import Image
+
+    photometric = str(header.get("PhotometricInterpretation") or "").upper()
+    bits, stored, signed = header.get("BitsAllocated"), header.get("BitsStored"), header.get("PixelRepresentation")
+    rows, columns, frames = header.get("Rows"), header.get("Columns"), header.get("NumberOfFrames") or 1
+    if (photometric not in ("MONOCHROME1", "MONOCHROME2") or bits not in (8, 16) or signed not in (0, 1)
+            or (header.get("SamplesPerPixel") or 1) != 1 or header.pixel_offset < 0
+            or not all(isinstance(v, int) and v > 0 for v in (rows, columns, frames, stored)) or stored > bits
+            or any(k in header for k in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+                                         "ModalityLUTSequence", "VOILUTSequence"))):
+        return None
+    slope, intercept = header.get("RescaleSlope"), header.get("RescaleIntercept")
+    rescaled = slope is not None and intercept is not None
+    center, width = first_value(header.get("WindowCenter")), first_value(header.get("WindowWidth"))
+    numbers = (center, width, *((slope, intercept) if rescaled else ()))
+    if (center is None or width is None or width < 1
+            or not all(isinstance(v, float) and math.isfinite(v) for v in numbers)):
+        return None
+    plane = rows * columns * bits // 8
+    if header.pixel_length < plane * frames:
+        return None  # short pixel data: the general path says why
+    low, step, mono1 = center - 0.5, max(width - 1, 1), photometric == "MONOCHROME1"
+
+    def grey(value: int) -> int:  # to_display's arithmetic, in the same float64 steps
+        x = float(value) * slope + intercept if rescaled else float(value)
+        scaled = min(max((x - low) / step + 0.5, 0.0), 1.0)
+        return round((1 - scaled if mono1 else scaled) * 255)
+
+    # grey is monotonic in the stored value (every step rounds monotonically), so beyond two bisections the
+    # table is the constant ends: only the window's ramp is computed value by value
+    levels = 1 << stored
+    values = range(-(levels >> 1), levels >> 1) if signed else range(levels)
+    first, last = grey(values[0]), grey(values[-1])
+    start = bisect.bisect_left(values, True, key=lambda v: grey(v) != first)
+    end = bisect.bisect_left(values, True, lo=start, key=lambda v: grey(v) == last)
+    table = [first] * start + [grey(v) for v in values[start:end]] + [last] * (len(values) - end)
+    if signed:  # indexed by the stored bits: two's complement puts the negative half second
+        table = table[levels >> 1:] + table[:levels >> 1]
+    table *= 1 << (bits - stored)  # the bits above BitsStored are ignored (PS3.5 8.1.1)
+    offset = header.pixel_offset + (frames // 2) * plane
+    with open(header.path, "rb", buffering=0) as fh:
+        if os.fstat(fh.fileno()).st_size < offset + plane:
+            return None  # truncated: the general path says so (and nothing is allocated from the header's sizes)
+        buffer = bytearray(plane)
+        if os.preadv(fh.fileno(), [buffer], offset) != plane:
+            return None
+    if bits == 8:
+        image = Image.frombytes("L", (columns, rows), buffer).point(table)
+    else:
+        image = Image.frombytes("I", (columns, rows), buffer, "raw", "I;16").point(table, "L")
+    aspect = header.get("PixelSpacing") or header.get("ImagerPixelSpacing") or header.get("PixelAspectRatio")
+    return resize(image, *fit(aspect, rows, columns, size))
 
 
 def overlay(base: Any, masks: list[tuple[int, Any]]) -> Any:
@@ -289,6 +366,8 @@ class ThumbnailOperator(BaseOperator):
         """The Pillow image of one series; raises NotAnImage for series without pixels (SR, RT plans, ...).
 
         The middle file comes from the plan's header peeks (``Item.notes``), so only that file is decoded."""
+        from kaapcli.core import dicomscan
+
         where = (lambda p: f"{p}: ") if len(item.paths) > 1 else (lambda p: "")  # one file: the engine names it
         peeks = []
         for path, note in zip(item.paths, item.notes or (None,) * len(item.paths), strict=True):
@@ -299,6 +378,11 @@ class ThumbnailOperator(BaseOperator):
         path = sorted(peeks, key=lambda entry: entry[1].key)[len(peeks) // 2][0]
         if peeks[0][1].sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
             return self.seg_thumbnail(path, warnings)
+        with contextlib.suppress(OSError, dicomscan.Unsupported):
+            header = dicomscan.scan(path)
+            image = windowed(header, self.size) if header is not None else None
+            if image is not None:
+                return image
         ds, arr = self._decode(path, where)
         try:
             pixels = to_display(ds, arr)
