@@ -589,3 +589,26 @@ def test_byte_editor_encodes_values_as_pydicom_writes_them(vr: str) -> None:
         by_pydicom = dicom.encode_dataset(ds, implicit=False, little=True)
         data = value_bytes(vr, value)
         assert element_header(tag, vr, len(data), False) + data == by_pydicom, (vr, text)
+
+
+def test_full_disk_fails_the_files_that_do_not_fit_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    """The byte editor on a full disk: the files that fit are whole, the others fail with one line each (exit 73:
+    all that failed could not be written), nothing half-written is left."""
+    from tests.test_net_hostile import _mount_tmpfs
+
+    src = tmp_path / "ct"
+    assert kaapcli("mock", "-o", src, "--slices", "12", "--rows", "128", "--columns", "128", "-q").returncode == 0
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "256k")
+    try:
+        proc = kaapcli("modify", src, "-o", disk / "out", "-m", "PatientName=Full^Disk", "--format", "jsonl")
+        records = [json.loads(line) for line in proc.stdout.splitlines()]
+        written = [r for r in records if r["status"] == "ok"]
+        failed = [r for r in records if r["status"] == "failed"]
+        assert proc.returncode == 73 and written and failed and len(records) == 12, proc.stderr
+        assert all("cannot write" in r["message"] for r in failed) and "Traceback" not in proc.stderr
+        for record in written:
+            assert read(Path(record["outputs"][0])).PatientName == "Full^Disk"
+        assert not [p for p in (disk / "out").rglob("*") if "kaapcli-part" in p.name]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

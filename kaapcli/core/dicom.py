@@ -470,6 +470,7 @@ def write_spliced(ds: Any, meta: tuple[str, str, str] | bytes, source: Path, pix
     header = (meta if isinstance(meta, bytes) else encode_file_meta(*meta)) + encode_dataset(ds, implicit, little)
     start, end = pixels
     with open(source, "rb") as src, fsio.atomic_write(dest) as out:
+        fsio.reserve(out, len(header) + end - start)
         out.write(header)
         out.flush()  # the pixel bytes go to the descriptor directly, after the header
         copy_range(src, out, start, end - start)

@@ -680,6 +680,7 @@ def edit_bytes(steps: list[ByteStep], src: Path, dest: Path) -> list[str] | None
         new_head = (head[:128] + b"DICM" + dicom.element_header(0x00020000, "UL", 4, False)
                     + struct.pack("<L", len(group)) + group + b"".join(body[tag] for tag in sorted(body)))
         with fsio.atomic_write(dest) as out:
+            fsio.reserve(out, len(new_head) + size - end)
             out.write(new_head)
             out.flush()  # the pixel bytes go to the descriptor directly, after the header
             dicom.copy_range(fh, out, end, size - end)
