@@ -23,12 +23,13 @@ Never: trusts a length that runs past the bytes read, or allocates from a header
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 HEAD = 16384  # first read: a CT header is ~2 KiB; a Siemens MR with CSA headers (~20 KiB) takes a second one
 MAX_HEADER = 16 * 2**20  # longer headers (enhanced objects with thousands of frames) go to pydicom
@@ -241,22 +242,23 @@ def _is(text: str) -> int:
     return value
 
 
-def scan(path: Path, *, encapsulated: bool = False) -> Header | None:
+def scan(path: Path, *, encapsulated: bool = False, fh: IO[bytes] | None = None) -> Header | None:
     """The header of ``path``, or None when the fast reader does not handle this file (see the module docstring;
-    ``encapsulated``: compressed pixel data too, its ``pixel_length`` then -1: undefined).
+    ``encapsulated``: compressed pixel data too, its ``pixel_length`` then -1: undefined; ``fh``: the file already
+    open, read from its start).
 
     Raises OSError when the file cannot be read.
     """
-    with open(path, "rb", buffering=0) as fh:
+    with open(path, "rb", buffering=0) if fh is None else contextlib.nullcontext(fh) as fh:
         size = os.fstat(fh.fileno()).st_size
-        buf = fh.read(min(size, HEAD))
+        buf = os.pread(fh.fileno(), min(size, HEAD), 0)
         while True:
             header = parse(path, buf, complete=len(buf) >= size, encapsulated=encapsulated)
             if header is None or isinstance(header, Header):
                 return header
             if len(buf) >= min(size, MAX_HEADER):
                 return None
-            buf += fh.read(min(size, MAX_HEADER, len(buf) * 4) - len(buf))
+            buf += os.pread(fh.fileno(), min(size, MAX_HEADER, len(buf) * 4) - len(buf), len(buf))
 
 
 def parse(path: Path, buf: bytes, *, complete: bool, encapsulated: bool = False) -> Header | None | bool:

@@ -629,20 +629,24 @@ def edit_bytes(steps: list[ByteStep], src: Path, dest: Path) -> list[str] | None
     without its UIDs, explicit UN elements, an implicit VR dataset that starts like an explicit one (pydicom reads
     it as explicit)."""
     try:
-        header = dicomscan.scan(src, encapsulated=True)
+        fh = open(src, "rb", buffering=0)
     except OSError:
         return None  # pydicom's read says why
-    if header is None or DIRECTORY_RECORDS in header.sequences:
-        return None
-    tags = [tag for tag, _, _ in header.layout]
-    if any(a >= b for a, b in zip(tags, tags[1:], strict=False)) or not all(
-            header.elements.get(tag, ("", b""))[1].strip(b" \0")
-            for tag in (0x00020002, 0x00020003, 0x00020010, 0x00080016, 0x00080018)):
-        return None
-    implicit = header.syntax == dicomscan.IMPLICIT_LE
-    if not implicit and any(vr == "UN" for vr, _ in header.elements.values()):
-        return None  # pydicom gives the elements it reads (SOP UIDs...) their dictionary VR: it writes those anew
-    with open(src, "rb") as fh:
+    with fh:
+        try:
+            header = dicomscan.scan(src, encapsulated=True, fh=fh)
+        except OSError:
+            return None
+        if header is None or DIRECTORY_RECORDS in header.sequences:
+            return None
+        tags = [tag for tag, _, _ in header.layout]
+        if any(a >= b for a, b in zip(tags, tags[1:], strict=False)) or not all(
+                header.elements.get(tag, ("", b""))[1].strip(b" \0")
+                for tag in (0x00020002, 0x00020003, 0x00020010, 0x00080016, 0x00080018)):
+            return None
+        implicit = header.syntax == dicomscan.IMPLICIT_LE
+        if not implicit and any(vr == "UN" for vr, _ in header.elements.values()):
+            return None  # pydicom gives the elements it reads (SOP UIDs...) their dictionary VR: it writes them anew
         size = os.fstat(fh.fileno()).st_size
         end = header.pixel_element if header.pixel_element >= 0 else size
         head = os.pread(fh.fileno(), end, 0)
@@ -671,20 +675,27 @@ def edit_bytes(steps: list[ByteStep], src: Path, dest: Path) -> list[str] | None
                 notes.append(f"-m {text}: not present, not modified (use -i to insert)")
             else:
                 body[tag] = dicom.element_header(tag, vr, len(value), implicit) + value
-        meta.pop(0x00020000, None)
-        meta.setdefault(0x00020001, dicom.element_header(0x00020001, "OB", 2, False) + b"\0\1")
-        for tag, text in ((0x00020012, dicom.IMPLEMENTATION_UID), (0x00020013, dicom.IMPLEMENTATION_VERSION)):
-            value = text.encode() + (b"\0" if tag == 0x00020012 else b" ") * (len(text) % 2)
-            meta[tag] = dicom.element_header(tag, "UI" if tag == 0x00020012 else "SH", len(value), False) + value
-        group = b"".join(meta[tag] for tag in sorted(meta))
-        new_head = (head[:128] + b"DICM" + dicom.element_header(0x00020000, "UL", 4, False)
-                    + struct.pack("<L", len(group)) + group + b"".join(body[tag] for tag in sorted(body)))
+        new_head = head[:128] + b"DICM" + _file_meta_group(meta) + b"".join(body[tag] for tag in sorted(body))
         with fsio.atomic_write(dest) as out:
             fsio.reserve(out, len(new_head) + size - end)
             out.write(new_head)
             out.flush()  # the pixel bytes go to the descriptor directly, after the header
             dicom.copy_range(fh, out, end, size - end)
     return notes
+
+
+def _file_meta_group(elements: dict[int, bytes]) -> bytes:
+    """The file meta group of an edited file from its elements as read (tag -> encoded element), as
+    :func:`write_with_pixels_of` writes it: kaapcli named as the writer (PS3.10 7.1), the version added when
+    missing, the group length recomputed."""
+    meta = {tag: element for tag, element in elements.items() if tag != 0x00020000}
+    meta.setdefault(0x00020001, dicom.element_header(0x00020001, "OB", 2, False) + b"\0\1")
+    writer = ((0x00020012, "UI", dicom.IMPLEMENTATION_UID), (0x00020013, "SH", dicom.IMPLEMENTATION_VERSION))
+    for tag, vr, text in writer:
+        value = text.encode() + (b"\0" if vr == "UI" else b" ") * (len(text) % 2)
+        meta[tag] = dicom.element_header(tag, vr, len(value), False) + value
+    group = b"".join(meta[tag] for tag in sorted(meta))
+    return dicom.element_header(0x00020000, "UL", 4, False) + struct.pack("<L", len(group)) + group
 
 
 # --------------------------------------------------------------------------- the operator
