@@ -108,6 +108,38 @@ def test_kaapcli_to_kaapcli_mutual_tls(receiver, pki: Pki, mock_ct: Path) -> Non
     assert got.keys() == sent.keys() and all(got[name].endswith(data) for name, data in sent.items())
 
 
+def test_tls_fragments_arrive_byte_for_byte_whatever_the_pdu_size(pki: Pki, mock_ct: Path, tmp_path: Path) -> None:
+    """Over TLS a fragment and its P-DATA-TF header leave in one write from one buffer: datasets of several PDVs,
+    of one PDV and the last PDV shorter than the others arrive unchanged."""
+    from kaapcli.core.net import dimse, ul
+    from kaapcli.core.net.peers import Timeouts, parse_peer
+    from kaapcli.core.net.scp import Receiver
+    from kaapcli.core.net.tls import TLS
+
+    rx = Receiver(tmp_path / "rx", port=0, timeouts=Timeouts.of(5),
+                  tls=TLS(str(pki.server_cert), str(pki.server_key), str(pki.ca)))
+    rx.start()
+    try:
+        files = sorted(mock_ct.rglob("*.dcm"))[:3]
+        instances = [dimse.scan(f) for f in files]
+        peer = parse_peer(f"RX@127.0.0.1:{rx.port}").with_tls(TLS(str(pki.client_cert), str(pki.client_key),
+                                                                  str(pki.ca)))
+        scu = ul.StoreSCU(peer, "TLS", Timeouts.of(5), dimse.contexts_for(instances))
+        scu.connect()
+        assert scu.is_tls
+        for inst, max_data in zip(instances, (1000, 1 << 20, 4097), strict=True):
+            scu.max_data = max_data
+            scu.store(inst.sop_class, inst.sop_instance, inst.syntax, (inst.path, inst.offset))
+        assert sorted(status.code for _, status in scu.drain()) == [0, 0, 0]
+        scu.release()
+    finally:
+        rx.stop(grace=2)
+    stored = {p.stem: p for p in rx.out.rglob("*.dcm") if not p.name.startswith(".")}
+    for inst in instances:
+        got = stored[inst.path.stem].read_bytes()
+        assert got[ul.read_meta(stored[inst.path.stem])[1]:] == inst.path.read_bytes()[inst.offset:]
+
+
 @pytest.mark.parametrize(("case", "extra", "reason"), [
     ("no client certificate", ["--tls", "--tls-ca", "ca"], "TLS handshake"),
     ("untrusted server", ["--tls", "--tls-ca", "rogue"], "certificate is not trusted"),

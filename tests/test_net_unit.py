@@ -227,6 +227,25 @@ def test_ul_send_fragmented_and_pynetdicom_interop(rx, mock_ct: Path) -> None:
     assert partial_datasets(rx.out) == []
 
 
+def test_send_walks_the_structure_of_files_scanned_without_it(rx, mock_ct: Path, tmp_path: Path) -> None:
+    """``send`` scans without the walk over the element headers, which then runs as each file's turn comes: a
+    truncated file fails with the scan's message and exit code 65, and the files around it are stored."""
+    from kaapcli.exitcodes import KaapcliError
+
+    files = sorted(mock_ct.rglob("*.dcm"))[:3]
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(files[1].read_bytes()[:-1000])
+    with pytest.raises(KaapcliError) as refused:
+        dimse.scan(cut)
+    instances = [dimse.scan(path, check=False) for path in (files[0], cut, files[2])]
+    assert not any(inst.checked for inst in instances) and dimse.scan(files[0]).checked
+    results = {r.input: r for r in dimse.send(instances, parse_peer(f"RX@127.0.0.1:{rx.port}"), calling_aet="T",
+                                               timeouts=Timeouts.of(5), on_result=lambda result: None)}
+    failed = results.pop(str(cut))
+    assert failed.status == "failed" and failed.code == 65 and failed.message == f"{cut}: {refused.value.message}"
+    assert [r.status for r in results.values()] == ["ok", "ok"] and rx.stored == 2
+
+
 def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
     import time
 

@@ -289,7 +289,8 @@ def send(
                 summary.add(ItemResult(str(path), "skipped", reason="not-input", message="not DICOM"))
                 continue
             try:
-                inst = dimse.scan(path)
+                # over DIMSE the element headers are walked as the file's turn comes, not before the first is sent
+                inst = dimse.scan(path, check=dry_run or target.web)
             except Exception as exc:  # noqa: BLE001 - a bad file is one failed item, never a crash
                 from kaapcli.core.batch import describe_exception
 

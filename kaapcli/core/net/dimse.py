@@ -215,11 +215,14 @@ class Instance:
     nbytes: int
     has_meta: bool  # a Part 10 file with file meta: can be streamed as it is
     offset: int = -1  # where its dataset starts (after the file meta); -1: unknown, read it with pydicom
+    checked: bool = True  # False: :func:`send` checks its element structure just before it leaves
 
 
 def scan(path: Path, *, check: bool = True) -> Instance:
     """SOP class, SOP instance and transfer syntax of a file: file meta only when there is one. With ``check``,
-    a file whose element lengths do not fit in it (truncated) raises KaapcliError, as storescu refuses it."""
+    a file whose element lengths do not fit in it (truncated) raises KaapcliError, as storescu refuses it;
+    without, that check is left to :func:`send`, which makes it before the file leaves (``send`` scans without it:
+    the walk over the headers then runs while earlier files are in flight, not before the association opens)."""
     size = path.stat().st_size
     try:  # the common case, a Part 10 file, without pydicom
         meta_values, offset = ul.read_meta(path)
@@ -232,7 +235,7 @@ def scan(path: Path, *, check: bool = True) -> Instance:
                 payload.check_structure(path, offset, syntax)
             except payload.BadStructure as exc:
                 raise KaapcliError(f"not sent: {exc}", code=ExitCode.DATAERR) from None
-        return Instance(path, sop_class, sop_instance, syntax, size, True, offset)
+        return Instance(path, sop_class, sop_instance, syntax, size, True, offset, checked=check)
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
 
@@ -356,7 +359,13 @@ class SendJob:
     def _payload(self, inst: Instance, accepted: Any) -> tuple[str | None, Any, str]:
         """(transfer syntax, dataset, note) to send: the file's own bytes streamed from disk when the peer accepted
         its syntax; else the file re-encoded in an uncompressed syntax the peer accepted, pixels verified
-        (:func:`payload.transcode`), with a note saying so."""
+        (:func:`payload.transcode`), with a note saying so.  A file scanned without the structure check gets it
+        here (KaapcliError)."""
+        if not inst.checked:
+            try:
+                payload.check_structure(inst.path, inst.offset, inst.syntax)
+            except payload.BadStructure as exc:
+                raise KaapcliError(str(exc)) from None
         if (inst.sop_class, inst.syntax) in accepted and inst.offset >= 0:
             return inst.syntax, (inst.path, inst.offset), ""
         if (inst.sop_class, inst.syntax) in accepted:  # no file meta: read and encoded as it was

@@ -834,33 +834,40 @@ class StoreSCU(Connection):
         sock = self.sock
         if sock is None:
             raise AssociationLost("not connected")
+        tls = self.is_tls
         with open(path, "rb") as fh:
             remaining = os.fstat(fh.fileno()).st_size - offset
+            if tls:
+                fh.seek(offset)
             while True:
                 count = max(0, min(self.max_data, remaining))
                 remaining -= count
-                self._send_pdv(context_id, 0x02 if remaining <= 0 else 0x00, b"", count)
-                if count and self._copy(fh, sock, offset, count) != count:
-                    raise AssociationLost(f"{path} shrank while it was sent")
+                control = 0x02 if remaining <= 0 else 0x00
+                if tls:
+                    self._send_read(fh, sock, path, context_id, control, count)
+                else:
+                    self._send_pdv(context_id, control, b"", count)
+                    if count and sock.sendfile(fh, offset, count) != count:
+                        raise AssociationLost(f"{path} shrank while it was sent")
                 offset += count
                 if remaining <= 0:
                     return
 
-    def _copy(self, fh: Any, sock: socket.socket, offset: int, count: int) -> int:
-        if not self.is_tls:
-            return sock.sendfile(fh, offset, count)
-        if self._file_buffer is None or len(self._file_buffer) < count:
-            self._file_buffer = bytearray(min(self.max_data, MAX_PDU))
-        view = memoryview(self._file_buffer)
-        sent = 0
-        fh.seek(offset)
-        while sent < count:
-            n = fh.readinto(view[:min(len(view), count - sent)])
+    def _send_read(self, fh: Any, sock: socket.socket, path: Path, context_id: int, control: int, count: int) -> None:
+        """One P-DATA-TF of ``count`` bytes read from ``fh``, its header in the same buffer as the fragment: one
+        write, so no TLS record (and system call on each side) carries just the 12 header bytes."""
+        size = 12 + count
+        if self._file_buffer is None or len(self._file_buffer) < size:
+            self._file_buffer = bytearray(12 + min(self.max_data, MAX_PDU))
+        view = memoryview(self._file_buffer)[:size]
+        struct.pack_into(">BBIIBB", view, 0, 0x04, 0, count + 6, count + 2, context_id, control)
+        got = 12
+        while got < size:
+            n = fh.readinto(view[got:])
             if not n:
-                break
-            sock.sendall(view[:n])
-            sent += n
-        return sent
+                raise AssociationLost(f"{path} shrank while it was sent")
+            got += n
+        sock.sendall(view)
 
     def _response(self) -> tuple[int, StoreStatus]:
         command_set = bytearray()
