@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -163,18 +164,52 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
             continue
         prune.resolve()
         try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            files, others = _listing(directory)
         except OSError as exc:
             yield Unusable(Path(directory), f"cannot read directory: {exc.strerror}", failed=True)
             continue
         subdirs: list[str] = []
-        for entry in entries:
-            if not entry.name.startswith("."):
-                found = _entry(entry, prune, subdirs)
-                if found is not None:
-                    yield found
+        for name, entry in heapq.merge(((n, None) for n in _split_names(files)), ((e.name, e) for e in others),
+                                       key=lambda pair: pair[0]):
+            found = InputFile(Path(os.path.join(directory, name))) if entry is None else \
+                _entry(entry, prune, subdirs)
+            if found is not None:
+                yield found
         stack.append(iter(subdirs))
+
+
+def _listing(directory: str) -> tuple[str, list[os.DirEntry[str]]]:
+    """The visible names of a directory, sorted: regular files as one NUL-separated string of names, anything
+    else as entries.  A DirEntry costs ~250 bytes and a directory's listing is held while it is walked: the
+    names in one string keep a 50,000-file directory at ~2 MB instead of ~13 (the file type comes from the
+    scan, no extra stat)."""
+    files: list[str] = []
+    others: list[os.DirEntry[str]] = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+            except OSError:  # vanished or unreadable: _entry reports it
+                regular = False
+            if regular:
+                files.append(entry.name)
+            else:
+                others.append(entry)
+    files.sort()
+    others.sort(key=lambda e: e.name)
+    return "\0".join(files), others
+
+
+def _split_names(names: str) -> Iterator[str]:
+    """The names of a NUL-separated string (a file name never holds NUL), one at a time."""
+    start = 0
+    while start < len(names):
+        end = names.find("\0", start)
+        end = len(names) if end < 0 else end
+        yield names[start:end]
+        start = end + 1
 
 
 def _entry(entry: os.DirEntry[str], prune: _Pruned, subdirs: list[str]) -> InputFile | Unusable | None:

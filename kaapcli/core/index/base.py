@@ -120,10 +120,24 @@ class Stored:
     @classmethod
     def of(cls, doc: Doc) -> Stored:
         """DataError for a document without a SeriesInstanceUID or holding NaN/Infinity (which is no JSON)."""
+        stored = cls._make(doc)
+        assert stored is not None
+        return stored
+
+    @classmethod
+    def parsed(cls, doc: Doc) -> Stored | None:
+        """:meth:`of` a document orjson parsed, or None when it holds a float of 1e18 or more: that may have been an
+        integer beyond 64 bits, which only the stdlib parser reads exactly (see :func:`loads`)."""
+        return cls._make(doc, exact=False)
+
+    @classmethod
+    def _make(cls, doc: Doc, exact: bool = True) -> Stored | None:
         uid = doc_id(doc)
-        words, nested, finite = _words(doc)
+        words, nested, finite, small = _words(doc)
         if not finite:
             raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value")
+        if not (small or exact):
+            return None
         try:
             text = orjson.dumps(doc).decode()  # 10x faster than json.dumps
         except TypeError:  # an integer beyond 64 bits
@@ -154,13 +168,14 @@ def full_text(doc: Doc) -> str:
     return _words(doc)[0]
 
 
-def _words(doc: Doc) -> tuple[str, bool, bool]:
-    """Full-text words; whether the document holds an object; whether every number in it is finite."""
+def _words(doc: Doc) -> tuple[str, bool, bool, bool]:
+    """Full-text words; whether the document holds an object; whether every number in it is finite; whether
+    every float in it is below 1e18 in magnitude."""
     lines: list[str] = []
-    nested, finite = False, True
+    nested, finite, small = False, True, True
 
     def leaves(values: Iterable[Any]) -> None:
-        nonlocal nested, finite
+        nonlocal nested, finite, small
         for value in values:
             if type(value) is str:
                 lines.append(value)
@@ -170,12 +185,13 @@ def _words(doc: Doc) -> tuple[str, bool, bool]:
             elif isinstance(value, list):
                 leaves(value)
             elif value is not None:
-                if type(value) is float and not math.isfinite(value):
-                    finite = False
+                if type(value) is float and not -1e18 < value < 1e18:
+                    finite = finite and math.isfinite(value)
+                    small = False
                 lines.append(str(value))
 
     leaves(doc.values())
-    return "\n".join(lines), nested, finite
+    return "\n".join(lines), nested, finite, small
 
 
 def stored(docs: Iterable[Doc | Stored], errors: list[str]) -> list[Stored]:
