@@ -94,3 +94,61 @@ def test_listing_order_and_kinds(tmp_path: Path) -> None:
     kinds = dict((name, kind) for kind, name in seen)
     assert kinds["aa-dangling"] == kinds["fifo"] == kinds["z-dirlink"] == "Unusable"
     assert kinds["ab-link"] == kinds["b.dcm"] == kinds["n7"] == "InputFile"
+
+
+def _kv_docs() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Documents without objects (the flat statement's) and with (the general one's), every kind of leaf."""
+    flat: list[dict[str, Any]] = [
+        {SERIES_KEY: "1.1", "00280010 Rows_integer": 512, "00180050 SliceThickness_float": [1.25, 1.25, 2],
+         "00080060 Modality_keyword": "CT", "Text_keyword": [1.5, 1e20, 0.30000000000000004, -7, "7"],
+         "Bool_boolean": [True, False], "Null_keyword": None, "Nulls_keyword": [None, "a", None],
+         "Lists_integer": [[1, 2], [3, "x", [4.5]]], "Empty_keyword": [], "Blank_keyword": "",
+         "Odd_integer": "2.0x", "Num_text_float": ["3", "1e3", "nan", "inf"], "Huge_integer": 2 ** 70},
+        {SERIES_KEY: "1.2", 'quote"key_keyword': "q", "dotted.key_keyword": ["d", "e"], "Ünïcode_keyword": "ü中",
+         "sp ace_keyword": [["x"]], "00280010 Rows_integer": "512", "Text_keyword": True},
+    ]
+    nested: list[dict[str, Any]] = [
+        {SERIES_KEY: "2.1", "Seq_object": {"Code_keyword": "c", "Deep_object": {"N_integer": [1, 2]}},
+         "Items_object": [{"A_keyword": "a"}, {"A_keyword": "b", "B_float": 2}], "Text_keyword": "n"},
+    ]
+    return flat, nested
+
+
+def _kv_table(path: Path) -> tuple[list[Any], list[Any]]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        keys = db.execute("SELECT id, key FROM keys ORDER BY id").fetchall()
+        rows = db.execute("SELECT k.key, kv.v, typeof(kv.v), d.uid FROM kv JOIN keys k ON k.id = kv.key "
+                          "JOIN docs d ON d.id = kv.doc ORDER BY 1, 2, 4").fetchall()
+        return keys, rows
+    finally:
+        db.close()
+
+
+def test_flat_kv_rows_equal_general(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv rows made by the statement for documents without objects equal those of the general statement,
+    on first writes, merges into stored documents, replacements and a batch mixing both kinds."""
+    from kaapcli.core.index import sqlite as backend
+
+    flat, nested = _kv_docs()
+    writes: list[tuple[list[dict[str, Any]], bool]] = [
+        (flat, False), (nested, False),
+        ([{SERIES_KEY: "1.1", "Text_keyword": ["new", 2.5]}, {SERIES_KEY: "1.2", "Lists_integer": [[9]]}], False),
+        ([flat[1]], True), ([{SERIES_KEY: "3.1", "X_keyword": "x"}, *nested], False)]
+    tables = []
+    for name in ("quick", "general"):
+        if name == "general":
+            monkeypatch.setattr(backend, "KV_ROWS_FLAT", backend.KV_ROWS)
+        ix = backend.SqliteIndex(tmp_path / f"{name}.db", "admin", create=True)
+        try:
+            for docs, replace in writes:
+                ix.write(docs, replace=replace)
+        finally:
+            ix.close()
+        tables.append(_kv_table(tmp_path / f"{name}.db"))
+    assert tables[0] == tables[1]
+    keys, rows = tables[0]
+    assert {uid for *_, uid in rows} == {"1.1", "1.2", "2.1", "3.1"}
+    assert ("Lists_integer", 4.5, "real", "1.1") in rows and ("Text_keyword", "new", "text", "1.1") in rows
