@@ -152,3 +152,16 @@ def test_flat_kv_rows_equal_general(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     keys, rows = tables[0]
     assert {uid for *_, uid in rows} == {"1.1", "1.2", "2.1", "3.1"}
     assert ("Lists_integer", 4.5, "real", "1.1") in rows and ("Text_keyword", "new", "text", "1.1") in rows
+
+
+def test_listing_runs_merge_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory read in several runs of names still walks in sorted order, other entries merged in."""
+    monkeypatch.setattr(fsio, "LISTING_RUN", 7)
+    names = [f"f{(i * 37) % 101:03d}" for i in range(101)]
+    for name in names:
+        (tmp_path / name).write_text("")
+    (tmp_path / "f050-dir").mkdir()
+    (tmp_path / "f050-dir" / "x").write_text("")
+    (tmp_path / "f0505").symlink_to(tmp_path / "f001")
+    walked = [e.path.relative_to(tmp_path).as_posix() for e in fsio.iter_inputs([str(tmp_path)])]
+    assert walked == [*sorted([*names, "f0505"]), "f050-dir/x"]

@@ -164,13 +164,14 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
             continue
         prune.resolve()
         try:
-            files, others = _listing(directory)
+            runs, others = _listing(directory)
         except OSError as exc:
             yield Unusable(Path(directory), f"cannot read directory: {exc.strerror}", failed=True)
             continue
         subdirs: list[str] = []
-        for name, entry in heapq.merge(((n, None) for n in _split_names(files)), ((e.name, e) for e in others),
-                                       key=lambda pair: pair[0]):
+        listing = heapq.merge(*(((name, None) for name in _split_names(run)) for run in runs),
+                              ((e.name, e) for e in others), key=lambda pair: pair[0])
+        for name, entry in listing:
             found = InputFile(Path(os.path.join(directory, name))) if entry is None else \
                 _entry(entry, prune, subdirs)
             if found is not None:
@@ -178,12 +179,16 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
         stack.append(iter(subdirs))
 
 
-def _listing(directory: str) -> tuple[str, list[os.DirEntry[str]]]:
-    """The visible names of a directory, sorted: regular files as one NUL-separated string of names, anything
-    else as entries.  A DirEntry costs ~250 bytes and a directory's listing is held while it is walked: the
-    names in one string keep a 50,000-file directory at ~2 MB instead of ~13 (the file type comes from the
-    scan, no extra stat)."""
-    files: list[str] = []
+LISTING_RUN = 4096  # names sorted at a time while a directory is read
+
+
+def _listing(directory: str) -> tuple[list[str], list[os.DirEntry[str]]]:
+    """The visible names of a directory: regular files as sorted runs of names, each run one NUL-separated
+    string, anything else as entries, sorted.  A directory's listing is held while it is walked, and a
+    DirEntry costs ~250 bytes, a name in a run ~35: a 50,000-file directory takes ~2 MB instead of ~13, and never
+    more than one run of names is held as separate strings (the file type comes from the scan, no extra stat)."""
+    runs: list[str] = []
+    names: list[str] = []
     others: list[os.DirEntry[str]] = []
     with os.scandir(directory) as it:
         for entry in it:
@@ -193,13 +198,17 @@ def _listing(directory: str) -> tuple[str, list[os.DirEntry[str]]]:
                 regular = entry.is_file(follow_symlinks=False)
             except OSError:  # vanished or unreadable: _entry reports it
                 regular = False
-            if regular:
-                files.append(entry.name)
-            else:
+            if not regular:
                 others.append(entry)
-    files.sort()
+                continue
+            names.append(entry.name)
+            if len(names) == LISTING_RUN:
+                runs.append("\0".join(sorted(names)))
+                names.clear()
+    if names:
+        runs.append("\0".join(sorted(names)))
     others.sort(key=lambda e: e.name)
-    return "\0".join(files), others
+    return runs, others
 
 
 def _split_names(names: str) -> Iterator[str]:

@@ -24,7 +24,7 @@ import orjson
 
 from kaapcli.core import dicom, fsio
 from kaapcli.core.batch import process_pool
-from kaapcli.core.index.base import Index, SeriesFiles, Stored, loads
+from kaapcli.core.index.base import BULK_SIZE, Index, SeriesFiles, Stored, loads
 from kaapcli.exitcodes import DataError, KaapcliError
 
 # File meta elements (PS3.10 7.1) that say where a file came from, kept in the document under their keys
@@ -178,11 +178,14 @@ def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] 
     """One Source per JSON/JSONL file (in input order, as the files arrive), one per other file that is no DICOM
     (skipped), then one per DICOM series (sorted by UID).  With several workers, JSON files are read and parsed in
     a process pool: documents arrive ready to write (:class:`Stored`), so the writing process only writes.  At most
-    a few chunks per worker are read ahead of the writer, so memory does not grow with the number of files (a
+    two write batches are read ahead of the writer, so memory does not grow with the number of files (a
     DICOM series needs all its files before its document can be made: their paths are kept until the end)."""
     pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
         reader = functools.partial(_read_chunk, extra=extra)
+        # chunks read ahead: two write batches' worth, so the next batch is ready when the writer comes back from
+        # one (with fewer the workers idled while it wrote, then it waited for them)
+        ahead = 2 * workers + 2 * BULK_SIZE // READ_CHUNK
         dicom_files: list[Path] = []
         in_flight: deque[Any] = deque()
         chunk: list[Path] = []
@@ -201,7 +204,7 @@ def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] 
                 dicom_files.append(path)
             else:
                 yield Source(str(path), skipped=True)
-            while in_flight and (in_flight[0].done() or len(in_flight) > 2 * workers + 2):
+            while in_flight and (in_flight[0].done() or len(in_flight) > ahead):
                 yield from in_flight.popleft().result()  # bounded read-ahead: wait for the oldest chunk
         submit()
         while in_flight:
