@@ -176,14 +176,17 @@ def index_cmd(
         files = _without_index_files(files, ix.path)  # type: ignore[union-attr]
     pending: list[Stored] = []
     pending_files: list[SeriesFiles] = []
+    pending_uids: list[str] = []  # printed once written, a batch at a time
 
     def flush() -> None:
         if ix is not None and pending:
             nonlocal stats
             stats += ix.write(pending, replace=replace)
             ix.store_files(pending_files)
+        sink.write_lines(pending_uids)
         pending.clear()
         pending_files.clear()
+        pending_uids.clear()
 
     with Reporter("index", quiet) as reporter:
         sink = Sink(format, reporter)
@@ -206,8 +209,7 @@ def index_cmd(
                     sink.record({"input": item.label, "outputs": uids, "status": status,
                                  "message": "; ".join(item.errors)})
                 else:
-                    for uid in uids:
-                        sink.write_line(uid)
+                    pending_uids.extend(uids)
                 pending.extend(item.docs)
                 pending_files.extend(item.files)
                 if len(pending) >= BULK_SIZE:
