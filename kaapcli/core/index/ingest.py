@@ -171,7 +171,7 @@ def index_series(index: Index, uid: str, paths: Sequence[Path], *, replace: bool
     return source
 
 
-READ_CHUNK = 64  # JSON files a worker reads per task
+READ_CHUNK = 128  # JSON files a worker reads per task: each task costs the writer a wake-up of the pool's thread
 
 
 def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] | None = None) -> Iterator[Source]:
@@ -185,7 +185,7 @@ def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] 
         reader = functools.partial(_read_chunk, extra=extra)
         # chunks read ahead: two write batches' worth, so the next batch is ready when the writer comes back from
         # one (with fewer the workers idled while it wrote, then it waited for them)
-        ahead = 2 * workers + 2 * BULK_SIZE // READ_CHUNK
+        ahead = workers + 2 * BULK_SIZE // READ_CHUNK
         dicom_files: list[Path] = []
         in_flight: deque[Any] = deque()
         chunk: list[Path] = []
