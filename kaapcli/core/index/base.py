@@ -120,24 +120,22 @@ class Stored:
     @classmethod
     def of(cls, doc: Doc) -> Stored:
         """DataError for a document without a SeriesInstanceUID or holding NaN/Infinity (which is no JSON)."""
-        stored = cls._make(doc)
-        assert stored is not None
-        return stored
+        uid = doc_id(doc)
+        words, nested, finite, _ = _words(doc)
+        return cls._make(uid, doc, words, nested, finite)
 
     @classmethod
     def parsed(cls, doc: Doc) -> Stored | None:
         """:meth:`of` a document orjson parsed, or None when it holds a float of 1e18 or more: that may have been an
         integer beyond 64 bits, which only the stdlib parser reads exactly (see :func:`loads`)."""
-        return cls._make(doc, exact=False)
-
-    @classmethod
-    def _make(cls, doc: Doc, exact: bool = True) -> Stored | None:
         uid = doc_id(doc)
         words, nested, finite, small = _words(doc)
+        return cls._make(uid, doc, words, nested, finite) if small or not finite else None
+
+    @classmethod
+    def _make(cls, uid: str, doc: Doc, words: str, nested: bool, finite: bool) -> Stored:
         if not finite:
             raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value")
-        if not (small or exact):
-            return None
         try:
             text = orjson.dumps(doc).decode()  # 10x faster than json.dumps
         except TypeError:  # an integer beyond 64 bits
