@@ -157,6 +157,7 @@ def test_flat_kv_rows_equal_general(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_listing_runs_merge_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A directory read in several runs of names still walks in sorted order, other entries merged in."""
     monkeypatch.setattr(fsio, "LISTING_RUN", 7)
+    monkeypatch.setattr(fsio, "LISTING_PIECE", 3)
     names = [f"f{(i * 37) % 101:03d}" for i in range(101)]
     for name in names:
         (tmp_path / name).write_text("")

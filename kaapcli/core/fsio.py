@@ -169,7 +169,7 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
             yield Unusable(Path(directory), f"cannot read directory: {exc.strerror}", failed=True)
             continue
         subdirs: list[str] = []
-        listing = heapq.merge(*(((name, None) for name in _split_names(run)) for run in runs),
+        listing = heapq.merge(*(((name, None) for name in _run_names(run)) for run in runs),
                               ((e.name, e) for e in others), key=lambda pair: pair[0])
         for name, entry in listing:
             found = InputFile(Path(os.path.join(directory, name))) if entry is None else \
@@ -180,16 +180,24 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
 
 
 LISTING_RUN = 4096  # names sorted at a time while a directory is read
+LISTING_PIECE = 256  # names per string of a sorted run
 
 
-def _listing(directory: str) -> tuple[list[str], list[os.DirEntry[str]]]:
-    """The visible names of a directory: regular files as sorted runs of names, each run one NUL-separated
-    string, anything else as entries, sorted.  A directory's listing is held while it is walked, and a
-    DirEntry costs ~250 bytes, a name in a run ~35: a 50,000-file directory takes ~2 MB instead of ~13, and never
-    more than one run of names is held as separate strings (the file type comes from the scan, no extra stat)."""
-    runs: list[str] = []
+def _listing(directory: str) -> tuple[list[list[str]], list[os.DirEntry[str]]]:
+    """The visible names of a directory: regular files as sorted runs of names, each run a list of strings of
+    NUL-separated names, anything else as entries, sorted.  A directory's listing is held while it is walked, and
+    a DirEntry costs ~250 bytes, a name in a run ~35: a 50,000-file directory takes ~2 MB instead of ~13, never
+    more than one run of names is held as separate strings, and the strings are let go as the walk passes them
+    (the file type comes from the scan, no extra stat)."""
+    runs: list[list[str]] = []
     names: list[str] = []
     others: list[os.DirEntry[str]] = []
+
+    def add_run() -> None:
+        names.sort()
+        runs.append(["\0".join(names[i:i + LISTING_PIECE]) for i in range(0, len(names), LISTING_PIECE)])
+        names.clear()
+
     with os.scandir(directory) as it:
         for entry in it:
             if entry.name.startswith("."):
@@ -203,22 +211,18 @@ def _listing(directory: str) -> tuple[list[str], list[os.DirEntry[str]]]:
                 continue
             names.append(entry.name)
             if len(names) == LISTING_RUN:
-                runs.append("\0".join(sorted(names)))
-                names.clear()
+                add_run()
     if names:
-        runs.append("\0".join(sorted(names)))
+        add_run()
     others.sort(key=lambda e: e.name)
     return runs, others
 
 
-def _split_names(names: str) -> Iterator[str]:
-    """The names of a NUL-separated string (a file name never holds NUL), one at a time."""
-    start = 0
-    while start < len(names):
-        end = names.find("\0", start)
-        end = len(names) if end < 0 else end
-        yield names[start:end]
-        start = end + 1
+def _run_names(pieces: list[str]) -> Iterator[str]:
+    """The names of a run, one at a time; each string of names is dropped once its names are out."""
+    pieces.reverse()
+    while pieces:
+        yield from pieces.pop().split("\0")
 
 
 def _entry(entry: os.DirEntry[str], prune: _Pruned, subdirs: list[str]) -> InputFile | Unusable | None:
