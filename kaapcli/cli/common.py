@@ -227,6 +227,17 @@ class Sink:
             sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
             sys.stdout.flush()
 
+    def write_lines(self, lines: list[str]) -> None:
+        """Several lines at once: one write when stdout is no console (a batch of thousands costs one call)."""
+        raw = getattr(sys.stdout, "buffer", None)
+        if self.via_console or raw is None:
+            for text in lines:
+                self.write_line(text)
+        elif lines:
+            sys.stdout.flush()
+            raw.write(b"".join(os.fsencode(text) + b"\n" for text in lines))
+            raw.flush()
+
     def record(self, obj: dict[str, Any]) -> None:
         from kaapcli.core.fsio import dumps
 

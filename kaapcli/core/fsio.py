@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -163,18 +164,65 @@ def _walk(root: Path, prune: _Pruned) -> Iterator[InputFile | Unusable]:
             continue
         prune.resolve()
         try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            runs, others = _listing(directory)
         except OSError as exc:
             yield Unusable(Path(directory), f"cannot read directory: {exc.strerror}", failed=True)
             continue
         subdirs: list[str] = []
-        for entry in entries:
-            if not entry.name.startswith("."):
-                found = _entry(entry, prune, subdirs)
-                if found is not None:
-                    yield found
+        listing = heapq.merge(*(((name, None) for name in _run_names(run)) for run in runs),
+                              ((e.name, e) for e in others), key=lambda pair: pair[0])
+        for name, entry in listing:
+            found = InputFile(Path(os.path.join(directory, name))) if entry is None else \
+                _entry(entry, prune, subdirs)
+            if found is not None:
+                yield found
         stack.append(iter(subdirs))
+
+
+LISTING_RUN = 4096  # names sorted at a time while a directory is read
+LISTING_PIECE = 256  # names per string of a sorted run
+
+
+def _listing(directory: str) -> tuple[list[list[str]], list[os.DirEntry[str]]]:
+    """The visible names of a directory: regular files as sorted runs of names, each run a list of strings of
+    NUL-separated names, anything else as entries, sorted.  A directory's listing is held while it is walked, and
+    a DirEntry costs ~250 bytes, a name in a run ~35: a 50,000-file directory takes ~2 MB instead of ~13, never
+    more than one run of names is held as separate strings, and the strings are let go as the walk passes them
+    (the file type comes from the scan, no extra stat)."""
+    runs: list[list[str]] = []
+    names: list[str] = []
+    others: list[os.DirEntry[str]] = []
+
+    def add_run() -> None:
+        names.sort()
+        runs.append(["\0".join(names[i:i + LISTING_PIECE]) for i in range(0, len(names), LISTING_PIECE)])
+        names.clear()
+
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+            except OSError:  # vanished or unreadable: _entry reports it
+                regular = False
+            if not regular:
+                others.append(entry)
+                continue
+            names.append(entry.name)
+            if len(names) == LISTING_RUN:
+                add_run()
+    if names:
+        add_run()
+    others.sort(key=lambda e: e.name)
+    return runs, others
+
+
+def _run_names(pieces: list[str]) -> Iterator[str]:
+    """The names of a run, one at a time; each string of names is dropped once its names are out."""
+    pieces.reverse()
+    while pieces:
+        yield from pieces.pop().split("\0")
 
 
 def _entry(entry: os.DirEntry[str], prune: _Pruned, subdirs: list[str]) -> InputFile | Unusable | None:

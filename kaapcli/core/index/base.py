@@ -121,7 +121,19 @@ class Stored:
     def of(cls, doc: Doc) -> Stored:
         """DataError for a document without a SeriesInstanceUID or holding NaN/Infinity (which is no JSON)."""
         uid = doc_id(doc)
-        words, nested, finite = _words(doc)
+        words, nested, finite, _ = _words(doc)
+        return cls._make(uid, doc, words, nested, finite)
+
+    @classmethod
+    def parsed(cls, doc: Doc) -> Stored | None:
+        """:meth:`of` a document orjson parsed, or None when it holds a float of 1e18 or more: that may have been an
+        integer beyond 64 bits, which only the stdlib parser reads exactly (see :func:`loads`)."""
+        uid = doc_id(doc)
+        words, nested, finite, small = _words(doc)
+        return cls._make(uid, doc, words, nested, finite) if small or not finite else None
+
+    @classmethod
+    def _make(cls, uid: str, doc: Doc, words: str, nested: bool, finite: bool) -> Stored:
         if not finite:
             raise DataError(f"series {uid}: NaN or Infinity is not a valid JSON value")
         try:
@@ -154,13 +166,14 @@ def full_text(doc: Doc) -> str:
     return _words(doc)[0]
 
 
-def _words(doc: Doc) -> tuple[str, bool, bool]:
-    """Full-text words; whether the document holds an object; whether every number in it is finite."""
+def _words(doc: Doc) -> tuple[str, bool, bool, bool]:
+    """Full-text words; whether the document holds an object; whether every number in it is finite; whether
+    every float in it is below 1e18 in magnitude."""
     lines: list[str] = []
-    nested, finite = False, True
+    nested, finite, small = False, True, True
 
     def leaves(values: Iterable[Any]) -> None:
-        nonlocal nested, finite
+        nonlocal nested, finite, small
         for value in values:
             if type(value) is str:
                 lines.append(value)
@@ -170,12 +183,13 @@ def _words(doc: Doc) -> tuple[str, bool, bool]:
             elif isinstance(value, list):
                 leaves(value)
             elif value is not None:
-                if type(value) is float and not math.isfinite(value):
-                    finite = False
+                if type(value) is float and not -1e18 < value < 1e18:
+                    finite = finite and math.isfinite(value)
+                    small = False
                 lines.append(str(value))
 
     leaves(doc.values())
-    return "\n".join(lines), nested, finite
+    return "\n".join(lines), nested, finite, small
 
 
 def stored(docs: Iterable[Doc | Stored], errors: list[str]) -> list[Stored]:

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from kaapcli.core import dicom, fsio
 from kaapcli.core.batch import process_pool
-from kaapcli.core.index.base import Index, SeriesFiles, Stored, loads
+from kaapcli.core.index.base import BULK_SIZE, Index, SeriesFiles, Stored, loads
 from kaapcli.exitcodes import DataError, KaapcliError
 
 # File meta elements (PS3.10 7.1) that say where a file came from, kept in the document under their keys
@@ -56,6 +58,10 @@ def _checked(doc: object, where: str, extra: dict[str, Any] | None = None) -> St
 
 def read_json(path: Path, extra: dict[str, Any] | None = None) -> Source:
     """A ``.json`` file (one document or a list of them) or a ``.jsonl`` file (one per line)."""
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        fast = _read_plain(path, extra)
+        if fast is not None:
+            return fast
     source = Source(str(path))
     try:
         text = path.read_text(encoding="utf-8")
@@ -83,6 +89,29 @@ def read_json(path: Path, extra: dict[str, Any] | None = None) -> Source:
             source.docs.append(_checked(doc, f"{path}" + (f"[{i}]" if isinstance(data, list) else ""), extra))
         except ValueError as exc:
             source.errors.append(str(exc))
+    return source
+
+
+def _read_plain(path: Path, extra: dict[str, Any] | None) -> Source | None:
+    """A ``.json`` file of valid documents, read the quick way: its bytes straight to orjson, without the
+    decode, the scan for long integers and the checks :func:`read_json` makes.  None for anything else
+    (unreadable, not UTF-8, invalid, not documents, a float that may be a long integer): read_json reads it
+    again its own way, so results and messages are the same."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    source = Source(str(path))
+    for doc in data if isinstance(data, list) else [data]:
+        if not isinstance(doc, dict):
+            return None
+        try:
+            item = Stored.parsed({**doc, **extra} if extra else doc)
+        except KaapcliError:
+            return None
+        if item is None:
+            return None
+        source.docs.append(item)
     return source
 
 
@@ -142,18 +171,21 @@ def index_series(index: Index, uid: str, paths: Sequence[Path], *, replace: bool
     return source
 
 
-READ_CHUNK = 64  # JSON files a worker reads per task
+READ_CHUNK = 128  # JSON files a worker reads per task: each task costs the writer a wake-up of the pool's thread
 
 
 def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] | None = None) -> Iterator[Source]:
     """One Source per JSON/JSONL file (in input order, as the files arrive), one per other file that is no DICOM
     (skipped), then one per DICOM series (sorted by UID).  With several workers, JSON files are read and parsed in
     a process pool: documents arrive ready to write (:class:`Stored`), so the writing process only writes.  At most
-    a few chunks per worker are read ahead of the writer, so memory does not grow with the number of files (a
+    two write batches are read ahead of the writer, so memory does not grow with the number of files (a
     DICOM series needs all its files before its document can be made: their paths are kept until the end)."""
     pool = process_pool(workers) if workers > 1 else None  # workers that die with the parent (`| head`)
     try:
         reader = functools.partial(_read_chunk, extra=extra)
+        # chunks read ahead: two write batches' worth, so the next batch is ready when the writer comes back from
+        # one (with fewer the workers idled while it wrote, then it waited for them)
+        ahead = workers + 2 * BULK_SIZE // READ_CHUNK
         dicom_files: list[Path] = []
         in_flight: deque[Any] = deque()
         chunk: list[Path] = []
@@ -172,7 +204,7 @@ def read_sources(files: Iterable[Path], workers: int = 1, extra: dict[str, Any] 
                 dicom_files.append(path)
             else:
                 yield Source(str(path), skipped=True)
-            while in_flight and (in_flight[0].done() or len(in_flight) > 2 * workers + 2):
+            while in_flight and (in_flight[0].done() or len(in_flight) > ahead):
                 yield from in_flight.popleft().result()  # bounded read-ahead: wait for the oldest chunk
         submit()
         while in_flight:

@@ -92,13 +92,22 @@ _LEAF_KEY = ("CASE WHEN t.path = '$' THEN t.key "
              "ELSE kaapcli_key(t.path, t.key) END")
 # numeric keys (the JSON list :numeric of key ids) hold numbers, or text when a value is no number
 # (DESIGN §3.1); other keys hold text; booleans are 'true'/'false'
-_LEAF_VALUE = ("CASE WHEN t.type IN ('true', 'false') THEN t.type "
-               "WHEN k.id NOT IN (SELECT value FROM json_each(:numeric)) THEN CAST(t.atom AS TEXT) "
-               "WHEN t.type IN ('integer', 'real') THEN t.atom + 0.0 "
-               "ELSE coalesce(kaapcli_float(t.atom), t.atom) END")
+_VALUE = ("CASE WHEN {t}.type IN ('true', 'false') THEN {t}.type "
+          "WHEN k.id NOT IN (SELECT value FROM json_each(:numeric)) THEN CAST({t}.atom AS TEXT) "
+          "WHEN {t}.type IN ('integer', 'real') THEN {t}.atom + 0.0 "
+          "ELSE coalesce(kaapcli_float({t}.atom), {t}.atom) END")
+_LEAF_VALUE = _VALUE.format(t="t")
 INSERT_KEYS = f"INSERT OR IGNORE INTO keys(key) SELECT DISTINCT {_LEAF_KEY} {_LEAVES}"
 KV_ROWS = (f"SELECT k.id, {_LEAF_VALUE}, d.id "
            f"{_LEAVES.replace(' WHERE ', f' JOIN keys k ON k.key = {_LEAF_KEY} WHERE ', 1)}")
+# The same rows for documents holding no object, where every leaf's key is its top-level member's: the
+# members (json_each), and the leaves of those that are lists, found without working out a key from a path.
+_MEMBERS = ("FROM docs d, json_each(d.doc) e JOIN keys k ON k.key = e.key "
+            "WHERE d.id IN (SELECT value FROM json_each(:ids))")
+KV_ROWS_FLAT = (f"SELECT k.id, {_VALUE.format(t='e')}, d.id {_MEMBERS} AND e.atom IS NOT NULL "
+                f"UNION ALL SELECT k.id, {_LEAF_VALUE}, d.id "
+                f"{_MEMBERS.replace(' WHERE ', ', json_tree(e.value) t WHERE ', 1)} "
+                "AND e.type = 'array' AND t.atom IS NOT NULL")
 
 _PATH_PART = re.compile(r'\.(?:("(?:[^"\\]|\\.)*")|([^.\[]+))')  # ."quoted label" or .label; [n] skipped
 
@@ -240,14 +249,17 @@ class SqliteIndex(Index):
         keys are known and none holds an object."""
         known = not any(item.nested for _, item in items) and \
             set().union(*(item.keys for _, item in items)).issubset(self.keys)
-        self._add_kv(json.dumps([rowid for rowid, _ in items]), register_keys=not known)
+        flat = not any(item.nested for _, item in items)
+        self._add_kv(json.dumps([rowid for rowid, _ in items]), register_keys=not known, flat=flat)
         self.db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, item.words) for i, item in items])
 
-    def _add_kv(self, ids: str, *, register_keys: bool = True) -> None:
+    def _add_kv(self, ids: str, *, register_keys: bool = True, flat: bool = False) -> None:
+        """``flat``: no document holds an object (the quicker statement gives the same rows)."""
         if register_keys:
             self.db.execute(INSERT_KEYS, {"ids": ids})
         args = {"ids": ids, "numeric": self._numeric_ids()}
-        self.db.execute(f"INSERT OR IGNORE INTO kv(key, v, doc) {KV_ROWS}", args)  # a list may repeat a value
+        rows = KV_ROWS_FLAT if flat else KV_ROWS
+        self.db.execute(f"INSERT OR IGNORE INTO kv(key, v, doc) {rows}", args)  # a list may repeat a value
 
     def _remove_values(self, docs: Sequence[tuple[int, Doc]]) -> None:
         """Undo :meth:`_add_values` for the still stored documents ``(rowid, doc)``."""
