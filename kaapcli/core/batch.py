@@ -552,7 +552,14 @@ def _worker_sigterm(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-_stop: Any = None  # a flag in shared memory (set by the parent on an interrupt): start no further item
+class _LocalFlag:
+    """The stop flag while no worker process exists: one in shared memory costs ~12 ms (multiprocessing's import
+    and heap) that a run without workers never needs."""
+
+    value = 0
+
+
+_stop: Any = None  # set by the parent on an interrupt: start no further item (in shared memory once workers fork)
 
 
 def _stopped() -> bool:
@@ -560,14 +567,27 @@ def _stopped() -> bool:
 
 
 def _stop_flag() -> Any:
-    """The shared stop flag, made before any worker forks (they inherit it), cleared for a new run."""
+    """The stop flag, cleared for a new run (:func:`process_pool` moves it to shared memory)."""
     global _stop
     if _stop is None:
-        import multiprocessing
-
-        _stop = multiprocessing.get_context("fork").RawValue("b", 0)
+        _stop = _LocalFlag()
     _stop.value = 0
     return _stop
+
+
+def _request_stop() -> None:
+    if _stop is not None:
+        _stop.value = 1
+
+
+def _share_stop_flag() -> None:
+    """Put the stop flag in shared memory before any worker forks (they inherit it)."""
+    global _stop
+    if not isinstance(_stop, _LocalFlag | None):
+        return
+    import multiprocessing
+
+    _stop = multiprocessing.get_context("fork").RawValue("b", _stop.value if _stop is not None else 0)
 
 
 def worker_init(parent: int) -> None:
@@ -583,6 +603,7 @@ def process_pool(workers: int) -> cf.ProcessPoolExecutor:
     """A forked process pool whose workers die with the parent and leave interrupts to it."""
     import multiprocessing  # ~10 ms: only runs with worker processes need it
 
+    _share_stop_flag()
     _load_libc()
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                   initializer=worker_init, initargs=(os.getpid(),))
@@ -748,7 +769,7 @@ class _Runner:
         self.accepted = 0  # items that were inputs of the operator (before sharding)
         self.stop_signal = 0
         self.stopping = False
-        self.stop = _stop_flag()  # shared with the workers, which fork after this
+        _stop_flag()  # cleared; shared with the workers, if any, before they fork
         self.lost_workers = False  # workers ended early: results they sent may never have arrived
         self.cwd = os.getcwd()
 
@@ -986,7 +1007,7 @@ class _Runner:
         if self.stop_signal and not self.stopping:
             self.stopping = True
             self.held.clear()  # planned, never started
-            self.stop.value = 1  # workers finish the item they are on and start no other
+            _request_stop()  # workers finish the item they are on and start no other
         return self.stopping
 
     # ----------------------------------------------------------------- committing
@@ -1113,7 +1134,7 @@ class _Runner:
         self.stopping = True
         self.lost_workers = True
         self.held.clear()
-        self.stop.value = 1
+        _request_stop()
         self.shutdown(kill=True)
         for slot in self.slots:
             if slot.future is None:

@@ -620,6 +620,13 @@ class Geometry:
     problem: str = ""  # "" when the frames form a regular grid
 
 
+def _median(values: np.ndarray) -> float:
+    """np.median of a non-empty float array, bit for bit, without the numpy.ma import its NaN check costs (~8 ms)."""
+    ordered = np.sort(values)
+    mid = len(ordered) // 2
+    return float(ordered[mid]) if len(ordered) % 2 else float((ordered[mid - 1] + ordered[mid]) / 2)
+
+
 def stack_geometry(stack: Stack) -> Geometry:
     """The grid of a stack (of its first volume: the volumes of a 4-D stack share their slice positions)."""
     frames = stack.slices
@@ -644,7 +651,7 @@ def stack_geometry(stack: Stack) -> Geometry:
             raise DataError(f"series {stack.label}: {int(np.sum(gaps < POSITION_TOL))} duplicated slice position(s), "
                             f"e.g. {d[i]:.2f} mm along the normal",
                             hint="the series mixes acquisitions kaapcli cannot tell apart")
-        dz = float(np.median(gaps))
+        dz = _median(gaps)
         tol = max(POSITION_TOL, 0.01 * dz)
         offsets = positions - positions[0] - np.outer(d - d[0], normal)  # in-plane shift of each slice
         shear = float(np.max(np.linalg.norm(offsets, axis=1)))
