@@ -805,11 +805,13 @@ Allocate = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]  # the array a
 StackAllocate = Callable[["Stack", Any, tuple[int, ...], np.dtype[Any]], np.ndarray]  # per stack and its header
 
 
-def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None, allocate: Allocate | None = None
-          ) -> tuple[np.ndarray, list[int]]:
+def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = None, allocate: Allocate | None = None,
+          rescale: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stack's stored planes in one preallocated (frames, rows, columns) array of ``dtype`` (from ``allocate``
-    when given, e.g. the mapped output file), read on threads, and the frames read as they are whose bits above
-    BitsStored are still to be masked (by their BitsStored).
+    when given, e.g. the mapped output file), read on threads, with each plane's minimum and maximum (unless
+    ``convert``).  Each plane is finished in the thread that read it, while it is in the cache: its range taken,
+    its bits above BitsStored masked when they are set (PS3.5 8.1.1: their values are not to be assumed; pydicom
+    masks them too), then ``rescale(k, plane)`` when given.
 
     Planes of one file are read straight into the array when their type is ``dtype`` and they are consecutive;
     otherwise (mosaic tiles, mixed types, ``convert``: a per-plane rescale into float) through a per-file buffer.
@@ -817,10 +819,22 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
     first = stack.frames[0]
     shape = (len(stack.frames), first.rows, first.columns)
     out = np.empty(shape, dtype=dtype) if allocate is None else allocate(shape, dtype)
-    unmasked = [0] * len(stack.frames)
+    mins, maxs = np.zeros(len(stack.frames), dtype=np.int64), np.zeros(len(stack.frames), dtype=np.int64)
     by_file: dict[Path, list[tuple[int, Frame]]] = {}
     for k, f in enumerate(stack.frames):
         by_file.setdefault(f.path, []).append((k, f))
+
+    def finish(k: int, bits_stored: int) -> None:
+        plane = out[k]
+        low, high = int(plane.min()), int(plane.max())
+        if bits_stored < dtype.itemsize * 8:
+            lowest, highest = _stored_range(bits_stored, dtype)
+            if low < lowest or high > highest:  # most files leave the unused bits 0: masking would change nothing
+                _mask_unused_bits(plane, bits_stored)
+                low, high = int(plane.min()), int(plane.max())
+        mins[k], maxs[k] = low, high
+        if rescale is not None:
+            rescale(k, plane)
 
     def load(path: Path) -> None:
         placed = by_file[path]
@@ -829,30 +843,64 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
             for k, f in placed:
                 plane = _plane(source, f)
                 out[k] = plane if convert is None else convert(plane, f)
+                if convert is None:
+                    finish(k, dtype.itemsize * 8)  # decoded by pydicom: its values as they are
             return
         ks = [k for k, _ in placed]
         direct = (convert is None and not first.mosaic and np.dtype(source.dtype) == dtype
                   and ks == list(range(ks[0], ks[0] + len(ks)))
                   and [f.index for _, f in placed] == list(range(placed[0][1].index, placed[0][1].index + len(ks))))
-        if direct:  # masking waits for the value range: most files leave the unused bits 0 (then it changes nothing)
+        if direct:
             _read_planes(source, placed[0][1].index, len(ks), out[ks[0]:ks[0] + len(ks)], mask=False)
             for k in ks:
-                unmasked[k] = source.bits_stored if source.bits_stored < dtype.itemsize * 8 else 0
+                finish(k, source.bits_stored)
             return
         buffer = np.empty((source.frames, source.rows, source.columns), dtype=source.dtype)
         _read_planes(source, 0, source.frames, buffer)
         for k, f in placed:
             plane = _plane(buffer, f)
             out[k] = plane if convert is None else convert(plane, f)
+            if convert is None:
+                finish(k, dtype.itemsize * 8)  # masked as read
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(by_file))) as pool:
         list(pool.map(load, by_file))
-    return out, unmasked
+    return out, mins, maxs
 
 
 def _integral(stack: Stack, sources: Sources) -> bool:
     return (all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in stack.frames)
             and all(np.issubdtype(_stored_dtype(sources[f.path]), np.integer) for f in stack.frames))
+
+
+def _int16_rescale(stack: Stack, sources: Sources, stored_type: np.dtype[Any]
+                   ) -> Callable[[int, np.ndarray], None] | None:
+    """The rescale of each plane into int16 in place, when it is known before reading: every file read by the fast
+    reader, stored in 16 bits whose BitsStored bounds both the stored values and the rescaled ones to int16.  Then
+    :func:`_stack_values` decides int16 from the values read in any case, and the stored values mean the same read
+    as int16, so each plane is rescaled in its reading thread instead of in one more pass.  None otherwise."""
+    if stored_type.itemsize != 2 or not all(isinstance(sources[f.path], PixelSource) for f in stack.frames):
+        return None
+    int16 = np.iinfo(np.int16)
+    slopes, intercepts = [int(f.slope) for f in stack.frames], [int(f.intercept) for f in stack.frames]
+    for f, slope, intercept in zip(stack.frames, slopes, intercepts, strict=True):
+        source = sources[f.path]
+        assert isinstance(source, PixelSource)
+        low, high = _stored_range(min(source.bits_stored, 16), stored_type)
+        if low < int16.min or high > int16.max or not (int16.min <= min(low * slope, high * slope) + intercept
+                                                       and max(low * slope, high * slope) + intercept <= int16.max):
+            return None
+
+    def rescale(k: int, plane: np.ndarray) -> None:
+        if slopes[k] == 1 and intercepts[k] == 0:
+            return
+        values = plane.view(np.int16)
+        if slopes[k] == 1:
+            np.add(values, np.int16(intercepts[k]), out=values)
+        else:
+            values[...] = (plane.astype(np.int64) * slopes[k] + intercepts[k]).astype(np.int16)
+
+    return rescale
 
 
 def _stack_values(stack: Stack, sources: Sources, allocate: Allocate | None = None) -> np.ndarray:
@@ -867,15 +915,10 @@ def _stack_values(stack: Stack, sources: Sources, allocate: Allocate | None = No
 
         return _fill(stack, sources, np.dtype(np.float32), to_float, allocate)[0]
     stored_type = np.result_type(*{_stored_dtype(sources[f.path]) for f in frames})
-    stored, unmasked = _fill(stack, sources, stored_type, allocate=allocate)
-    flat = stored.reshape(len(frames), -1)
-    mins, maxs = flat.min(axis=1).astype(np.int64), flat.max(axis=1).astype(np.int64)
-    for k, bits_stored in enumerate(unmasked):
-        if bits_stored:
-            low, high = _stored_range(bits_stored, stored.dtype)
-            if mins[k] < low or maxs[k] > high:
-                _mask_unused_bits(stored[k], bits_stored)
-                mins[k], maxs[k] = int(stored[k].min()), int(stored[k].max())
+    rescale = _int16_rescale(stack, sources, stored_type)
+    stored, mins, maxs = _fill(stack, sources, stored_type, allocate=allocate, rescale=rescale)
+    if rescale is not None:
+        return stored.view(np.int16)
     slopes = np.array([int(f.slope) for f in frames], dtype=np.int64)
     intercepts = np.array([int(f.intercept) for f in frames], dtype=np.int64)
     low, high = np.minimum(mins * slopes, maxs * slopes) + intercepts, np.maximum(mins * slopes, maxs * slopes) \
