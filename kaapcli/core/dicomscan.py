@@ -82,6 +82,10 @@ _TEXT = frozenset({"SH", "LO", "UC", "ST", "LT", "UT", "PN"})  # decoded with th
 _SINGLE = frozenset({"ST", "LT", "UT"})  # backslash is text, not a delimiter
 _BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_VRS = {vr: (vr.decode("ascii"), vr in _LONG) for vr in _LONG | _SHORT}  # explicit VR: name, 4-byte length
+_PIXEL_TAGS = frozenset({PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA})
+_UNPACK_SHORT, _UNPACK_LONG = struct.Struct("<HH2sH").unpack_from, struct.Struct("<I").unpack_from
+_UNPACK_IMPLICIT = struct.Struct("<HHI").unpack_from
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
@@ -112,7 +116,7 @@ class Header:
         if not isinstance(key, str):
             raise Unsupported(f"element {key} by tag")
         tag, vr = KEYWORDS[key]
-        if vr == "SQ" or tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA):
+        if vr == "SQ" or tag in _PIXEL_TAGS:
             if tag in self.sequences or tag in self.elements:
                 raise Unsupported(f"{key} is a sequence or pixel data")
             return default
@@ -266,13 +270,12 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
     sequences: set[int] = set()
     pos, size, syntax, explicit = 132, len(buf), "", True
     meta_end = -1
-    unpack_short, unpack_long = struct.Struct("<HH2sH").unpack_from, struct.Struct("<I").unpack_from
-    unpack_implicit = struct.Struct("<HHI").unpack_from
+    unpack_short, unpack_long, unpack_implicit = _UNPACK_SHORT, _UNPACK_LONG, _UNPACK_IMPLICIT
     while True:
         if pos + 8 > size:
             return False if not complete else (_finish(path, syntax, elements, sequences, -1, 0)
                                                 if pos == size else None)
-        if meta_end < 0 and pos >= 132 and unpack_short(buf, pos)[0] != 0x0002:
+        if meta_end < 0 and unpack_short(buf, pos)[0] != 0x0002:
             if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
                 return None  # deflated, big endian, encapsulated: pydicom's (the pixel data tells later)
             meta_end = pos
@@ -282,21 +285,22 @@ def parse(path: Path, buf: bytes, *, complete: bool) -> Header | None | bool:
             group, element, vr_bytes, length = unpack_short(buf, pos)
             if group == 0xFFFE:
                 return None  # an item outside a sequence: broken
-            if vr_bytes in _LONG:
+            known = _VRS.get(vr_bytes)
+            if known is None:
+                return None
+            vr, long_form = known
+            if long_form:
                 if pos + 12 > size:
                     return False if not complete else None
                 length, start = unpack_long(buf, pos + 8)[0], pos + 12
-            elif vr_bytes in _SHORT:
-                start = pos + 8
             else:
-                return None
-            vr = vr_bytes.decode("ascii")
+                start = pos + 8
         else:
             group, element, length = unpack_implicit(buf, pos)
             start = pos + 8
             vr = _BY_TAG.get(group << 16 | element, "UN")
         tag = group << 16 | element
-        if tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA):
+        if tag >= FLOAT_PIXEL_DATA and tag in _PIXEL_TAGS:
             if tag != PIXEL_DATA or length == _UNDEFINED:
                 return None  # float pixels, or encapsulated (compressed) frames: pydicom decodes those
             return _finish(path, syntax, elements, sequences, start, length)
