@@ -42,6 +42,7 @@ import contextlib
 import math
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -490,8 +491,8 @@ def _unpack_mosaic(ds: Any, path: Path, csa: dict[str, Any] | None, frame: Frame
     for per_tile in ("index", "position", "slice_time"):
         del common[per_tile]
     step = m.spacing * m.normal
-    for k in range(m.count):
-        x, y, z = (float(v) for v in first + k * step)
+    positions = (first + np.arange(m.count)[:, None] * step).tolist()  # first + k * step, all tiles at once
+    for k, (x, y, z) in enumerate(positions):
         slice_time = None
         with contextlib.suppress(TypeError, ValueError, IndexError):
             slice_time = float(times[k]) if len(times) >= m.count and math.isfinite(float(times[k])) else None
@@ -860,7 +861,11 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
             _read_planes(source, placed[0][1].index, len(ks), out[ks[0]:ks[0] + len(ks)], mask=False)
             finish(ks, source.bits_stored)
             return
-        buffer = np.empty((source.frames, source.rows, source.columns), dtype=source.dtype)
+        # one buffer per reader while the files are alike: a fresh one per mosaic cost its page faults each time
+        shape = (source.frames, source.rows, source.columns)
+        if getattr(buffers, "key", None) != (shape, source.dtype):
+            buffers.key, buffers.array = (shape, source.dtype), np.empty(shape, dtype=source.dtype)
+        buffer = buffers.array
         _read_planes(source, 0, source.frames, buffer)
         for k, f in placed:
             plane = _plane(buffer, f)
@@ -868,6 +873,7 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
         if convert is None:
             finish(ks, dtype.itemsize * 8)  # masked as read
 
+    buffers = threading.local()
     paths = list(by_file)
     workers = min(4, os.cpu_count() or 1, len(paths))
     run = max(1, min(16, len(paths) // (4 * workers)))  # files a task: fewer futures and GIL hand-offs, still balanced
@@ -883,7 +889,12 @@ def _fill(stack: Stack, sources: Sources, dtype: np.dtype[Any], convert: Any = N
 
 def _integral(stack: Stack, sources: Sources) -> bool:
     return (all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in stack.frames)
-            and all(np.issubdtype(_stored_dtype(sources[f.path]), np.integer) for f in stack.frames))
+            and all(np.issubdtype(_stored_dtype(sources[path]), np.integer) for path in _files(stack)))
+
+
+def _files(stack: Stack) -> dict[Path, None]:
+    """The files of a stack, once each (a mosaic or multi-frame file holds many of its frames)."""
+    return dict.fromkeys(f.path for f in stack.frames)
 
 
 def _int16_rescale(stack: Stack, sources: Sources, stored_type: np.dtype[Any]
@@ -927,7 +938,7 @@ def _stack_values(stack: Stack, sources: Sources, allocate: Allocate | None = No
             return plane.astype(np.float64) * f.slope + f.intercept
 
         return _fill(stack, sources, np.dtype(np.float32), to_float, allocate)[0]
-    stored_type = np.result_type(*{_stored_dtype(sources[f.path]) for f in frames})
+    stored_type = np.result_type(*{_stored_dtype(sources[path]) for path in _files(stack)})
     rescale = _int16_rescale(stack, sources, stored_type)
     stored, mins, maxs = _fill(stack, sources, stored_type, allocate=allocate, rescale=rescale)
     if rescale is not None:
