@@ -541,7 +541,8 @@ def _same_grid(volumes: list[list[Frame]]) -> list[list[list[Frame]]]:
     groups: dict[tuple[float, ...], list[list[Frame]]] = {}
     for frames in volumes:
         normal = frames[0].normal
-        key = tuple(sorted(float(np.round(np.dot(f.position, normal) / POSITION_TOL)) for f in frames))
+        # round() as np.round (half to even, exact), without its per-call overhead (~5000 calls for 60 mosaics)
+        key = tuple(sorted(float(round(float(np.dot(f.position, normal)) / POSITION_TOL)) for f in frames))
         groups.setdefault(key, []).append(frames)
     return list(groups.values())
 
@@ -552,15 +553,22 @@ def group_frames(series_uid: str, frames: list[Frame], *, four_d: bool = False) 
     ``four_d``: volumes repeating the same slice positions form one 4-D stack instead of one stack each.
     """
     clusters: list[tuple[tuple[Any, ...], np.ndarray, list[Frame]]] = []
+    cluster_of: dict[tuple[Any, ...], list[Frame]] = {}  # where an identical key and orientation went
     for f in frames:
         key = (f.image_type, f.echo, f.stack_id, f.rows, f.columns)
+        same = cluster_of.get((*key, f.orientation))
+        if same is not None:  # the first match cannot change: clusters are only appended
+            same.append(f)
+            continue
         o = np.asarray(f.orientation)
         for ckey, corient, members in clusters:
             if ckey == key and np.max(np.abs(corient - o)) < ORIENTATION_TOL:
                 members.append(f)
                 break
         else:
-            clusters.append((key, o, [f]))
+            members = [f]
+            clusters.append((key, o, members))
+        cluster_of[(*key, f.orientation)] = members
     stacks: list[tuple[dict[str, str], list[list[Frame]]]] = []
     for (image_type, echo, stack_id, _r, _c), orient, members in clusters:
         parts = _split_duplicates(members)
