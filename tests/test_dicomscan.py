@@ -105,6 +105,46 @@ def test_pixels_equal_pydicom_with_junk_in_the_unused_bits(tmp_path: Path, synta
     np.testing.assert_array_equal(fast[0], expected.astype(np.int64) * int(ds.RescaleSlope) + int(ds.RescaleIntercept))
 
 
+@pytest.mark.parametrize(("signed", "bits", "slopes", "intercepts", "in_threads"), [
+    (0, 12, [1, 1, 1], [-1024] * 3, True),  # a CT: one add per plane, in the thread that read it
+    (0, 12, [1, 2, -3], [-1024, 0, 7], True),  # a rescale per frame
+    (1, 12, [1, 1, 1], [0, 0, 0], True),  # identity: the stored values as they are
+    (0, 15, [1, 1, 1], [-1024] * 3, True),  # 15 bits: every rescaled value fits int16, whatever was stored
+    (0, 16, [1, 1, 1], [-1024] * 3, False),  # 16 bits: the values read decide the type
+    (1, 16, [-1, 1, 1], [0, 0, 100], False),
+])
+def test_rescale_in_the_reading_threads_equals_the_rescale_after_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed: int, bits: int, slopes: list[int],
+        intercepts: list[int], in_threads: bool) -> None:
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    rng = np.random.default_rng(bits * 2 + signed)
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, bits, bits - 1
+    expected = []
+    for k, (slope, intercept) in enumerate(zip(slopes, intercepts, strict=True)):
+        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
+        values = rng.integers(low, high, (ds.Rows, ds.Columns))
+        raw = values & (2**bits - 1) | (rng.integers(0, 2 ** (16 - bits), values.shape) << bits)  # junk above
+        expected.append(values * slope + intercept)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.ImagePositionPatient, ds.InstanceNumber, ds.SOPInstanceUID = [0, 0, 2.0 * k], k + 1, f"2.25.{k + 1}"
+        ds.PixelData = raw.astype(np.uint16).tobytes()
+        ds.save_as(tmp_path / f"{k}.dcm", enforce_file_format=True)
+    paths = sorted(tmp_path.glob("*.dcm"))
+    planned = []
+    rescale_of = volume._int16_rescale
+    monkeypatch.setattr(volume, "_int16_rescale", lambda *args: planned.append(rescale_of(*args)) or planned[-1])
+    threads = volume.load_series(paths)[0].voxels
+    assert (planned[0] is not None) == in_threads
+    monkeypatch.setattr(volume, "_int16_rescale", lambda *args: None)
+    after = volume.load_series(paths)[0].voxels
+    monkeypatch.setattr(volume, "scan_file", lambda path: None)  # through pydicom
+    slow = volume.load_series(paths)[0].voxels
+    assert threads.dtype == after.dtype == slow.dtype
+    np.testing.assert_array_equal(threads, after)
+    np.testing.assert_array_equal(threads, slow)
+    np.testing.assert_array_equal(threads, np.stack(expected))
+
+
 def test_fast_path_volumes_equal_the_pydicom_path(tmp_path: Path, mock_ct: Path, monkeypatch: pytest.MonkeyPatch
                                                   ) -> None:
     """Every stack, voxel, geometry and sidecar is the same whichever reader read the files."""

@@ -75,6 +75,27 @@ def test_convert_reads_each_file_once(ct40: Path, tmp_path: Path, monkeypatch: p
     assert parses == [1] * (len(files) - 1) + [2]
 
 
+def test_convert_start_up_loads_only_what_it_uses(ct40: Path, tmp_path: Path) -> None:
+    """Start-up is most of an uncompressed conversion: the CLI imports numpy without starting an OpenBLAS thread
+    (the environment left as it was, a user's own setting kept), and a conversion in one process imports neither
+    multiprocessing (no worker forks), numpy.ma, tomllib, nor the libraries of the general path."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    blas = ("import os; from kaapcli.cli.common import import_numpy; import_numpy(); "
+            "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('Threads:')][0], "
+            "os.environ.get('OPENBLAS_NUM_THREADS'))")
+    proc = subprocess.run([sys.executable, "-c", blas], capture_output=True, text=True, env=env)
+    assert proc.stdout.split() == ["1", "None"], proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-c", blas], capture_output=True, text=True,
+                          env={**env, "OPENBLAS_NUM_THREADS": "2"})
+    assert proc.stdout.split()[1] == "2", proc.stdout + proc.stderr
+    run = ("import os, sys; from kaapcli.cli.app import main; "
+           f"code = main(['convert', {str(ct40)!r}, '-o', {str(tmp_path / 'out')!r}, '--to', 'nii', '-q']); "
+           "print(code, os.environ.get('OPENBLAS_NUM_THREADS'), sorted(m for m in ('multiprocessing', 'numpy.ma', "
+           "'tomllib', 'pydicom', 'nibabel', 'SimpleITK') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=env)
+    assert proc.stdout.splitlines()[-1] == "0 None []", proc.stdout + proc.stderr
+
+
 def test_convert_holds_one_volume(ct40: Path, tmp_path: Path) -> None:
     """Peak allocations while converting are one volume plus a little: pixels are read into the preallocated
     volume, rescaled where they lie and written from it (before: the stored planes, the rescaled copy and ITK's

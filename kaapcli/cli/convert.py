@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, run_batch
+from kaapcli.cli.common import Inputs, OutDir, RunOptions, batch_command, import_numpy, run_batch
 
 
 class VolumeFormat(str, Enum):
@@ -45,6 +45,7 @@ def convert(
     skipped with the reason.  Values are rescaled (int16 when integral, float32 otherwise).  Voxel
     order is ITK's (columns, rows, slices along the normal); world geometry equals dcm2niix's.
     """
+    import_numpy()
     from kaapcli.core.convert import ConvertOperator
 
     run_batch(ConvertOperator(fmt=to.value, name_template=name, resample=resample, level=level, split=split),
