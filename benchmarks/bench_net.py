@@ -8,10 +8,10 @@
 each) → one ``kaapcli receive``; over DICOM TLS with mutual authentication (certificates made with ``openssl``
 for the run: a CA, a server and a client certificate, RSA 2048): (e) DCMTK ``storescu +tls`` → ``storescp +tls``,
 (f) ``kaapcli send --tls`` → ``kaapcli receive --tls``. Each time is from starting the sender(s) to their exit, the
-receiver already listening; every run checks that all files arrived. The cases run in turn, in reverse order
-every other repeat (a case is slower right after another's output was deleted, so no tool always follows the
-other). Prints times, the CPU seconds the senders and the receiver used for the transfer (receiver start-up
-excluded; Linux /proc), and ratios of the median times.
+receiver already listening; every run checks that all files arrived. The cases run in turn, each run into a
+directory of its own (removed at the end: a case is slower right after another's output was deleted). Prints
+times, the CPU seconds the senders and the receiver used for the transfer (receiver start-up excluded; Linux
+/proc), and ratios of the median times.
 Figures: one JSON object per line on stdout (benchmarks/report.py reads them); text on stderr.
 """
 
@@ -99,7 +99,6 @@ def run(name: str, receiver: list[str], senders: list[list[str]], port: int, out
     got = count(out)
     say(f"{name:<44} {seconds:7.2f} s  {got}/{expected} files  cpu: senders {tx_cpu:5.2f} s, "
           f"receiver {rx_cpu:5.2f} s")
-    shutil.rmtree(out, ignore_errors=True)
     if got != expected:
         raise FilesLost(f"{name}: {expected - got} files lost")
     return seconds
@@ -130,8 +129,7 @@ def main() -> None:
     parser = quick_parser(__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="runs of each case (ratios use the medians; even: the order alternates)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each case (ratios use the medians)")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS cases (e) and (f)")
     args = parser.parse_args()
@@ -155,75 +153,77 @@ def main() -> None:
     pem = {} if args.no_tls else make_certificates(work / "pki")
     if pem:
         times.update({"dcmtk_tls": [], "kaapcli_tls": []})
+    def out(case: str, repeat: int) -> Path:
+        return work / "runs" / f"{case}{repeat}"
+
     try:
-        def case_a() -> None:
+        def case_a(repeat: int) -> None:
             port = free_port()
             times["dcmtk"].append(run(
                 "(a) DCMTK storescu -> storescp",
-                ["/usr/bin/storescp", "-od", str(work / "a"), "-aet", "STORESCP", str(port)],
+                ["/usr/bin/storescp", "-od", str(out("a", repeat)), "-aet", "STORESCP", str(port)],
                 [["/usr/bin/storescu", "-aec", "STORESCP", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port),
-                  str(data)]], port, work / "a", n, env={"TCP_NODELAY": "1"}))
+                  str(data)]], port, out("a", repeat), n, env={"TCP_NODELAY": "1"}))
 
-        def case_b() -> None:
+        def case_b(repeat: int) -> None:
             port = free_port()
             try:
                 times["pynetdicom"].append(run(
                     "(b) pynetdicom storescu -> storescp",
-                    [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(work / "b"), "-q"],
+                    [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out("b", repeat)), "-q"],
                     [[sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port), str(data), "-r", "-cx",
-                      "-q"]], port, work / "b", n))
+                      "-q"]], port, out("b", repeat), n))
             except FilesLost as lost:
                 say(f"{lost}: this run is not counted")
 
-        def case_c() -> None:
+        def case_c(repeat: int) -> None:
             port = free_port()
             times["kaapcli"].append(run(
                 "(c) kaapcli send -> kaapcli receive",
-                [*KAAPCLI, "receive", "-o", str(work / "c"), "--port", str(port), "-q"],
-                [[*KAAPCLI, "send", str(data), "--to", f"RX@127.0.0.1:{port}", "-q"]], port, work / "c", n))
+                [*KAAPCLI, "receive", "-o", str(out("c", repeat)), "--port", str(port), "-q"],
+                [[*KAAPCLI, "send", str(data), "--to", f"RX@127.0.0.1:{port}", "-q"]], port, out("c", repeat), n))
 
-        def case_d() -> None:
+        def case_d(repeat: int) -> None:
             port = free_port()
             senders = [[*KAAPCLI, "send", str(study), "--to", f"RX@127.0.0.1:{port}", "-q"]
                        for study in sorted(p for p in data4.iterdir() if p.is_dir() and not p.name.startswith("."))]
             times["kaapcli4"].append(run(
                 "(d) 4 x kaapcli send -> kaapcli receive",
-                [*KAAPCLI, "receive", "-o", str(work / "d"), "--port", str(port), "-q"],
-                senders, port, work / "d", 4 * (n // 4)))
+                [*KAAPCLI, "receive", "-o", str(out("d", repeat)), "--port", str(port), "-q"],
+                senders, port, out("d", repeat), 4 * (n // 4)))
 
-        def case_e() -> None:
+        def case_e(repeat: int) -> None:
             port = free_port()
             times["dcmtk_tls"].append(run(
                 "(e) DCMTK storescu +tls -> storescp +tls",
                 ["/usr/bin/storescp", "+tls", str(pem["server.key"]), str(pem["server.pem"]), "+cf",
-                 str(pem["ca.pem"]), "-od", str(work / "e"), "-aet", "STORESCP", str(port)],
+                 str(pem["ca.pem"]), "-od", str(out("e", repeat)), "-aet", "STORESCP", str(port)],
                 [["/usr/bin/storescu", "+tls", str(pem["client.key"]), str(pem["client.pem"]), "+cf",
                   str(pem["ca.pem"]), "-aec", "STORESCP", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port),
-                  str(data)]], port, work / "e", n, env={"TCP_NODELAY": "1"}))
+                  str(data)]], port, out("e", repeat), n, env={"TCP_NODELAY": "1"}))
 
-        def case_f() -> None:
+        def case_f(repeat: int) -> None:
             port = free_port()
             times["kaapcli_tls"].append(run(
                 "(f) kaapcli send --tls -> kaapcli receive --tls",
-                [*KAAPCLI, "receive", "-o", str(work / "f"), "--port", str(port), "-q", "--tls", "--tls-cert",
+                [*KAAPCLI, "receive", "-o", str(out("f", repeat)), "--port", str(port), "-q", "--tls", "--tls-cert",
                  str(pem["server.pem"]), "--tls-key", str(pem["server.key"]), "--tls-ca", str(pem["ca.pem"])],
                 [[*KAAPCLI, "send", str(data), "--to", f"RX@127.0.0.1:{port}", "-q", "--tls", "--tls-cert",
                   str(pem["client.pem"]), "--tls-key", str(pem["client.key"]), "--tls-ca", str(pem["ca.pem"])]],
-                port, work / "f", n))
+                port, out("f", repeat), n))
 
-        # The cases interleaved, so that a noisy moment hits them alike, and in reverse order every other repeat:
-        # a case runs slower right after another one's files were deleted (ext4 skips the recently freed inodes
-        # when it creates files), so no tool may always follow the other.  An even --repeat balances it exactly.
+        # The cases interleaved, so that a noisy moment hits them alike.  Each run writes a directory of its own,
+        # all removed at the end: a case ran slower right after another one's files were deleted (ext4 skips
+        # recently freed inodes when it creates files), which made the order decide the ratios.
         cases = [case_a, case_b, case_c, case_d] + ([case_e, case_f] if pem else [])
         for repeat in range(args.repeat):
-            for case in cases if repeat % 2 == 0 else reversed(cases):
-                case()
+            for case in cases:
+                case(repeat)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for sub in "abcdef":
-                shutil.rmtree(work / sub, ignore_errors=True)
+            shutil.rmtree(work / "runs", ignore_errors=True)
     median = {case: statistics.median(values) if values else float("nan") for case, values in times.items()}
     say("")
     if args.repeat > 1:
