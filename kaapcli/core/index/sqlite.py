@@ -247,9 +247,8 @@ class SqliteIndex(Index):
         """kv rows and FTS text of the stored documents ``(rowid, item)``, inside the caller's transaction.
         The pass registering new keys is skipped when the documents certainly bring none: their top-level
         keys are known and none holds an object."""
-        known = not any(item.nested for _, item in items) and \
-            set().union(*(item.keys for _, item in items)).issubset(self.keys)
         flat = not any(item.nested for _, item in items)
+        known = flat and set().union(*(item.keys for _, item in items)).issubset(self.keys)
         self._add_kv(json.dumps([rowid for rowid, _ in items]), register_keys=not known, flat=flat)
         self.db.executemany("INSERT INTO fts(rowid, body) VALUES (?, ?)", [(i, item.words) for i, item in items])
 
