@@ -248,7 +248,7 @@ def _is(text: str) -> int:
 def scan(path: Path, *, encapsulated: bool = False, fh: IO[bytes] | None = None) -> Header | None:
     """The header of ``path``, or None when the fast reader does not handle this file (see the module docstring;
     ``encapsulated``: compressed pixel data too, its ``pixel_length`` then -1: undefined; ``fh``: the file already
-    open, read from its start).
+    open, read at absolute offsets and left open).
 
     Raises OSError when the file cannot be read.
     """

@@ -692,7 +692,7 @@ def _file_meta_group(elements: dict[int, bytes]) -> bytes:
     meta.setdefault(0x00020001, dicom.element_header(0x00020001, "OB", 2, False) + b"\0\1")
     writer = ((0x00020012, "UI", dicom.IMPLEMENTATION_UID), (0x00020013, "SH", dicom.IMPLEMENTATION_VERSION))
     for tag, vr, text in writer:
-        value = text.encode() + (b"\0" if vr == "UI" else b" ") * (len(text) % 2)
+        value = value_bytes(vr, text)
         meta[tag] = dicom.element_header(tag, vr, len(value), False) + value
     group = b"".join(meta[tag] for tag in sorted(meta))
     return dicom.element_header(0x00020000, "UL", 4, False) + struct.pack("<L", len(group)) + group
