@@ -225,6 +225,23 @@ def test_help_of_the_root_imports_no_command_module() -> None:
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
 
+def test_a_run_builds_only_the_command_it_names() -> None:
+    """typer builds a command by inspecting each parameter: resolving `send` builds `send`, not the other
+    commands of its module, which are built when they are named (a group's subcommands with it)."""
+    import click
+
+    from kaapcli.cli.app import click_command
+
+    root = click_command([])
+    ctx = click.Context(root)
+    assert root.get_command(ctx, "send") is not None and list(root.commands) == ["send"]
+    assert root.get_command(ctx, "echo") is not None and sorted(root.commands) == ["echo", "send"]
+    rules = root.get_command(ctx, "rules")
+    assert isinstance(rules, click.Group) and "check" in rules.commands
+    assert sorted(root.commands) == ["echo", "rules", "send"]
+    assert set(root.load_all().commands) == set(click_command().commands)
+
+
 def test_make_check_runs_ruff_mypy_the_drift_check_and_the_tests() -> None:
     """What CI runs (`.ci/run` = `make test` = system packages, venv, `make check`) keeps the habits."""
     makefile = (ROOT / "Makefile").read_text()

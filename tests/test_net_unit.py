@@ -246,6 +246,29 @@ def test_send_walks_the_structure_of_files_scanned_without_it(rx, mock_ct: Path,
     assert [r.status for r in results.values()] == ["ok", "ok"] and rx.stored == 2
 
 
+def test_receiver_goes_on_after_its_output_tree_is_deleted(rx, mock_ct: Path) -> None:
+    """Deleting OUT (spool directory and the spool files made ahead included) while receiving costs nothing: the
+    next association's files are all stored, in a tree made again."""
+    import time
+
+    files = sorted(mock_ct.rglob("*.dcm"))[:3]
+    peer = parse_peer(f"RX@127.0.0.1:{rx.port}")
+
+    def send(paths: list[Path]) -> list[str]:
+        results = dimse.send([dimse.scan(p) for p in paths], peer, calling_aet="T", timeouts=Timeouts.of(5),
+                             on_result=lambda result: None)
+        return [r.status for r in results]
+
+    assert send(files[:1]) == ["ok"]
+    deadline = time.monotonic() + 5
+    while len(list((rx.out / ".kaapcli" / "incoming").iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # spool files made ahead, about to be deleted with the tree
+    shutil.rmtree(rx.out)
+    assert send(files) == ["ok"] * 3
+    stored = sorted(p.name for p in rx.out.rglob("*.dcm"))
+    assert stored == sorted(p.name for p in files)
+
+
 def test_ul_abort_mid_dataset_stores_nothing(rx, mock_ct: Path) -> None:
     import time
 

@@ -46,31 +46,45 @@ class RootGroup(click.Group):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.loaded: set[str] = set()
+        self.probes: dict[str, Any] = {}  # module -> the typer app its register() filled (None: it failed)
         self.modules: dict[str, str] = {}  # command name -> the module that defined it
 
-    def load(self, module: str) -> None:
-        """Import one command module and add its commands (built by typer) to the group."""
-        if module in self.loaded:
-            return
-        self.loaded.add(module)
+    def load(self, module: str, name: str | None = None) -> None:
+        """Import one command module and add its command ``name`` (default: all of them), built by typer, to the
+        group.  typer inspects every parameter of what it builds (~4 ms a command): a run builds only its own."""
         import typer
 
-        probe = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
-        try:
-            importlib.import_module(f"kaapcli.cli.{module}").register(probe)
-        except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
-            sys.stderr.write(f"kaapcli: warning: commands of {module} unavailable: {type(exc).__name__}: {exc}\n")
+        if module not in self.probes:
+            self.probes[module] = typer.Typer(add_completion=False, rich_markup_mode=None,
+                                              pretty_exceptions_enable=False)
+            try:
+                importlib.import_module(f"kaapcli.cli.{module}").register(self.probes[module])
+            except Exception as exc:  # noqa: BLE001 - one broken module must not take every command down
+                sys.stderr.write(f"kaapcli: warning: commands of {module} unavailable: {type(exc).__name__}: "
+                                 f"{exc}\n")
+                self.probes[module] = None
+        probe = self.probes[module]
+        if probe is None:
+            return
+
+        def wanted(command: str) -> bool:
+            return command not in self.commands and name in (None, command)
+
+        part = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+        part.registered_commands = [info for info in probe.registered_commands if wanted(
+            info.name or typer.main.get_command_name(info.callback.__name__))]
+        part.registered_groups = [info for info in probe.registered_groups if wanted(info.name)]
+        if not part.registered_commands and not part.registered_groups:
             return
         from kaapcli.cli import vocabulary
 
-        for name, command in typer.main.get_group(probe).commands.items():
+        for command_name, command in typer.main.get_group(part).commands.items():
             _one_suggestion(command)
             _add_debug(command)
-            _add_examples(command, name)
-            vocabulary.apply(command, name)
-            self.add_command(command, name)
-            self.modules[name] = module
+            _add_examples(command, command_name)
+            vocabulary.apply(command, command_name)
+            self.add_command(command, command_name)
+            self.modules[command_name] = module
 
     def load_all(self) -> RootGroup:
         for module in command_modules():
@@ -87,7 +101,7 @@ class RootGroup(click.Group):
 
         if cmd_name not in self.commands:
             if cmd_name in COMMANDS:
-                self.load(COMMANDS[cmd_name])
+                self.load(COMMANDS[cmd_name], cmd_name)
             else:  # a name the table does not know (a typo, or a command added since `make docs`): ask all
                 self.load_all()
         return self.commands.get(cmd_name)

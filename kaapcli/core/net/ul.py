@@ -1052,11 +1052,17 @@ class Spool:
         self._filler.start()
 
     def take(self) -> tuple[Path, int]:
-        """A new empty spool file and its descriptor, open for writing (created now when none is ready)."""
-        try:
-            return self._ready.get_nowait()
-        except queue.Empty:
-            return self._create()
+        """A new empty spool file and its descriptor, open for writing (created now when none is ready).  A
+        ready file whose name is gone (the output tree was deleted while receiving) is dropped, so the receiver
+        goes on storing into a new tree instead of refusing every dataset from then on."""
+        while True:
+            try:
+                spooled = self._ready.get_nowait()
+            except queue.Empty:
+                return self._create()
+            if os.fstat(spooled[1]).st_nlink:
+                return spooled
+            os.close(spooled[1])
 
     def close(self) -> None:
         self._closed.set()
@@ -1066,7 +1072,12 @@ class Spool:
 
     def _create(self) -> tuple[Path, int]:
         path = self.directory / f".{secrets.token_hex(8)}.kaapcli-part"
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return path, os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the directory was deleted: made again
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return path, os.open(path, flags, 0o644)
 
     @staticmethod
     def _discard(spooled: tuple[Path, int]) -> None:
