@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import heapq
 import json
 import os
 import re
-import secrets
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +38,9 @@ from typing import IO, Any, NamedTuple
 from kaapcli.exitcodes import CantCreateError, ExitCode, NoInputError, UsageError
 
 TMP_SUFFIX = ".kaapcli-part"
-RUN_TOKEN = secrets.token_hex(4)  # in every temporary name of this run (workers fork from it): finds a crash's
+# In every temporary name of this run (workers fork from it) and in its journal: a later run finds the
+# temporaries of a crashed one by it.  os.urandom rather than secrets, whose hashlib costs ~4 ms of each start-up.
+RUN_TOKEN = os.urandom(4).hex()
 STATE_SUFFIX = ".kaapcli"  # the run-state directory beside an output directory: .<OUT name>.kaapcli
 SNIFF_BYTES = 132  # the preamble and "DICM" (PS3.10 7.1)
 
@@ -474,7 +474,7 @@ def _create_temp(dest: Path, suffix: str = "") -> tuple[Path, int]:
     """A fresh hidden temporary file in ``dest``'s directory, created (so the name is ours) and open for writing."""
     ensure_dir(dest.parent)
     for _ in range(8):
-        tmp = dest.parent / f".{dest.name}.{RUN_TOKEN}-{secrets.token_hex(3)}{TMP_SUFFIX}{suffix}"
+        tmp = dest.parent / f".{dest.name}.{RUN_TOKEN}-{os.urandom(3).hex()}{TMP_SUFFIX}{suffix}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
@@ -637,6 +637,8 @@ def state_dir(out: Path) -> Path:
     ``out`` (same file system, shared by every machine that shares ``out``); else, when that parent
     cannot be written, ``$XDG_STATE_HOME/kaapcli/<name>-<hash>`` (default ``~/.local/state``).
     """
+    import hashlib
+
     real = Path(os.path.realpath(out))
     name = real.name or "root"
     keyed = f"{name}-{hashlib.sha1(os.fsencode(str(real))).hexdigest()[:12]}"

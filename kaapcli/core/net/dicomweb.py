@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,7 +128,7 @@ def stow(instances: list[Instance], peer: Peer, timeouts: Timeouts,
     pending = deque(_batches(instances))
     while pending:
         batch = pending.popleft()
-        boundary = secrets.token_hex(16)
+        boundary = os.urandom(16).hex()
         headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                    "Accept": DICOM_JSON}
         response = request(peer, "POST", f"{peer.url}/studies", timeouts, data=b"".join(_multipart(batch, boundary)),

@@ -32,7 +32,6 @@ import mmap
 import os
 import queue
 import re
-import secrets
 import socket
 import struct
 import threading
@@ -1071,7 +1070,7 @@ class Spool:
             self._discard(self._ready.get_nowait())
 
     def _create(self) -> tuple[Path, int]:
-        path = self.directory / f".{secrets.token_hex(8)}.kaapcli-part"
+        path = self.directory / f".{os.urandom(8).hex()}.kaapcli-part"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
             return path, os.open(path, flags, 0o644)
