@@ -36,6 +36,22 @@ def test_bad_peers_are_usage_errors(text: str) -> None:
         parse_peer(text, Config())
 
 
+@pytest.mark.parametrize("aet", ["WAYTOOLONGAETITLE17", "ÄE", "A\x01B", "A\\B"])
+def test_ae_titles_outside_the_default_repertoire_are_usage_errors(aet: str, mock_ct: Path) -> None:
+    """AE is printable ASCII without backslash (PS3.5): any other title, given as a peer or an option, is a one-line
+    usage error naming it (a non-ASCII one was an internal error when it was encoded on the wire)."""
+    import subprocess
+    import sys
+
+    with pytest.raises(UsageError, match="printable ASCII"):
+        parse_peer(f"{aet}@127.0.0.1:104")
+    one = str(next(mock_ct.rglob("*.dcm")))
+    for args in (["send", one, "--to", f"{aet}@127.0.0.1:1"], ["send", one, "--to", "RX@127.0.0.1:1", "--calling-aet",
+                                                                aet], ["echo", f"{aet}@127.0.0.1:1"]):
+        proc = subprocess.run([sys.executable, "-m", "kaapcli", *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "printable ASCII" in proc.stderr and "Traceback" not in proc.stderr, args
+
+
 def test_profile_peer_and_preference() -> None:
     cfg = Config(profiles={"pacs": {
         "both": {"aet": "DCM4CHEE", "host": "h", "port": 11112, "dicomweb": "http://h:8080/rs", "kind": "dcm4chee"},

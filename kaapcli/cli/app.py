@@ -2,8 +2,9 @@
 applies config, maps errors to exit codes.
 
 The root is a plain click group (typer costs ~50 ms to import, more than the whole of ``kaapcli --help``);
-each command module declares its commands with typer and is loaded on first use, then given its examples
-and old option spellings (``helpdata.py``, ``vocabulary.py``).  ``--help`` lists the commands in their panels
+each command module declares its commands with typer and is loaded on first use; only the command named is
+built (typer inspects every parameter of what it builds), then given its examples and old option spellings
+(``helpdata.py``, ``vocabulary.py``).  ``--help`` lists the commands in their panels
 from the generated table ``kaapcli/cli/_commands.py`` (``make docs``; a test fails on drift), and
 shell completion never reaches this module (``kaapcli/cli/complete.py`` answers it from the same table).
 """

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from kaapcli.core.net.tls import TLS
 from kaapcli.exitcodes import ConfigError, UsageError
 
-_DIMSE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
+_DIMSE = re.compile(r"^(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 SERVER_KINDS = ("orthanc", "dcm4chee")
 
 
@@ -81,10 +81,11 @@ class Peer:
 
 
 def check_aet(aet: str, what: str = "AE title") -> str:
-    """An AE title per PS3.5 (AE VR): 1–16 characters, no backslash or control characters."""
+    """An AE title per PS3.5 (AE VR, the default character repertoire): 1–16 printable ASCII characters, no
+    backslash, as ``ul.wire_aet`` reads them from the network."""
     value = aet.strip()
-    if not 1 <= len(value) <= 16 or "\\" in value or any(ord(c) < 32 for c in value):
-        raise UsageError(f"{what} {aet!r}: must be 1-16 characters without backslash")
+    if not 1 <= len(value) <= 16 or "\\" in value or not all(" " <= c <= "~" for c in value):
+        raise UsageError(f"{what} {aet!r}: must be 1-16 printable ASCII characters without backslash")
     return value
 
 
