@@ -195,6 +195,9 @@ def test_index_bad_inputs_fail_alone(tmp_path: Path) -> None:
     (tmp_path / "noid.json").write_text(json.dumps({MOD: "CT"}))
     (tmp_path / "lines.jsonl").write_text(json.dumps({SERIES_KEY: "1.4"}) + "\n[1, 2]\n")
     (tmp_path / "notes.txt").write_text("not an input")
+    for depth in (101, 1100, 5000):  # past the limit, past orjson's, past the interpreter's recursion limit
+        (tmp_path / f"deep{depth}.json").write_text(
+            f'{{"{SERIES_KEY}": "1.{depth}", "x": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}")
     proc = kaapcli("index", tmp_path, "--index", db, "--format", "jsonl")
     assert proc.returncode == 1, proc.stderr
     records = {Path(r["input"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
@@ -203,6 +206,9 @@ def test_index_bad_inputs_fail_alone(tmp_path: Path) -> None:
     assert "has no '0020000E SeriesInstanceUID_keyword'" in records["noid.json"]["message"]
     assert records["lines.jsonl"]["outputs"] == ["1.4"] and "lines.jsonl:2: expected a JSON object" in \
         records["lines.jsonl"]["message"]
+    for depth in (101, 1100, 5000):
+        assert records[f"deep{depth}.json"]["status"] == "failed", depth
+        assert "nested deeper than 100 levels" in records[f"deep{depth}.json"]["message"]
     assert "notes.txt" not in records and "1 not JSON/DICOM" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(uids(search(db, "*"))) == ["1.1", "1.2", "1.4"]

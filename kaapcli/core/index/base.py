@@ -147,6 +147,10 @@ class Stored:
         return loads(self.text)  # type: ignore[no-any-return]
 
 
+# Deeper documents are refused, each one error line: every walk of a document (here, merge, SQLite's json_tree
+# with its limit of 1000) recurses once per level, so depth must stay far below Python's recursion limit; real
+# series documents nest a few levels, SR content trees a few dozen; OpenSearch refuses objects deeper than 20.
+MAX_DEPTH = 100
 _LONG_INTEGER = re.compile(r"[:\[,]\s*-?\d{19}")  # a number token that may not fit 64 bits
 
 
@@ -158,7 +162,10 @@ def loads(text: str) -> Any:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:  # orjson stops at 1024 levels, stdlib json at the interpreter's recursion limit
+        raise json.JSONDecodeError(f"nested deeper than {MAX_DEPTH} levels", text, 0) from None
 
 
 def full_text(doc: Doc) -> str:
@@ -168,27 +175,29 @@ def full_text(doc: Doc) -> str:
 
 def _words(doc: Doc) -> tuple[str, bool, bool, bool]:
     """Full-text words; whether the document holds an object; whether every number in it is finite; whether
-    every float in it is below 1e18 in magnitude."""
+    every float in it is below 1e18 in magnitude.  A DataError when it nests deeper than MAX_DEPTH."""
     lines: list[str] = []
     nested, finite, small = False, True, True
 
-    def leaves(values: Iterable[Any]) -> None:
+    def leaves(values: Iterable[Any], depth: int) -> None:
         nonlocal nested, finite, small
+        if depth > MAX_DEPTH:
+            raise DataError(f"document nested deeper than {MAX_DEPTH} levels (objects and lists)")
         for value in values:
             if type(value) is str:
                 lines.append(value)
             elif isinstance(value, dict):
                 nested = True
-                leaves(value.values())
+                leaves(value.values(), depth + 1)
             elif isinstance(value, list):
-                leaves(value)
+                leaves(value, depth + 1)
             elif value is not None:
                 if type(value) is float and not -1e18 < value < 1e18:
                     finite = finite and math.isfinite(value)
                     small = False
                 lines.append(str(value))
 
-    leaves(doc.values())
+    leaves(doc.values(), 1)
     return "\n".join(lines), nested, finite, small
 
 
