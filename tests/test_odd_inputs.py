@@ -151,6 +151,41 @@ def test_truncated_files_are_failed_items(tmp_path: Path, command: list[str]) ->
     assert not [p for p in out.rglob("*") if p.is_file()]
 
 
+def nested_sequences(path: Path, depth: int) -> Path:
+    """A Part 10 file (explicit VR LE) whose Content Sequence nests ``depth`` levels deep, written as bytes."""
+    import struct
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        value += b"\0" * (len(value) % 2)
+        long = vr in (b"OB", b"SQ")
+        return struct.pack("<HH2sHI" if long else "<HH2sH", tag >> 16, tag & 0xFFFF, vr, *((0,) if long else ()),
+                           len(value)) + value
+
+    sop, syntax = b"1.2.826.0.1.3680043.10.777.1", b"1.2.840.10008.1.2.1"
+    meta = (element(0x00020001, b"OB", b"\0\1") + element(0x00020002, b"UI", b"1.2.840.10008.5.1.4.1.1.7")
+            + element(0x00020003, b"UI", sop) + element(0x00020010, b"UI", syntax))
+    header = (element(0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.7") + element(0x00080018, b"UI", sop)
+              + element(0x00080060, b"CS", b"OT") + element(0x00100020, b"LO", b"DEEP")
+              + element(0x0020000D, b"UI", b"1.2.826.0.1.3680043.10.777.2")
+              + element(0x0020000E, b"UI", b"1.2.826.0.1.3680043.10.777.3"))
+    opening = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000,
+                                                                                           0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + element(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta
+                     + header + opening * depth + closing * depth)
+    return path
+
+
+@pytest.mark.parametrize("command", [["dcm2json", "-o"], ["index", "--index"]])
+def test_sequences_nested_beyond_the_recursion_limit_are_failed_items(tmp_path: Path, command: list[str]) -> None:
+    """A hostile file nesting sequences 5,000 deep is one failed input with a reason, never an internal error."""
+    deep = nested_sequences(tmp_path / "in" / "deep.dcm", 5000)
+    proc = kaapcli(command[0], deep, *command[1:], tmp_path / ("i.db" if command[0] == "index" else "out"))
+    assert proc.returncode == 65, proc.stderr
+    assert "nested too deeply to read" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["thumbnail", "convert"])
 def test_damaged_images_are_failed_items_with_reasons(tmp_path: Path, command: str) -> None:
     cut_copies(tmp_path / "cut")

@@ -631,6 +631,8 @@ def _scan_chunk(op: Operator, paths: list[Path]) -> list[tuple[Path, str | None,
 
 
 def describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):  # every reader walks nested sequences (or JSON) by recursion
+        return "nested too deeply to read (sequences or objects beyond the interpreter's recursion limit)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from kaapcli.core import dicom, fsio
-from kaapcli.core.batch import process_pool
+from kaapcli.core.batch import describe_exception, process_pool
 from kaapcli.core.index.base import BULK_SIZE, Index, SeriesFiles, Stored, loads
 from kaapcli.exitcodes import DataError, KaapcliError
 
@@ -121,7 +121,7 @@ def _series_key(path: Path) -> tuple[Path, str | None, str]:
     except KaapcliError as exc:
         return path, None, f"{path}: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - one bad file is one failed input
-        return path, None, f"{path}: {type(exc).__name__}: {exc}"
+        return path, None, f"{path}: {describe_exception(exc)}"
 
 
 def origin(path: Path) -> dict[str, str]:
@@ -154,7 +154,7 @@ def series_source(uid: str, paths: Sequence[Path], extra: dict[str, Any] | None 
     except KaapcliError as exc:
         source.errors.append(f"series {uid}: {exc.message}")
     except Exception as exc:  # noqa: BLE001
-        source.errors.append(f"series {uid}: {type(exc).__name__}: {exc}")
+        source.errors.append(f"series {uid}: {describe_exception(exc)}")
     return source
 
 
